@@ -1,0 +1,305 @@
+"""``scale_by_adafisher``: the AdaFisher step as an optax transformation.
+
+Data path of one update: curvature statistics (from
+:func:`adafisher_optax.value_and_grad_with_curvature`) -> factor EMA
+(:mod:`adafisher_optax.factors`) -> per-parameter preconditioner ``F~``
+(:mod:`adafisher_optax.layers`) -> ``m_hat / F~**p``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from optax import tree as otu
+
+from adafisher_optax import _tree
+from adafisher_optax import factors as factors_lib
+from adafisher_optax import layers as layers_lib
+from adafisher_optax import statistics as statistics_lib
+from adafisher_optax.capture import check_numerics
+
+#: ``T_cov`` (steps between factor refreshes) by numerics.
+DEFAULT_T_COV = {'reference': 100, 'paper': 1}
+
+
+class UnpreconditionedParametersWarning(UserWarning):
+  """Parameters without curvature statistics are updated with ``F~ = 1``."""
+
+
+class AdaFisherState(NamedTuple):
+  """State of :func:`scale_by_adafisher`.
+
+  Attributes:
+    count: number of updates so far (int32).
+    mu: first moment of the gradients, like the params.
+    factors: :class:`adafisher_optax.KroneckerFactors` per layer, in nested
+      dicts keyed like the params (one entry per layer path).
+  """
+
+  count: jax.Array
+  mu: optax.Updates
+  factors: Any
+
+
+def _check_hyperparameter(name: str, value: Any, ok, requirement: str) -> None:
+  """Raises when a concrete hyperparameter breaks its requirement.
+
+  Traced values (``optax.inject_hyperparams``) and schedules are not checked.
+  """
+  if value is None or callable(value):
+    return
+  try:
+    number = np.asarray(value)
+  except (jax.errors.ConcretizationTypeError,
+          jax.errors.TracerArrayConversionError):
+    return
+  if number.dtype.kind not in 'biuf' or not np.all(np.isfinite(number)) or (
+      not ok(number)):
+    raise ValueError(f'{name} must be {requirement}, got {value!r}.')
+
+
+def check_hyperparameters(**values: Any) -> None:
+  """Validates AdaFisher hyperparameters that are concrete numbers."""
+  rules = {
+      'b1': (lambda v: np.all((v >= 0) & (v < 1)), 'in [0, 1)'),
+      'damping': (lambda v: np.all(v > 0), 'positive'),
+      'gamma': (lambda v: np.all((v >= 0) & (v <= 1)), 'in [0, 1]'),
+      'fisher_power': (lambda v: np.all(v > 0), 'positive'),
+      'weight_decay': (lambda v: np.all(v >= 0), 'non-negative'),
+      'learning_rate': (lambda v: np.all(v >= 0), 'non-negative'),
+      't_cov': (lambda v: np.all((v >= 1) & (v == np.round(v))),
+                'a positive integer (or None for the numerics default)'),
+  }
+  for name, value in values.items():
+    _check_hyperparameter(name, value, *rules[name])
+
+
+def _layer_dicts(params: Any):
+  """Yields ``(path, mapping)`` for every mapping that holds array leaves."""
+  def visit(node, path):
+    if not isinstance(node, Mapping):
+      return
+    if any(not isinstance(v, Mapping) for v in node.values()):
+      yield path, node
+    for key, value in node.items():
+      yield from visit(value, path + (str(key),))
+  yield from visit(params, ())
+
+
+def _check_params(params: Any) -> None:
+  for path, leaf in _tree.leaves_with_paths(params):
+    dtype = getattr(leaf, 'dtype', None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(
+          f'AdaFisher: parameter {_tree.format_path(path)!r} has dtype {dtype};'
+          ' only floating-point parameters can be optimised (freeze others '
+          'with optax.masked or keep them out of the params).')
+
+
+def _initial_factors(params: Any, layout: Any, numerics: str) -> dict:
+  dtype = layers_lib.statistics_dtype()
+  if layout is not None:
+    shapes = {
+        path: (tuple(stats.input.shape), tuple(stats.output.shape))
+        for path, stats in statistics_lib.flatten(layout).items()
+    }
+  else:
+    shapes = {}
+    for path, node in _layer_dicts(params):
+      found = layers_lib.conventional_factor_shapes(
+          {k: _shape_hint(v) for k, v in node.items()}, numerics)
+      if found is not None:
+        shapes[path] = found
+  return _tree.nest({
+      path: factors_lib.ones_like_shapes(s, dtype) for path, s in shapes.items()
+  })
+
+
+def _shape_hint(value: Any) -> Any:
+  """Parameters masked out by ``optax.masked`` count as present, shape unknown."""
+  if isinstance(value, optax.MaskedNode):
+    return jax.ShapeDtypeStruct((), jnp.float32)
+  return value
+
+
+def _leaf_shape(updates: Any, path: _tree.Path, name: str | None):
+  if name is None:
+    return None
+  leaf = _tree.get_node(updates, path + (name,))
+  return None if leaf is None or isinstance(leaf, optax.MaskedNode) else tuple(
+      leaf.shape)
+
+
+def _check_layer(path, stats, factors, weight_shape, bias_shape, numerics):
+  where = _tree.format_path(path)
+  if stats.variant is not None and stats.variant != numerics:
+    raise ValueError(
+        f'curvature[{where!r}] was captured with numerics={stats.variant!r} '
+        f'but the optimizer uses numerics={numerics!r}: pass '
+        f'numerics={numerics!r} to value_and_grad_with_curvature.')
+  if factors is None:
+    raise ValueError(
+        f'curvature has statistics for layer {where!r} but the optimizer state '
+        'has no factors for it: the curvature comes from another model, or '
+        'the state was initialised for other params.')
+  want = (tuple(factors.input.shape), tuple(factors.output.shape))
+  got = (tuple(stats.input.shape), tuple(stats.output.shape))
+  if want != got:
+    raise ValueError(
+        f'Layer {where!r}: the optimizer state holds factors of shapes {want} '
+        f'but the curvature has statistics of shapes {got}. Either the '
+        'curvature comes from another model, or the factor sizes could not be '
+        'inferred from parameter names (nn.scan stacks, bias-free DenseGeneral '
+        'with several output axes): build the optimizer with '
+        'layout=adafisher_optax.curvature_layout(grad_fn, params, *batch).')
+  n_stack = stats.input.ndim - 1
+  stack = stats.input.shape[:-1]
+  d_out = stats.output.shape[-1]
+  for name, shape in ((stats.weight_name, weight_shape),
+                      (stats.bias_name, bias_shape)):
+    if shape is None:
+      continue
+    ok = tuple(shape[:n_stack]) == tuple(stack) and (
+        math.prod(shape[n_stack:]) % d_out == 0)
+    if not ok:
+      raise ValueError(
+          f'Parameter {where}/{name} has shape {shape}, which does not fit '
+          f'statistics of shapes {got}: the curvature comes from another '
+          'model.')
+
+
+def scale_by_adafisher(
+    b1: Any = 0.9,
+    damping: Any = 1e-3,
+    gamma: Any = 0.8,
+    t_cov: Any = None,
+    numerics: str = 'reference',
+    fisher_power: Any = 1.0,
+    axis_name: Any = None,
+    *,
+    mu_dtype: Any = None,
+    layout: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Rescales updates by AdaFisher's diagonal Kronecker-factored Fisher.
+
+  Per parameter: ``m <- b1 m + (1 - b1) g``; ``m_hat = m / (1 - b1**t)``;
+  update ``m_hat / F~**fisher_power`` where ``F~ = H (x) S + damping`` is
+  built from the layer's factor EMAs. Parameters without statistics get
+  ``F~ = 1`` and are listed once in an
+  :class:`UnpreconditionedParametersWarning`. ``update`` needs the keyword
+  argument ``curvature`` from
+  :func:`adafisher_optax.value_and_grad_with_curvature`.
+
+  Args:
+    b1: momentum decay.
+    damping: ``lambda``, added to the Kronecker product.
+    gamma: factor EMA decay (see ``numerics``).
+    t_cov: refresh the factors on steps whose 0-based count is a multiple of
+      ``t_cov``; ``None`` means 100 for ``reference``, 1 for ``paper``.
+    numerics: ``"reference"`` (the authors' code: min-max with absolute
+      epsilon folded in as ``0.08*old + 0.008*new`` at ``gamma=0.8``) or
+      ``"paper"`` (plain EMA, scale-free min-max when preconditioning).
+    fisher_power: ``p``; 0.5 gives the square-root variant.
+    axis_name: name of a mapped axis (``pmap``/``shard_map``) over which raw
+      statistics are summed on refresh steps, giving global-batch factors.
+    mu_dtype: optional dtype of the momentum.
+    layout: the curvature's shapes, from
+      :func:`adafisher_optax.curvature_layout`, to size the factors exactly;
+      by default they are inferred from parameter names and shapes.
+
+  Returns:
+    A :class:`optax.GradientTransformationExtraArgs`.
+
+  References:
+    Gomes et al., `AdaFisher: Adaptive Second Order Optimization via Fisher
+    Information <https://arxiv.org/abs/2405.16397>`_, ICLR 2025.
+  """
+  numerics = check_numerics(numerics)
+  check_hyperparameters(
+      b1=b1, damping=damping, gamma=gamma, t_cov=t_cov,
+      fisher_power=fisher_power)
+  t_cov = DEFAULT_T_COV[numerics] if t_cov is None else t_cov
+  if mu_dtype is not None:
+    mu_dtype = jax.dtypes.canonicalize_dtype(mu_dtype)
+
+  def init_fn(params):
+    _check_params(params)
+    return AdaFisherState(
+        count=jnp.zeros([], jnp.int32),
+        mu=otu.zeros_like(params, dtype=mu_dtype),
+        factors=_initial_factors(params, layout, numerics),
+    )
+
+  def update_fn(updates, state, params=None, *, curvature=None, **extra_args):
+    del params, extra_args
+    if curvature is None:
+      raise TypeError(
+          'AdaFisher update needs the keyword argument `curvature`: '
+          'tx.update(grads, opt_state, params, curvature=curvature) with the '
+          'curvature returned by value_and_grad_with_curvature.')
+    layer_stats = statistics_lib.flatten(curvature)
+    old_factors = dict(_tree.leaves_with_paths(
+        state.factors,
+        is_leaf=lambda x: isinstance(x, factors_lib.KroneckerFactors)))
+    due = (state.count % jnp.asarray(t_cov, state.count.dtype)) == 0
+    new_factors = dict(old_factors)
+    preconditioners = {}
+    for path, stats in layer_stats.items():
+      weight_shape = _leaf_shape(updates, path, stats.weight_name)
+      bias_shape = _leaf_shape(updates, path, stats.bias_name)
+      if weight_shape is None and bias_shape is None:
+        continue  # every parameter of the layer is masked out or absent
+      factors = old_factors.get(path)
+      _check_layer(path, stats, factors, weight_shape, bias_shape, numerics)
+      if axis_name is not None:
+        stats = jax.lax.cond(
+            due, lambda s: s.psum(axis_name), lambda s: s, stats)
+      factors = factors_lib.refresh(
+          factors, stats, count=state.count, due=due, gamma=gamma,
+          numerics=numerics)
+      new_factors[path] = factors
+      h, s = factors_lib.for_preconditioning(factors, numerics)
+      rule = layers_lib.REGISTRY[stats.kind]
+      f_weight, f_bias = rule.preconditioner(
+          h, s, damping, numerics, weight_shape, bias_shape)
+      for name, f in ((stats.weight_name, f_weight), (stats.bias_name, f_bias)):
+        if f is not None:
+          preconditioners[path + (name,)] = f
+
+    mu = otu.update_moment(updates, state.mu, b1, 1)
+    count_inc = optax.safe_increment(state.count)
+    mu_hat = otu.bias_correction(mu, b1, count_inc)
+    unpreconditioned = []
+
+    def precondition(keypath, m, g):
+      f = preconditioners.get(_tree.keypath_to_path(keypath))
+      if f is None:
+        unpreconditioned.append(_tree.format_path(
+            _tree.keypath_to_path(keypath)))
+        return m.astype(g.dtype)
+      if not (isinstance(fisher_power, numbers.Number) and fisher_power == 1):
+        f = f ** fisher_power
+      return (m / f).astype(g.dtype)
+
+    new_updates = jax.tree_util.tree_map_with_path(precondition, mu_hat, updates)
+    if unpreconditioned:
+      warnings.warn(
+          'AdaFisher: no curvature statistics for these parameters; they are '
+          'updated with F~ = 1 (bias-corrected momentum): '
+          + ', '.join(unpreconditioned),
+          UnpreconditionedParametersWarning, stacklevel=3)
+    return new_updates, AdaFisherState(
+        count=count_inc,
+        mu=otu.cast(mu, mu_dtype),
+        factors=_tree.nest(new_factors),
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
