@@ -65,8 +65,10 @@ def leaves_with_paths(tree: Any, is_leaf=None) -> list[tuple[Path, Any]]:
   return [(keypath_to_path(kp), leaf) for kp, leaf in flat]
 
 
-def nest(flat: Mapping[Path, Any]) -> dict:
-  """Builds nested dicts from ``{path: value}``."""
+def nest(flat: Mapping[Path, Any]) -> Any:
+  """Builds nested dicts from ``{path: value}``; ``{(): v}`` gives ``v``."""
+  if () in flat:
+    return flat[()]
   out: dict = {}
   for path, value in flat.items():
     node = out
