@@ -431,25 +431,29 @@ def conventional_factor_shapes(
   * ``scale`` and/or ``bias`` alone: a normalisation layer with ``C`` features;
     ``H`` has 2 entries in ``reference`` numerics and ``C`` in ``paper``.
 
-  Stacked layers (``nn.scan``) and bias-free ``DenseGeneral`` layers with
-  several output axes are ambiguous from shapes alone: give the optimizer a
-  ``layout`` (see :func:`adafisher_optax.curvature_layout`).
+  A parameter masked out by ``optax.masked`` counts as present with unknown
+  shape. Stacked layers (``nn.scan``), bias-free ``DenseGeneral`` layers with
+  several output axes and layers whose weight is masked out are ambiguous:
+  give the optimizer a ``layout`` (see
+  :func:`adafisher_optax.curvature_layout`).
   """
   shapes = {
-      name: tuple(np.shape(value)) for name, value in layer_params.items()
-      if hasattr(value, 'shape')
-  }
-  if 'kernel' in shapes and len(shapes['kernel']) >= 2:
-    kernel, bias = shapes['kernel'], shapes.get('bias')
-    has_bias = bias is not None and 0 < len(bias) < len(kernel) and (
-        kernel[-len(bias):] == bias)
+      name: tuple(np.shape(value)) if hasattr(value, 'shape') else None
+      for name, value in layer_params.items()
+  }  # None: a parameter masked out by optax.masked, shape unknown
+  if shapes.get('kernel') is not None and len(shapes['kernel']) >= 2:
+    kernel = shapes['kernel']
+    has_bias = 'bias' in shapes
+    bias = shapes['bias'] or kernel[-1:] if has_bias else None
+    if has_bias and not (len(bias) < len(kernel) and kernel[-len(bias):] == bias):
+      has_bias = False
     out = bias if has_bias else kernel[-1:]
     d_out = math.prod(out)
     return (math.prod(kernel) // d_out + int(has_bias),), (d_out,)
-  if 'embedding' in shapes and len(shapes['embedding']) == 2:
+  if shapes.get('embedding') is not None and len(shapes['embedding']) == 2:
     vocab, dim = shapes['embedding']
     return (vocab,), (dim,)
-  per_feature = shapes.get('scale', shapes.get('bias'))
+  per_feature = shapes.get('scale') or shapes.get('bias')
   if per_feature is not None and 'kernel' not in shapes and (
       'embedding' not in shapes):
     n = math.prod(per_feature)

@@ -114,20 +114,12 @@ def _initial_factors(params: Any, layout: Any, numerics: str) -> dict:
   else:
     shapes = {}
     for path, node in _layer_dicts(params):
-      found = layers_lib.conventional_factor_shapes(
-          {k: _shape_hint(v) for k, v in node.items()}, numerics)
+      found = layers_lib.conventional_factor_shapes(node, numerics)
       if found is not None:
         shapes[path] = found
   return _tree.nest({
       path: factors_lib.ones_like_shapes(s, dtype) for path, s in shapes.items()
   })
-
-
-def _shape_hint(value: Any) -> Any:
-  """Parameters masked out by ``optax.masked`` count as present, shape unknown."""
-  if isinstance(value, optax.MaskedNode):
-    return jax.ShapeDtypeStruct((), jnp.float32)
-  return value
 
 
 def _leaf_shape(updates: Any, path: _tree.Path, name: str | None):
@@ -148,8 +140,10 @@ def _check_layer(path, stats, factors, weight_shape, bias_shape, numerics):
   if factors is None:
     raise ValueError(
         f'curvature has statistics for layer {where!r} but the optimizer state '
-        'has no factors for it: the curvature comes from another model, or '
-        'the state was initialised for other params.')
+        'has no factors for it: the curvature comes from another model, the '
+        'state was initialised for other params, or the layer\'s weight is '
+        'masked out (then build the optimizer with '
+        'layout=adafisher_optax.curvature_layout(grad_fn, params, *batch)).')
   want = (tuple(factors.input.shape), tuple(factors.output.shape))
   got = (tuple(stats.input.shape), tuple(stats.output.shape))
   if want != got:

@@ -1,0 +1,330 @@
+"""scale_by_adafisher / adafisher / adafisherw: maths and optax integration."""
+
+import warnings
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import adafisher_optax as afo
+from adafisher_optax.factors import minmax_paper, minmax_reference
+from models import MLP, ConvNet, batch, loss_fn, make_step, run
+
+TOL = dict(rtol=1e-10, atol=1e-13)
+
+
+def _setup(model=None, shape=(8, 5), seed=0):
+  model = model or MLP()
+  x, y = batch(jax.random.key(seed), shape)
+  params = model.init(jax.random.key(1), x)['params']
+  return model, params, [batch(jax.random.key(seed + i), shape)
+                         for i in range(1, 6)]
+
+
+def test_state_is_keyed_like_params_and_init_maps_over_params():
+  model, params, _ = _setup()
+  tx = afo.scale_by_adafisher()
+  state = tx.init(params)
+  assert isinstance(state, afo.AdaFisherState)
+  assert state.count.dtype == jnp.int32 and int(state.count) == 0
+  chex.assert_trees_all_equal_shapes(state.mu, params)
+  assert set(state.factors) == set(params)
+  for name, layer in params.items():
+    factors = state.factors[name]
+    assert isinstance(factors, afo.KroneckerFactors)
+    assert factors.input.shape == (layer['kernel'].shape[0] + 1,)
+    assert factors.output.shape == layer['bias'].shape
+  abstract = jax.eval_shape(tx.init, params)
+  chex.assert_trees_all_equal_shapes(abstract, state)
+  chex.assert_trees_all_equal(jax.jit(tx.init)(params), state)
+
+
+def test_first_step_matches_hand_computation(x64):
+  """One reference step by hand: EMA of min-max, F~, bias-corrected momentum."""
+  model, params, batches = _setup()
+  params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+  x, y = batches[0]
+  grad_fn = afo.value_and_grad_with_curvature(loss_fn(model))
+  _, grads, curvature = grad_fn(params, x, y)
+  tx = afo.adafisher(0.01, b1=0.8, damping=0.01, gamma=0.5, t_cov=1)
+  updates, _ = tx.update(grads, tx.init(params), params, curvature=curvature)
+  for name in params:
+    h_hat, s_hat = (np.asarray(v) for v in curvature[name].means())
+    h = 0.05 * 1 + 0.005 * minmax_reference(h_hat)
+    s = 0.05 * 1 + 0.005 * minmax_reference(s_hat)
+    f_w = h[:-1, None] * s[None] + 0.01
+    f_b = h[-1] * s + 0.01
+    m_hat_w = 0.2 * grads[name]['kernel'] / (1 - 0.8)
+    m_hat_b = 0.2 * grads[name]['bias'] / (1 - 0.8)
+    np.testing.assert_allclose(updates[name]['kernel'], -0.01 * m_hat_w / f_w,
+                               **TOL)
+    np.testing.assert_allclose(updates[name]['bias'], -0.01 * m_hat_b / f_b,
+                               **TOL)
+
+
+def test_paper_numerics_follow_the_equations(x64):
+  model, params, batches = _setup(ConvNet(), shape=(4, 6, 6, 2))
+  params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+  gamma, damping, lr, b1 = 0.7, 1e-3, 0.05, 0.9
+  tx = afo.scale_by_adafisher(b1=b1, damping=damping, gamma=gamma,
+                              numerics='paper')
+  grad_fn = jax.jit(afo.value_and_grad_with_curvature(
+      loss_fn(model), numerics='paper'))
+  state = tx.init(params)
+  ema = {}
+  momentum = jax.tree.map(jnp.zeros_like, params)
+  for t, (x, y) in enumerate(batches[:3]):
+    x = x.astype(jnp.float64)
+    _, grads, curvature = grad_fn(params, x, y)
+    updates, state = tx.update(grads, state, params, curvature=curvature)
+    momentum = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, momentum, grads)
+    for name, stats in curvature.items():
+      h_hat, s_hat = (np.asarray(v) for v in stats.means())
+      if t == 0:
+        ema[name] = (h_hat, s_hat)
+      else:
+        ema[name] = tuple(gamma * old + (1 - gamma) * new
+                          for old, new in zip(ema[name], (h_hat, s_hat)))
+      h, s = (np.asarray(minmax_paper(jnp.asarray(v))) for v in ema[name])
+      np.testing.assert_allclose(state.factors[name].input, ema[name][0], **TOL)
+      m_hat = {k: np.asarray(v) / (1 - b1**(t + 1))
+               for k, v in momentum[name].items()}
+      if name in ('gn', 'ln'):
+        want_scale, want_bias = m_hat['scale'] / (h * s + damping), (
+            m_hat['bias'] / (s + damping))
+      else:
+        kernel = m_hat['kernel']
+        f = (h[:-1, None] * s[None] + damping).reshape(kernel.shape)
+        want_scale, want_bias = kernel / f, m_hat['bias'] / (h[-1] * s + damping)
+      weight = 'scale' if name in ('gn', 'ln') else 'kernel'
+      np.testing.assert_allclose(updates[name][weight], want_scale, **TOL)
+      np.testing.assert_allclose(updates[name]['bias'], want_bias, **TOL)
+    params = optax.apply_updates(params, jax.tree.map(lambda u: -lr * u, updates))
+
+
+def test_paper_minmax_is_scale_free():
+  x = jnp.array([3.0, 1.0, 2.0, 7.0])
+  np.testing.assert_allclose(minmax_paper(x), minmax_paper(1e-6 * x), rtol=1e-6)
+  np.testing.assert_allclose(
+      minmax_paper(x.astype(jnp.bfloat16)).astype(jnp.float32),
+      minmax_paper(x), atol=1e-2)
+  assert np.all(np.isfinite(minmax_paper(jnp.zeros(3))))
+
+
+def test_factors_refresh_only_every_t_cov_steps():
+  model, params, batches = _setup()
+  tx = afo.scale_by_adafisher(t_cov=3)
+  step = jax.jit(make_step(model, tx))
+  state = tx.init(params)
+  history = []
+  for x, y in batches:
+    params, state, _ = step(params, state, x, y)
+    history.append(np.asarray(state.factors['head'].input))
+  changed = [not np.array_equal(a, b) for a, b in zip(history, history[1:])]
+  assert changed == [False, False, True, False]  # refreshes at counts 0, 3
+
+
+def test_reference_default_t_cov_is_100_and_paper_is_1():
+  model, params, batches = _setup()
+  for numerics, refreshes in (('reference', 1), ('paper', 5)):
+    tx = afo.scale_by_adafisher(numerics=numerics)
+    step = jax.jit(make_step(model, tx, numerics))
+    state, seen, p = tx.init(params), [], params
+    for x, y in batches:
+      p, state, _ = step(p, state, x, y)
+      seen.append(np.asarray(state.factors['head'].output))
+    n = 1 + sum(not np.array_equal(a, b) for a, b in zip(seen, seen[1:]))
+    assert n == refreshes, numerics
+
+
+def test_fisher_power_half_divides_by_the_square_root():
+  model, params, batches = _setup()
+  x, y = batches[0]
+  _, grads, curvature = afo.value_and_grad_with_curvature(loss_fn(model))(
+      params, x, y)
+  out = {}
+  for p in (1.0, 0.5):
+    tx = afo.scale_by_adafisher(fisher_power=p)
+    out[p], _ = tx.update(grads, tx.init(params), curvature=curvature)
+  # u1 = m/F, u_half = m/sqrt(F) => u_half**2 = u1 * m with m = grads here.
+  jax.tree.map(lambda a, b, g: np.testing.assert_allclose(a**2, b * g,
+                                                          rtol=1e-4),
+               out[0.5], out[1.0], grads)
+
+
+def test_coupled_and_decoupled_weight_decay():
+  model, params, batches = _setup()
+  x, y = batches[0]
+  grad_fn = afo.value_and_grad_with_curvature(loss_fn(model))
+  _, grads, curvature = grad_fn(params, x, y)
+
+  def first_update(tx, g):
+    return tx.update(g, tx.init(params), params, curvature=curvature)[0]
+
+  plain = first_update(afo.adafisher(0.1), grads)
+  coupled = first_update(afo.adafisher(0.1, weight_decay=0.3), grads)
+  by_hand = first_update(afo.adafisher(0.1), jax.tree.map(
+      lambda g, p: g + 0.3 * p, grads, params))
+  chex.assert_trees_all_close(coupled, by_hand, rtol=1e-6)
+  decoupled = first_update(afo.adafisherw(0.1, weight_decay=0.3), grads)
+  chex.assert_trees_all_close(
+      decoupled, jax.tree.map(lambda u, p: u - 0.1 * 0.3 * p, plain, params),
+      rtol=1e-5, atol=1e-8)
+
+
+def test_chain_with_clipping_equals_clipping_by_hand():
+  model, params, batches = _setup()
+  x, y = batches[0]
+  _, grads, curvature = afo.value_and_grad_with_curvature(loss_fn(model))(
+      params, x, y)
+  grads = jax.tree.map(lambda g: 50 * g, grads)
+  chained = optax.chain(optax.clip_by_global_norm(1.0), afo.adafisher(1e-2))
+  got, _ = chained.update(grads, chained.init(params), params,
+                          curvature=curvature)
+  clipped = jax.tree.map(lambda g: g / optax.tree.norm(grads), grads)
+  plain = afo.adafisher(1e-2)
+  want, _ = plain.update(clipped, plain.init(params), params,
+                         curvature=curvature)
+  chex.assert_trees_all_close(got, want, rtol=1e-5)
+
+
+def test_inject_hyperparams_and_schedule():
+  model, params, batches = _setup()
+  schedule = optax.linear_schedule(1e-2, 1e-3, 4)
+  plain = afo.adafisher(1e-2, damping=2e-3)
+  injected = optax.inject_hyperparams(afo.adafisher)(
+      learning_rate=1e-2, damping=2e-3, b1=0.9, gamma=0.8, fisher_power=1.0)
+  p1, _ = run(model, plain, params, batches)
+  p2, state = run(model, injected, params, batches)
+  chex.assert_trees_all_close(p1, p2, rtol=1e-5, atol=1e-7)
+  assert float(state.hyperparams['damping']) == pytest.approx(2e-3)
+  # A schedule scales the step exactly like a constant of its current value.
+  x, y = batches[0]
+  _, grads, curvature = afo.value_and_grad_with_curvature(loss_fn(model))(
+      params, x, y)
+  scheduled, unit = afo.adafisher(schedule), afo.adafisher(1.0)
+  s_state, u_state = scheduled.init(params), unit.init(params)
+  for t in range(3):
+    us, s_state = scheduled.update(grads, s_state, params, curvature=curvature)
+    uu, u_state = unit.update(grads, u_state, params, curvature=curvature)
+    chex.assert_trees_all_close(
+        us, jax.tree.map(lambda u: schedule(t) * u, uu), rtol=1e-5)
+
+
+def _masked_tx(trainable, **kwargs):
+  frozen = jax.tree.map(lambda m: not m, trainable)
+  return optax.chain(optax.masked(afo.adafisher(1e-2, **kwargs), trainable),
+                     optax.masked(optax.set_to_zero(), frozen))
+
+
+def test_masked_freezes_layers_and_biases():
+  model, params, batches = _setup()
+  trainable = {'dense0': {'kernel': True, 'bias': True},
+               'dense1': {'kernel': False, 'bias': False},
+               'head': {'kernel': True, 'bias': False}}
+  new, state = run(model, _masked_tx(trainable), params, batches)
+  assert np.array_equal(new['dense1']['kernel'], params['dense1']['kernel'])
+  assert np.array_equal(new['head']['bias'], params['head']['bias'])
+  assert not np.array_equal(new['head']['kernel'], params['head']['kernel'])
+  factors = state[0].inner_state[0].factors
+  assert 'dense1' not in factors and factors['head'].input.shape == (9,)
+
+
+def test_masked_weights_need_a_layout():
+  """Bias-only training (BitFit): the kernel shape is hidden by the mask."""
+  model, params, batches = _setup()
+  trainable = jax.tree_util.tree_map_with_path(
+      lambda path, _: path[-1].key == 'bias', params)
+  with pytest.raises(ValueError, match='masked out'):
+    run(model, _masked_tx(trainable), params, batches)
+  grad_fn = afo.value_and_grad_with_curvature(loss_fn(model))
+  layout = afo.curvature_layout(grad_fn, params, *batches[0])
+  new, _ = run(model, _masked_tx(trainable, layout=layout), params, batches)
+  for name in params:
+    assert np.array_equal(new[name]['kernel'], params[name]['kernel'])
+    assert not np.array_equal(new[name]['bias'], params[name]['bias'])
+
+
+def test_train_step_compiles_once():
+  model, params, batches = _setup()
+  tx = optax.chain(optax.clip_by_global_norm(1.0), afo.adafisher(1e-3, t_cov=2))
+  step = jax.jit(chex.assert_max_traces(make_step(model, tx), n=1))
+  state = tx.init(params)
+  for x, y in batches:
+    params, state, loss = step(params, state, x, y)
+  assert np.isfinite(loss)
+
+
+def test_training_reduces_the_loss():
+  model, params, _ = _setup()
+  x, y = batch(jax.random.key(42), (64, 5))
+  for numerics in ('reference', 'paper'):
+    tx = afo.adafisher(1e-2, numerics=numerics)
+    step = jax.jit(make_step(model, tx, numerics))
+    state, p = tx.init(params), params
+    losses = []
+    for _ in range(60):
+      p, state, loss = step(p, state, x, y)
+      losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0], numerics
+
+
+class _WithCustomParam(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    gain = self.param('gain', nn.initializers.ones, (x.shape[-1],))
+    return nn.Dense(3, name='head')(x * gain)
+
+
+def test_parameters_without_statistics_get_plain_momentum_and_a_warning():
+  model, params, batches = _setup(_WithCustomParam())
+  x, y = batches[0]
+  _, grads, curvature = afo.value_and_grad_with_curvature(loss_fn(model))(
+      params, x, y)
+  assert afo.unpreconditioned_parameters(params, curvature) == ['gain']
+  tx = afo.adafisher(0.5)
+  with pytest.warns(afo.UnpreconditionedParametersWarning, match='gain'):
+    updates, _ = tx.update(grads, tx.init(params), params, curvature=curvature)
+  np.testing.assert_allclose(updates['gain'], -0.5 * grads['gain'], rtol=1e-6)
+
+
+class _Stacked(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    class Block(nn.Module):
+      @nn.compact
+      def __call__(self, h, _):
+        return jnp.tanh(nn.Dense(h.shape[-1], name='dense')(h)), None
+    scan = nn.scan(Block, variable_axes={'params': 0},
+                   split_rngs={'params': True}, length=3)
+    x, _ = scan(name='blocks')(x, None)
+    x = nn.DenseGeneral((2, 3), use_bias=False, name='multi_out')(x)
+    return nn.DenseGeneral(3, axis=(-2, -1), name='head')(x)
+
+
+def test_layout_sizes_factors_of_scanned_and_multi_output_layers():
+  model, params, batches = _setup(_Stacked())
+  grad_fn = afo.value_and_grad_with_curvature(loss_fn(model))
+  x, y = batches[0]
+  _, grads, curvature = grad_fn(params, x, y)
+  tx = afo.adafisher(1e-2)
+  with pytest.raises(ValueError, match='layout=adafisher_optax.curvature_layout'):
+    tx.update(grads, tx.init(params), params, curvature=curvature)
+  layout = afo.curvature_layout(grad_fn, params, x, y)
+  assert layout['blocks']['dense'].input.shape == (3, 6)
+  assert layout['multi_out'].output.shape == (6,)
+  tx = afo.adafisher(1e-2, layout=layout)
+  new, state = run(model, tx, params, batches)
+  assert state[0].factors['blocks']['dense'].output.shape == (3, 5)
+  assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(new))
+
+
+def test_no_warning_when_everything_is_covered():
+  model, params, batches = _setup()
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    run(model, afo.adafisher(1e-3), params, batches[:2])
