@@ -12,35 +12,38 @@ Capture -> statistics -> factor EMA -> preconditioner -> update:
 
 from adafisher_optax.alias import adafisher, adafisherw
 from adafisher_optax.capture import (
-    CaptureError,
-    UnsupportedLayerWarning,
-    curvature_layout,
-    value_and_grad_with_curvature,
+  CaptureError,
+  UnsupportedLayerWarning,
+  curvature_layout,
+  value_and_grad_with_curvature,
 )
 from adafisher_optax.factors import KroneckerFactors
 from adafisher_optax.layers import REFERENCE_LAYERS, SUPPORTED_LAYERS
-from adafisher_optax.statistics import LayerStatistics, unpreconditioned_parameters
+from adafisher_optax.statistics import (
+  LayerStatistics,
+  unpreconditioned_parameters,
+)
 from adafisher_optax.transform import (
-    AdaFisherState,
-    UnpreconditionedParametersWarning,
-    scale_by_adafisher,
+  AdaFisherState,
+  UnpreconditionedParametersWarning,
+  scale_by_adafisher,
 )
 
 __version__ = '0.1.0'
 
 __all__ = [
-    'AdaFisherState',
-    'CaptureError',
-    'KroneckerFactors',
-    'LayerStatistics',
-    'REFERENCE_LAYERS',
-    'SUPPORTED_LAYERS',
-    'UnpreconditionedParametersWarning',
-    'UnsupportedLayerWarning',
-    'adafisher',
-    'adafisherw',
-    'curvature_layout',
-    'scale_by_adafisher',
-    'unpreconditioned_parameters',
-    'value_and_grad_with_curvature',
+  'REFERENCE_LAYERS',
+  'SUPPORTED_LAYERS',
+  'AdaFisherState',
+  'CaptureError',
+  'KroneckerFactors',
+  'LayerStatistics',
+  'UnpreconditionedParametersWarning',
+  'UnsupportedLayerWarning',
+  'adafisher',
+  'adafisherw',
+  'curvature_layout',
+  'scale_by_adafisher',
+  'unpreconditioned_parameters',
+  'value_and_grad_with_curvature',
 ]

@@ -14,19 +14,19 @@ def _is_zero(value: Any) -> bool:
 
 
 def adafisher(
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    b1: Any = 0.9,
-    damping: Any = 1e-3,
-    gamma: Any = 0.8,
-    weight_decay: Any = 0.0,
-    t_cov: Any = None,
-    numerics: str = 'reference',
-    fisher_power: Any = 1.0,
-    axis_name: Any = None,
-    mu_dtype: Any = None,
-    mask: Any = None,
-    layout: Any = None,
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  b1: Any = 0.9,
+  damping: Any = 1e-3,
+  gamma: Any = 0.8,
+  weight_decay: Any = 0.0,
+  t_cov: Any = None,
+  numerics: str = 'reference',
+  fisher_power: Any = 1.0,
+  axis_name: Any = None,
+  mu_dtype: Any = None,
+  mask: Any = None,
+  layout: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdaFisher with coupled L2 weight decay.
 
@@ -68,32 +68,42 @@ def adafisher(
     Information <https://arxiv.org/abs/2405.16397>`_, ICLR 2025.
   """
   check_hyperparameters(learning_rate=learning_rate, weight_decay=weight_decay)
-  steps = [] if _is_zero(weight_decay) else [
-      optax.add_decayed_weights(weight_decay, mask)]
+  steps = (
+    []
+    if _is_zero(weight_decay)
+    else [optax.add_decayed_weights(weight_decay, mask)]
+  )
   steps += [
-      scale_by_adafisher(
-          b1=b1, damping=damping, gamma=gamma, t_cov=t_cov, numerics=numerics,
-          fisher_power=fisher_power, axis_name=axis_name, mu_dtype=mu_dtype,
-          layout=layout),
-      optax.scale_by_learning_rate(learning_rate),
+    scale_by_adafisher(
+      b1=b1,
+      damping=damping,
+      gamma=gamma,
+      t_cov=t_cov,
+      numerics=numerics,
+      fisher_power=fisher_power,
+      axis_name=axis_name,
+      mu_dtype=mu_dtype,
+      layout=layout,
+    ),
+    optax.scale_by_learning_rate(learning_rate),
   ]
   return optax.chain(*steps)
 
 
 def adafisherw(
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    b1: Any = 0.9,
-    damping: Any = 1e-3,
-    gamma: Any = 0.8,
-    weight_decay: Any = 1e-2,
-    t_cov: Any = None,
-    numerics: str = 'reference',
-    fisher_power: Any = 1.0,
-    axis_name: Any = None,
-    mu_dtype: Any = None,
-    mask: Any = None,
-    layout: Any = None,
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  b1: Any = 0.9,
+  damping: Any = 1e-3,
+  gamma: Any = 0.8,
+  weight_decay: Any = 1e-2,
+  t_cov: Any = None,
+  numerics: str = 'reference',
+  fisher_power: Any = 1.0,
+  axis_name: Any = None,
+  mu_dtype: Any = None,
+  mask: Any = None,
+  layout: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdaFisherW: AdaFisher with decoupled weight decay.
 
@@ -124,10 +134,17 @@ def adafisherw(
   """
   check_hyperparameters(learning_rate=learning_rate, weight_decay=weight_decay)
   steps = [
-      scale_by_adafisher(
-          b1=b1, damping=damping, gamma=gamma, t_cov=t_cov, numerics=numerics,
-          fisher_power=fisher_power, axis_name=axis_name, mu_dtype=mu_dtype,
-          layout=layout),
+    scale_by_adafisher(
+      b1=b1,
+      damping=damping,
+      gamma=gamma,
+      t_cov=t_cov,
+      numerics=numerics,
+      fisher_power=fisher_power,
+      axis_name=axis_name,
+      mu_dtype=mu_dtype,
+      layout=layout,
+    ),
   ]
   if not _is_zero(weight_decay):
     steps.append(optax.add_decayed_weights(weight_decay, mask))

@@ -45,7 +45,7 @@ class UnsupportedLayerWarning(UserWarning):
 def check_numerics(numerics: str) -> str:
   if numerics not in layers_lib.NUMERICS:
     raise ValueError(
-        f'numerics must be one of {layers_lib.NUMERICS}, got {numerics!r}.'
+      f'numerics must be one of {layers_lib.NUMERICS}, got {numerics!r}.'
     )
   return numerics
 
@@ -55,15 +55,16 @@ def _check_layers(layers: Sequence[type] | None) -> tuple[type, ...]:
     return layers_lib.SUPPORTED_LAYERS
   if isinstance(layers, type) or not isinstance(layers, Sequence):
     raise TypeError(
-        f'layers must be a sequence of Flax layer types, got {layers!r}.'
+      f'layers must be a sequence of Flax layer types, got {layers!r}.'
     )
   for layer in layers:
-    if not (isinstance(layer, type) and issubclass(
-        layer, layers_lib.SUPPORTED_LAYERS)):
+    if not (
+      isinstance(layer, type) and issubclass(layer, layers_lib.SUPPORTED_LAYERS)
+    ):
       names = ', '.join(t.__name__ for t in layers_lib.SUPPORTED_LAYERS)
       raise TypeError(
-          f'layers: {layer!r} is not a supported layer type (or a subclass of '
-          f'one); supported: {names}.'
+        f'layers: {layer!r} is not a supported layer type (or a subclass of '
+        f'one); supported: {names}.'
       )
   return tuple(layers)
 
@@ -72,8 +73,10 @@ def _base_methods(rule: layers_lib.LayerRule) -> dict[Any, str]:
   """Original functions of the rule's base classes' public methods."""
   found = {}
   classes = {
-      cls for module_type in rule.module_types for cls in module_type.__mro__
-      if issubclass(cls, nn.Module) and cls is not nn.Module
+    cls
+    for module_type in rule.module_types
+    for cls in module_type.__mro__
+    if issubclass(cls, nn.Module) and cls is not nn.Module
   }
   for cls in classes:
     for name, attr in vars(cls).items():
@@ -84,7 +87,7 @@ def _base_methods(rule: layers_lib.LayerRule) -> dict[Any, str]:
 
 
 _BASE_METHODS = {
-    kind: _base_methods(rule) for kind, rule in layers_lib.REGISTRY.items()
+  kind: _base_methods(rule) for kind, rule in layers_lib.REGISTRY.items()
 }
 
 
@@ -136,15 +139,18 @@ def _discover(fun, params, args, kwargs, allowed, numerics):
       return outputs
     path = tuple(module.path)
     shapes = {
-        name: tuple(module.get_variable('params', name).shape)
-        for name in (weight_name, bias_name) if name is not None
+      name: tuple(module.get_variable('params', name).shape)
+      for name in (weight_name, bias_name)
+      if name is not None
     }
-    layer = found.setdefault(path, _Layer(
-        rule, type(module), weight_name, bias_name, shapes))
+    layer = found.setdefault(
+      path, _Layer(rule, type(module), weight_name, bias_name, shapes)
+    )
     reason = rule.unsupported_reason(module, method, call_args, call_kwargs)
     if reason is None and layer.unsupported is None:
       application = rule.statistics(
-          module, call_args, call_kwargs, outputs, numerics)
+        module, call_args, call_kwargs, outputs, numerics
+      )
       s_shape = jax.eval_shape(application.output_statistics, outputs).shape
       shapes_now = (tuple(application.input.shape), tuple(s_shape))
       if layer.input_shape is None:
@@ -162,10 +168,10 @@ def _discover(fun, params, args, kwargs, allowed, numerics):
   jax.eval_shape(run, params)
   if calls[0] == 0 and jax.tree.leaves(params):
     raise CaptureError(
-        'value_and_grad_with_curvature: `fun` applied no Flax linen module '
-        'while it was traced. Call the model (model.apply) inside `fun`, and '
-        'do not wrap model.apply in a jax.jit created outside `fun`: a cached '
-        'compilation skips the interception.'
+      'value_and_grad_with_curvature: `fun` applied no Flax linen module '
+      'while it was traced. Call the model (model.apply) inside `fun`, and '
+      'do not wrap model.apply in a jax.jit created outside `fun`: a cached '
+      'compilation skips the interception.'
     )
   return found
 
@@ -176,10 +182,10 @@ def _stack_shape(path, layer: _Layer, params) -> tuple[int, ...]:
   where = _tree.format_path(path)
   if not isinstance(node, Mapping):
     raise CaptureError(
-        f'Layer {where!r} ({layer.module_type.__name__}) has no parameters at '
-        f'params[{"][".join(repr(k) for k in path)}]. The first argument of '
-        '`fun` must be the model\'s "params" collection, as passed to '
-        "model.apply({'params': params}, ...)."
+      f'Layer {where!r} ({layer.module_type.__name__}) has no parameters at '
+      f'params[{"][".join(repr(k) for k in path)}]. The first argument of '
+      '`fun` must be the model\'s "params" collection, as passed to '
+      "model.apply({'params': params}, ...)."
     )
   stacks = set()
   for name, inner in layer.inner_shapes.items():
@@ -188,10 +194,11 @@ def _stack_shape(path, layer: _Layer, params) -> tuple[int, ...]:
     n = len(outer) - len(inner)
     if value is None or n < 0 or outer[n:] != inner:
       raise CaptureError(
-          f'Layer {where!r}: parameter {name!r} has shape {outer} in params but '
-          f'{inner} inside the module. Lifted transforms (nn.scan, nn.vmap) '
-          'must stack parameters along leading axes (variable_axes '
-          "{'params': 0}).")
+        f'Layer {where!r}: parameter {name!r} has shape {outer} in params but '
+        f'{inner} inside the module. Lifted transforms (nn.scan, nn.vmap) '
+        'must stack parameters along leading axes (variable_axes '
+        "{'params': 0})."
+      )
     stacks.add(outer[:n])
   if len(stacks) != 1:
     raise CaptureError(f'Layer {where!r}: parameters stacked inconsistently.')
@@ -201,8 +208,8 @@ def _stack_shape(path, layer: _Layer, params) -> tuple[int, ...]:
 def _without_gradient(tree: Any) -> Any:
   """Statistics are constants: cut the arrays in ``tree`` from autodiff."""
   return jax.tree.map(
-      lambda v: jax.lax.stop_gradient(v) if isinstance(v, jax.Array) else v,
-      tree)
+    lambda v: jax.lax.stop_gradient(v) if isinstance(v, jax.Array) else v, tree
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
@@ -220,9 +227,9 @@ def _tap_bwd(output_statistics, rows, residuals, g):
   input_sum, rows_probe = residuals
   dtype = rows_probe.dtype
   cotangent = {
-      'input': input_sum.astype(dtype),
-      'output': output_statistics(g).astype(dtype),
-      'rows': jnp.asarray(rows, dtype),
+    'input': input_sum.astype(dtype),
+    'output': output_statistics(g).astype(dtype),
+    'rows': jnp.asarray(rows, dtype),
   }
   return g, cotangent, None
 
@@ -232,7 +239,7 @@ _tap.defvjp(_tap_fwd, _tap_bwd)
 
 def _capturing_interceptor(plan: dict, allowed, numerics):
   def interceptor(next_fun, call_args, call_kwargs, context):
-    rule, method = _classify(context, allowed)
+    rule, _method = _classify(context, allowed)
     if rule is None:
       return next_fun(*call_args, **call_kwargs)
     module = context.module
@@ -242,44 +249,53 @@ def _capturing_interceptor(plan: dict, allowed, numerics):
     if layer is None or layer.unsupported is not None:
       if layer is None and any(n is not None for n in rule.param_names(module)):
         raise CaptureError(
-            f'Layer {_tree.format_path(path)!r} was applied but not seen when '
-            '`fun` was first traced; `fun` must apply the same layers each '
-            'time it is traced.')
+          f'Layer {_tree.format_path(path)!r} was applied but not seen when '
+          '`fun` was first traced; `fun` must apply the same layers each '
+          'time it is traced.'
+        )
       return outputs
     probe = module.get_variable('params', PROBE)
     where = _tree.format_path(path)
     if probe is None:
       raise CaptureError(
-          f'Layer {where!r}: its statistics probe did not reach the module. '
-          '`fun` (or a lifted transform such as nn.map_variables or an '
-          'nn.scan without params in variable_axes/variable_broadcast) dropped '
-          f'the {PROBE!r} entry that value_and_grad_with_curvature adds to '
-          'params; pass params through to model.apply unchanged.')
+        f'Layer {where!r}: its statistics probe did not reach the module. '
+        '`fun` (or a lifted transform such as nn.map_variables or an '
+        'nn.scan without params in variable_axes/variable_broadcast) dropped '
+        f'the {PROBE!r} entry that value_and_grad_with_curvature adds to '
+        'params; pass params through to model.apply unchanged.'
+      )
     application = rule.statistics(
-        module, *_without_gradient((call_args, call_kwargs, outputs)),
-        numerics)
+      module, *_without_gradient((call_args, call_kwargs, outputs)), numerics
+    )
     if tuple(probe['input'].shape) != tuple(application.input.shape):
       raise CaptureError(
-          f'Layer {where!r}: probe of shape {probe["input"].shape} does not '
-          f'match statistics of shape {application.input.shape}.')
+        f'Layer {where!r}: probe of shape {probe["input"].shape} does not '
+        f'match statistics of shape {application.input.shape}.'
+      )
     if probe['input'].dtype != layers_lib.statistics_dtype():
       warnings.warn(
-          f'Layer {where!r}: `fun` casts params to {probe["input"].dtype}; its '
-          'curvature statistics travel in that precision.',
-          UnsupportedLayerWarning, stacklevel=2)
+        f'Layer {where!r}: `fun` casts params to {probe["input"].dtype}; its '
+        'curvature statistics travel in that precision.',
+        UnsupportedLayerWarning,
+        stacklevel=2,
+      )
     return _tap(
-        application.output_statistics, outputs, probe, application.input,
-        application.rows)
+      application.output_statistics,
+      outputs,
+      probe,
+      application.input,
+      application.rows,
+    )
 
   return interceptor
 
 
 def value_and_grad_with_curvature(
-    fun: Callable[..., Any],
-    *,
-    has_aux: bool = False,
-    layers: Sequence[type] | None = None,
-    numerics: str = 'reference',
+  fun: Callable[..., Any],
+  *,
+  has_aux: bool = False,
+  layers: Sequence[type] | None = None,
+  numerics: str = 'reference',
 ) -> Callable[..., tuple[Any, Any, Any]]:
   """Like ``jax.value_and_grad(fun)``, also returning AdaFisher's statistics.
 
@@ -312,46 +328,59 @@ def value_and_grad_with_curvature(
   def value_grads_curvature(params, *args, **kwargs):
     if not isinstance(params, Mapping):
       raise TypeError(
-          'value_and_grad_with_curvature: the first argument of `fun` must be '
-          f"the model's params dict, got {type(params).__name__}.")
+        'value_and_grad_with_curvature: the first argument of `fun` must be '
+        f"the model's params dict, got {type(params).__name__}."
+      )
     plan = _discover(fun, params, args, kwargs, allowed, numerics)
     dtype = layers_lib.statistics_dtype()
     augmented = params
     skipped = []
     for path, layer in plan.items():
       if layer.unsupported is not None:
-        skipped.append(f'{_tree.format_path(path)} ({layer.module_type.__name__}'
-                       f': {layer.unsupported})')
+        skipped.append(
+          f'{_tree.format_path(path)} ({layer.module_type.__name__}'
+          f': {layer.unsupported})'
+        )
         continue
       layer.stack = _stack_shape(path, layer, params)
       probe = {
-          'input': jnp.zeros(layer.stack + layer.input_shape, dtype),
-          'output': jnp.zeros(layer.stack + layer.output_shape, dtype),
-          'rows': jnp.zeros(layer.stack, dtype),
+        'input': jnp.zeros(layer.stack + layer.input_shape, dtype),
+        'output': jnp.zeros(layer.stack + layer.output_shape, dtype),
+        'rows': jnp.zeros(layer.stack, dtype),
       }
       augmented = _tree.set_node(augmented, path + (PROBE,), probe)
     if skipped:
       warnings.warn(
-          'AdaFisher cannot capture these layers; their parameters get F~ = 1: '
-          + '; '.join(skipped), UnsupportedLayerWarning, stacklevel=2)
+        'AdaFisher cannot capture these layers; their parameters get F~ = 1: '
+        + '; '.join(skipped),
+        UnsupportedLayerWarning,
+        stacklevel=2,
+      )
 
     def loss_and_aux(p, *a, **k):
-      with nn.intercept_methods(_capturing_interceptor(plan, allowed, numerics)):
+      with nn.intercept_methods(
+        _capturing_interceptor(plan, allowed, numerics)
+      ):
         out = fun(p, *a, **k)
       return out if has_aux else (out, None)
 
     (loss, aux), grads = jax.value_and_grad(loss_and_aux, has_aux=True)(
-        augmented, *args, **kwargs)
+      augmented, *args, **kwargs
+    )
     curvature = {}
     for path, layer in plan.items():
       if layer.unsupported is not None:
         continue
       grads, cotangent = _tree.pop_node(grads, path + (PROBE,))
       curvature[path] = LayerStatistics(
-          input=cotangent['input'], output=cotangent['output'],
-          rows=cotangent['rows'], kind=layer.rule.kind,
-          variant=numerics if layer.rule.numerics_dependent else None,
-          weight_name=layer.weight_name, bias_name=layer.bias_name)
+        input=cotangent['input'],
+        output=cotangent['output'],
+        rows=cotangent['rows'],
+        kind=layer.rule.kind,
+        variant=numerics if layer.rule.numerics_dependent else None,
+        weight_name=layer.weight_name,
+        bias_name=layer.bias_name,
+      )
     value = (loss, aux) if has_aux else loss
     return value, grads, _tree.nest(curvature)
 
@@ -359,7 +388,7 @@ def value_and_grad_with_curvature(
 
 
 def curvature_layout(
-    value_grads_curvature: Callable[..., Any], params: Any, *args, **kwargs
+  value_grads_curvature: Callable[..., Any], params: Any, *args, **kwargs
 ) -> Any:
   """The shapes of the curvature a capture function returns, without FLOPs.
 
@@ -368,4 +397,5 @@ def curvature_layout(
   ``DenseGeneral`` layers with several output axes).
   """
   return jax.eval_shape(
-      lambda p: value_grads_curvature(p, *args, **kwargs)[2], params)
+    lambda p: value_grads_curvature(p, *args, **kwargs)[2], params
+  )

@@ -57,17 +57,19 @@ def minmax_paper(x: jax.Array) -> jax.Array:
 
 def ones_like_shapes(shapes, dtype) -> KroneckerFactors:
   """Initial factors: ones (the authors' initialisation)."""
-  return KroneckerFactors(jnp.ones(shapes[0], dtype), jnp.ones(shapes[1], dtype))
+  return KroneckerFactors(
+    jnp.ones(shapes[0], dtype), jnp.ones(shapes[1], dtype)
+  )
 
 
 def refresh(
-    factors: KroneckerFactors,
-    stats: LayerStatistics,
-    *,
-    count: jax.Array,
-    due: jax.Array,
-    gamma: Any,
-    numerics: str,
+  factors: KroneckerFactors,
+  stats: LayerStatistics,
+  *,
+  count: jax.Array,
+  due: jax.Array,
+  gamma: Any,
+  numerics: str,
 ) -> KroneckerFactors:
   """Folds one step's statistics into the factors on refresh steps.
 
@@ -86,16 +88,17 @@ def refresh(
     new_s = jnp.where(first, s_hat, gamma * old_s + (1 - gamma) * s_hat)
   ok = due & (stats.rows > 0)
   ok &= jnp.all(jnp.isfinite(h_hat), axis=-1) & jnp.all(
-      jnp.isfinite(s_hat), axis=-1)
+    jnp.isfinite(s_hat), axis=-1
+  )
   ok = ok[..., None]
   return KroneckerFactors(
-      jnp.where(ok, new_h, old_h).astype(old_h.dtype),
-      jnp.where(ok, new_s, old_s).astype(old_s.dtype),
+    jnp.where(ok, new_h, old_h).astype(old_h.dtype),
+    jnp.where(ok, new_s, old_s).astype(old_s.dtype),
   )
 
 
 def for_preconditioning(
-    factors: KroneckerFactors, numerics: str
+  factors: KroneckerFactors, numerics: str
 ) -> tuple[jax.Array, jax.Array]:
   """The factor vectors as the preconditioner uses them."""
   if numerics == 'reference':

@@ -84,7 +84,7 @@ class LayerRule:
     raise NotImplementedError
 
   def unsupported_reason(
-      self, module: nn.Module, method: str, args: tuple, kwargs: dict
+    self, module: nn.Module, method: str, args: tuple, kwargs: dict
   ) -> str | None:
     """Why this application cannot be captured, or ``None`` when it can."""
     del module, args, kwargs
@@ -93,15 +93,23 @@ class LayerRule:
     return None
 
   def statistics(
-      self, module: nn.Module, args: tuple, kwargs: dict, outputs: jax.Array,
-      numerics: str,
+    self,
+    module: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    outputs: jax.Array,
+    numerics: str,
   ) -> Application:
     raise NotImplementedError
 
   @staticmethod
   def preconditioner(
-      h: jax.Array, s: jax.Array, damping: Any, numerics: str,
-      weight_shape: tuple[int, ...] | None, bias_shape: tuple[int, ...] | None,
+    h: jax.Array,
+    s: jax.Array,
+    damping: Any,
+    numerics: str,
+    weight_shape: tuple[int, ...] | None,
+    bias_shape: tuple[int, ...] | None,
   ) -> tuple[jax.Array | None, jax.Array | None]:
     """Returns ``F~`` for the weight and the bias (``None`` where absent).
 
@@ -152,9 +160,9 @@ class DenseRule(KroneckerRule):
 
   def unsupported_reason(self, module, method, args, kwargs):
     reason = super().unsupported_reason(module, method, args, kwargs)
-    if reason is None and isinstance(module, nn.DenseGeneral):
-      if tuple(np.atleast_1d(module.batch_dims)):
-        reason = 'DenseGeneral with batch_dims is not supported'
+    batch_dims = getattr(module, 'batch_dims', ())
+    if reason is None and tuple(np.atleast_1d(batch_dims)):
+      reason = 'DenseGeneral with batch_dims is not supported'
     return reason
 
   def statistics(self, module, args, kwargs, outputs, numerics):
@@ -193,18 +201,18 @@ class ConvRule(KroneckerRule):
     x = x.astype(statistics_dtype())
     squares = jnp.sum(x * x, axis=tuple(range(n_batch)))  # [*spatial, c_in]
     squares, pads, lhs_dilation, strides, dilation = conv_input_pads(
-        module, squares
+      module, squares
     )
     out_spatial = outputs.shape[n_batch : n_batch + n_spatial]
     windows = jax.lax.reduce_window(
-        squares,
-        jnp.zeros((), squares.dtype),
-        jax.lax.add,
-        window_dimensions=tuple(out_spatial) + (1,),
-        window_strides=tuple(dilation) + (1,),
-        padding=tuple(pads) + ((0, 0),),
-        base_dilation=tuple(lhs_dilation) + (1,),
-        window_dilation=tuple(strides) + (1,),
+      squares,
+      jnp.zeros((), squares.dtype),
+      jax.lax.add,
+      window_dimensions=tuple(out_spatial) + (1,),
+      window_strides=tuple(dilation) + (1,),
+      padding=tuple(pads) + ((0, 0),),
+      base_dilation=tuple(lhs_dilation) + (1,),
+      window_dilation=tuple(strides) + (1,),
     )
     windows = windows[tuple(slice(0, k) for k in kernel_size)]
     groups = module.feature_group_count
@@ -236,8 +244,9 @@ class EmbedRule(KroneckerRule):
   def statistics(self, module, args, kwargs, outputs, numerics):
     ids = _first_arg(args, kwargs, 'inputs').reshape(-1)
     counts = jax.ops.segment_sum(
-        jnp.ones(ids.shape, statistics_dtype()), ids,
-        num_segments=module.num_embeddings,
+      jnp.ones(ids.shape, statistics_dtype()),
+      ids,
+      num_segments=module.num_embeddings,
     )
     return Application(counts, ids.size, _sum_squares_leading(1))
 
@@ -265,8 +274,8 @@ class NormRule(LayerRule):
 
   def param_names(self, module):
     return (
-        'scale' if getattr(module, 'use_scale', False) else None,
-        'bias' if getattr(module, 'use_bias', False) else None,
+      'scale' if getattr(module, 'use_scale', False) else None,
+      'bias' if getattr(module, 'use_bias', False) else None,
     )
 
   def feature_axes(self, module: nn.Module, ndim: int) -> tuple[int, ...]:
@@ -295,10 +304,12 @@ class NormRule(LayerRule):
 
     if numerics == 'paper':
       x_hat = _normalised_input(
-          module, outputs, features, *self.param_names(module))
+        module, outputs, features, *self.param_names(module)
+      )
       return Application(
-          per_feature(x_hat * x_hat), rows,
-          lambda g: per_feature(jnp.square(g.astype(dtype))),
+        per_feature(x_hat * x_hat),
+        rows,
+        lambda g: per_feature(jnp.square(g.astype(dtype))),
       )
     k = self.surrogate_axis(module, x.ndim)
     batch = x.shape[0]
@@ -307,8 +318,9 @@ class NormRule(LayerRule):
     z = _sum_over_all_but(x.astype(dtype), (k,)) / m**2
     h = jnp.stack([jnp.sum(z * z), jnp.asarray(size_k, dtype)]) / batch**2
     return Application(
-        h * rows, rows,
-        lambda g: jnp.square(per_feature(g.astype(dtype))) * (rows / batch),
+      h * rows,
+      rows,
+      lambda g: jnp.square(per_feature(g.astype(dtype))) * (rows / batch),
     )
 
   @staticmethod
@@ -317,21 +329,31 @@ class NormRule(LayerRule):
       scale, shift = h * s, s
     else:
       scale, shift = h[..., :1] * s, h[..., 1:2] * s
-    f_weight = None if weight_shape is None else (
-        (scale + damping).reshape(weight_shape))
-    f_bias = None if bias_shape is None else (
-        (shift + damping).reshape(bias_shape))
+    f_weight = (
+      None
+      if weight_shape is None
+      else ((scale + damping).reshape(weight_shape))
+    )
+    f_bias = (
+      None if bias_shape is None else ((shift + damping).reshape(bias_shape))
+    )
     return f_weight, f_bias
 
 
 def _normalised_input(
-    module: nn.Module, outputs: jax.Array, features: tuple[int, ...],
-    weight_name: str | None, bias_name: str | None,
+  module: nn.Module,
+  outputs: jax.Array,
+  features: tuple[int, ...],
+  weight_name: str | None,
+  bias_name: str | None,
 ) -> jax.Array:
   """``x_hat = (y - shift) / scale`` per feature (0 where the scale is 0)."""
   dtype = statistics_dtype()
-  shape = [outputs.shape[a] if a in features else 1 for a in range(outputs.ndim)]
+  shape = [
+    outputs.shape[a] if a in features else 1 for a in range(outputs.ndim)
+  ]
   y = outputs.astype(dtype)
+
   def param(name: str) -> jax.Array:
     value = jax.lax.stop_gradient(module.get_variable('params', name))
     return value.astype(dtype).reshape(shape)
@@ -394,21 +416,30 @@ class ChannelNormRule(NormRule):
 
 
 REGISTRY: dict[str, LayerRule] = {
-    rule.kind: rule
-    for rule in (DenseRule(), ConvRule(), EmbedRule(), TokenNormRule(),
-                 ChannelNormRule())
+  rule.kind: rule
+  for rule in (
+    DenseRule(),
+    ConvRule(),
+    EmbedRule(),
+    TokenNormRule(),
+    ChannelNormRule(),
+  )
 }
 
 #: Every layer type with a rule.
 SUPPORTED_LAYERS: tuple[type, ...] = tuple(
-    t for rule in REGISTRY.values() for t in rule.module_types
+  t for rule in REGISTRY.values() for t in rule.module_types
 )
 
 #: The layer types the authors' PyTorch code preconditions (Linear, Conv2d,
 #: BatchNorm2d, LayerNorm). ``layers=REFERENCE_LAYERS`` reproduces their
 #: coverage: everything else gets ``F~ = 1``.
 REFERENCE_LAYERS: tuple[type, ...] = (
-    nn.Dense, nn.DenseGeneral, nn.Conv, nn.BatchNorm, nn.LayerNorm,
+  nn.Dense,
+  nn.DenseGeneral,
+  nn.Conv,
+  nn.BatchNorm,
+  nn.LayerNorm,
 )
 
 
@@ -421,7 +452,7 @@ def rule_for(module: nn.Module) -> LayerRule | None:
 
 
 def conventional_factor_shapes(
-    layer_params: Mapping[str, Any], numerics: str
+  layer_params: Mapping[str, Any], numerics: str
 ) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
   """Factor shapes ``(H, S)`` inferred from Flax parameter names.
 
@@ -438,14 +469,16 @@ def conventional_factor_shapes(
   :func:`adafisher_optax.curvature_layout`).
   """
   shapes = {
-      name: tuple(np.shape(value)) if hasattr(value, 'shape') else None
-      for name, value in layer_params.items()
+    name: tuple(np.shape(value)) if hasattr(value, 'shape') else None
+    for name, value in layer_params.items()
   }  # None: a parameter masked out by optax.masked, shape unknown
   if shapes.get('kernel') is not None and len(shapes['kernel']) >= 2:
     kernel = shapes['kernel']
     has_bias = 'bias' in shapes
     bias = shapes['bias'] or kernel[-1:] if has_bias else None
-    if has_bias and not (len(bias) < len(kernel) and kernel[-len(bias):] == bias):
+    if has_bias and not (
+      len(bias) < len(kernel) and kernel[-len(bias) :] == bias
+    ):
       has_bias = False
     out = bias if has_bias else kernel[-1:]
     d_out = math.prod(out)
@@ -454,8 +487,11 @@ def conventional_factor_shapes(
     vocab, dim = shapes['embedding']
     return (vocab,), (dim,)
   per_feature = shapes.get('scale') or shapes.get('bias')
-  if per_feature is not None and 'kernel' not in shapes and (
-      'embedding' not in shapes):
+  if (
+    per_feature is not None
+    and 'kernel' not in shapes
+    and ('embedding' not in shapes)
+  ):
     n = math.prod(per_feature)
     return ((2,) if numerics == 'reference' else (n,)), (n,)
   return None

@@ -35,7 +35,9 @@ def conv_input_pads(module: nn.Conv, squares: jax.Array):
   strides = _per_dim(module.strides, n)
   input_dilation = _per_dim(module.input_dilation, n)
   kernel_dilation = _per_dim(module.kernel_dilation, n)
-  dilated_kernel = [(k - 1) * d + 1 for k, d in zip(kernel_size, kernel_dilation)]
+  dilated_kernel = [
+    (k - 1) * d + 1 for k, d in zip(kernel_size, kernel_dilation)
+  ]
   padding = canonicalize_padding(module.padding, n)
   if padding in ('CIRCULAR', 'REFLECT'):
     pads = [((k - 1) // 2, k // 2) for k in dilated_kernel] + [(0, 0)]
@@ -47,7 +49,7 @@ def conv_input_pads(module: nn.Conv, squares: jax.Array):
     padding = 'VALID'
   if isinstance(padding, str):
     pads = jax.lax.padtype_to_pads(
-        squares.shape[:n], dilated_kernel, strides, padding
+      squares.shape[:n], dilated_kernel, strides, padding
     )
   else:
     pads = [tuple(p) for p in padding]

@@ -57,7 +57,7 @@ class LayerStatistics:
     """Sums the statistics over a mapped axis (exact global-batch sums)."""
     summed = jax.lax.psum((self.input, self.output, self.rows), axis_name)
     return dataclasses.replace(
-        self, input=summed[0], output=summed[1], rows=summed[2]
+      self, input=summed[0], output=summed[1], rows=summed[2]
     )
 
 
@@ -74,8 +74,8 @@ def flatten(curvature: Any) -> dict[_tree.Path, LayerStatistics]:
   for path, node in flat:
     if not isinstance(node, LayerStatistics):
       raise TypeError(
-          'curvature must be the tree returned by value_and_grad_with_curvature'
-          f'; found a {type(node).__name__} at {_tree.format_path(path)!r}.'
+        'curvature must be the tree returned by value_and_grad_with_curvature'
+        f'; found a {type(node).__name__} at {_tree.format_path(path)!r}.'
       )
     out[path] = node
   return out
@@ -84,12 +84,13 @@ def flatten(curvature: Any) -> dict[_tree.Path, LayerStatistics]:
 def unpreconditioned_parameters(params: Any, curvature: Any) -> list[str]:
   """Paths of the parameters that get ``F~ = 1`` (no statistics cover them)."""
   covered = {
-      path + (name,)
-      for path, stats in flatten(curvature).items()
-      for name in (stats.weight_name, stats.bias_name) if name is not None
+    path + (name,)
+    for path, stats in flatten(curvature).items()
+    for name in (stats.weight_name, stats.bias_name)
+    if name is not None
   }
   return [
-      _tree.format_path(path)
-      for path, _ in _tree.leaves_with_paths(params)
-      if path not in covered
+    _tree.format_path(path)
+    for path, _ in _tree.leaves_with_paths(params)
+    if path not in covered
   ]

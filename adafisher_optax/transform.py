@@ -58,25 +58,32 @@ def _check_hyperparameter(name: str, value: Any, ok, requirement: str) -> None:
     return
   try:
     number = np.asarray(value)
-  except (jax.errors.ConcretizationTypeError,
-          jax.errors.TracerArrayConversionError):
+  except (
+    jax.errors.ConcretizationTypeError,
+    jax.errors.TracerArrayConversionError,
+  ):
     return
-  if number.dtype.kind not in 'biuf' or not np.all(np.isfinite(number)) or (
-      not ok(number)):
+  if (
+    number.dtype.kind not in 'biuf'
+    or not np.all(np.isfinite(number))
+    or (not ok(number))
+  ):
     raise ValueError(f'{name} must be {requirement}, got {value!r}.')
 
 
 def check_hyperparameters(**values: Any) -> None:
   """Validates AdaFisher hyperparameters that are concrete numbers."""
   rules = {
-      'b1': (lambda v: np.all((v >= 0) & (v < 1)), 'in [0, 1)'),
-      'damping': (lambda v: np.all(v > 0), 'positive'),
-      'gamma': (lambda v: np.all((v >= 0) & (v <= 1)), 'in [0, 1]'),
-      'fisher_power': (lambda v: np.all(v > 0), 'positive'),
-      'weight_decay': (lambda v: np.all(v >= 0), 'non-negative'),
-      'learning_rate': (lambda v: np.all(v >= 0), 'non-negative'),
-      't_cov': (lambda v: np.all((v >= 1) & (v == np.round(v))),
-                'a positive integer (or None for the numerics default)'),
+    'b1': (lambda v: np.all((v >= 0) & (v < 1)), 'in [0, 1)'),
+    'damping': (lambda v: np.all(v > 0), 'positive'),
+    'gamma': (lambda v: np.all((v >= 0) & (v <= 1)), 'in [0, 1]'),
+    'fisher_power': (lambda v: np.all(v > 0), 'positive'),
+    'weight_decay': (lambda v: np.all(v >= 0), 'non-negative'),
+    'learning_rate': (lambda v: np.all(v >= 0), 'non-negative'),
+    't_cov': (
+      lambda v: np.all((v >= 1) & (v == np.round(v))),
+      'a positive integer (or None for the numerics default)',
+    ),
   }
   for name, value in values.items():
     _check_hyperparameter(name, value, *rules[name])
@@ -84,6 +91,7 @@ def check_hyperparameters(**values: Any) -> None:
 
 def _layer_dicts(params: Any):
   """Yields ``(path, mapping)`` for every mapping that holds array leaves."""
+
   def visit(node, path):
     if not isinstance(node, Mapping):
       return
@@ -91,6 +99,7 @@ def _layer_dicts(params: Any):
       yield path, node
     for key, value in node.items():
       yield from visit(value, path + (str(key),))
+
   yield from visit(params, ())
 
 
@@ -99,17 +108,18 @@ def _check_params(params: Any) -> None:
     dtype = getattr(leaf, 'dtype', None)
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
       raise TypeError(
-          f'AdaFisher: parameter {_tree.format_path(path)!r} has dtype {dtype};'
-          ' only floating-point parameters can be optimised (freeze others '
-          'with optax.masked or keep them out of the params).')
+        f'AdaFisher: parameter {_tree.format_path(path)!r} has dtype {dtype};'
+        ' only floating-point parameters can be optimised (freeze others '
+        'with optax.masked or keep them out of the params).'
+      )
 
 
 def _initial_factors(params: Any, layout: Any, numerics: str) -> dict:
   dtype = layers_lib.statistics_dtype()
   if layout is not None:
     shapes = {
-        path: (tuple(stats.input.shape), tuple(stats.output.shape))
-        for path, stats in statistics_lib.flatten(layout).items()
+      path: (tuple(stats.input.shape), tuple(stats.output.shape))
+      for path, stats in statistics_lib.flatten(layout).items()
     }
   else:
     shapes = {}
@@ -117,70 +127,80 @@ def _initial_factors(params: Any, layout: Any, numerics: str) -> dict:
       found = layers_lib.conventional_factor_shapes(node, numerics)
       if found is not None:
         shapes[path] = found
-  return _tree.nest({
-      path: factors_lib.ones_like_shapes(s, dtype) for path, s in shapes.items()
-  })
+  return _tree.nest(
+    {path: factors_lib.ones_like_shapes(s, dtype) for path, s in shapes.items()}
+  )
 
 
 def _leaf_shape(updates: Any, path: _tree.Path, name: str | None):
   if name is None:
     return None
   leaf = _tree.get_node(updates, path + (name,))
-  return None if leaf is None or isinstance(leaf, optax.MaskedNode) else tuple(
-      leaf.shape)
+  return (
+    None
+    if leaf is None or isinstance(leaf, optax.MaskedNode)
+    else tuple(leaf.shape)
+  )
 
 
 def _check_layer(path, stats, factors, weight_shape, bias_shape, numerics):
   where = _tree.format_path(path)
   if stats.variant is not None and stats.variant != numerics:
     raise ValueError(
-        f'curvature[{where!r}] was captured with numerics={stats.variant!r} '
-        f'but the optimizer uses numerics={numerics!r}: pass '
-        f'numerics={numerics!r} to value_and_grad_with_curvature.')
+      f'curvature[{where!r}] was captured with numerics={stats.variant!r} '
+      f'but the optimizer uses numerics={numerics!r}: pass '
+      f'numerics={numerics!r} to value_and_grad_with_curvature.'
+    )
   if factors is None:
     raise ValueError(
-        f'curvature has statistics for layer {where!r} but the optimizer state '
-        'has no factors for it: the curvature comes from another model, the '
-        'state was initialised for other params, or the layer\'s weight is '
-        'masked out (then build the optimizer with '
-        'layout=adafisher_optax.curvature_layout(grad_fn, params, *batch)).')
+      f'curvature has statistics for layer {where!r} but the optimizer state '
+      'has no factors for it: the curvature comes from another model, the '
+      "state was initialised for other params, or the layer's weight is "
+      'masked out (then build the optimizer with '
+      'layout=adafisher_optax.curvature_layout(grad_fn, params, *batch)).'
+    )
   want = (tuple(factors.input.shape), tuple(factors.output.shape))
   got = (tuple(stats.input.shape), tuple(stats.output.shape))
   if want != got:
     raise ValueError(
-        f'Layer {where!r}: the optimizer state holds factors of shapes {want} '
-        f'but the curvature has statistics of shapes {got}. Either the '
-        'curvature comes from another model, or the factor sizes could not be '
-        'inferred from parameter names (nn.scan stacks, bias-free DenseGeneral '
-        'with several output axes): build the optimizer with '
-        'layout=adafisher_optax.curvature_layout(grad_fn, params, *batch).')
+      f'Layer {where!r}: the optimizer state holds factors of shapes {want} '
+      f'but the curvature has statistics of shapes {got}. Either the '
+      'curvature comes from another model, or the factor sizes could not be '
+      'inferred from parameter names (nn.scan stacks, bias-free DenseGeneral '
+      'with several output axes): build the optimizer with '
+      'layout=adafisher_optax.curvature_layout(grad_fn, params, *batch).'
+    )
   n_stack = stats.input.ndim - 1
   stack = stats.input.shape[:-1]
   d_out = stats.output.shape[-1]
-  for name, shape in ((stats.weight_name, weight_shape),
-                      (stats.bias_name, bias_shape)):
+  for name, shape in (
+    (stats.weight_name, weight_shape),
+    (stats.bias_name, bias_shape),
+  ):
     if shape is None:
       continue
     ok = tuple(shape[:n_stack]) == tuple(stack) and (
-        math.prod(shape[n_stack:]) % d_out == 0)
+      math.prod(shape[n_stack:]) % d_out == 0
+    )
     if not ok:
       raise ValueError(
-          f'Parameter {where}/{name} has shape {shape}, which does not fit '
-          f'statistics of shapes {got}: the curvature comes from another '
-          'model.')
+        f'Parameter {where}/{name} has shape {shape}, which does not fit '
+        f'statistics of shapes {got}: the curvature comes from another '
+        'model.'
+      )
 
 
 def scale_by_adafisher(
-    b1: Any = 0.9,
-    damping: Any = 1e-3,
-    gamma: Any = 0.8,
-    t_cov: Any = None,
-    numerics: str = 'reference',
-    fisher_power: Any = 1.0,
-    axis_name: Any = None,
-    *,
-    mu_dtype: Any = None,
-    layout: Any = None,
+  b1: Any = 0.9,
+  damping: Any = 1e-3,
+  gamma: Any = 0.8,
+  t_cov: Any = None,
+  numerics: str = 'reference',
+  fisher_power: Any = 1.0,
+  axis_name: Any = None,
+  *,
+  mu_dtype: Any = None,
+  layout: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates by AdaFisher's diagonal Kronecker-factored Fisher.
 
@@ -218,8 +238,8 @@ def scale_by_adafisher(
   """
   numerics = check_numerics(numerics)
   check_hyperparameters(
-      b1=b1, damping=damping, gamma=gamma, t_cov=t_cov,
-      fisher_power=fisher_power)
+    b1=b1, damping=damping, gamma=gamma, t_cov=t_cov, fisher_power=fisher_power
+  )
   t_cov = DEFAULT_T_COV[numerics] if t_cov is None else t_cov
   if mu_dtype is not None:
     mu_dtype = jax.dtypes.canonicalize_dtype(mu_dtype)
@@ -227,43 +247,60 @@ def scale_by_adafisher(
   def init_fn(params):
     _check_params(params)
     return AdaFisherState(
-        count=jnp.zeros([], jnp.int32),
-        mu=otu.zeros_like(params, dtype=mu_dtype),
-        factors=_initial_factors(params, layout, numerics),
+      count=jnp.zeros([], jnp.int32),
+      mu=otu.zeros_like(params, dtype=mu_dtype),
+      factors=_initial_factors(params, layout, numerics),
     )
 
   def update_fn(updates, state, params=None, *, curvature=None, **extra_args):
     del params, extra_args
     if curvature is None:
       raise TypeError(
-          'AdaFisher update needs the keyword argument `curvature`: '
-          'tx.update(grads, opt_state, params, curvature=curvature) with the '
-          'curvature returned by value_and_grad_with_curvature.')
+        'AdaFisher update needs the keyword argument `curvature`: '
+        'tx.update(grads, opt_state, params, curvature=curvature) with the '
+        'curvature returned by value_and_grad_with_curvature.'
+      )
     layer_stats = statistics_lib.flatten(curvature)
-    old_factors = dict(_tree.leaves_with_paths(
+    old_factors = dict(
+      _tree.leaves_with_paths(
         state.factors,
-        is_leaf=lambda x: isinstance(x, factors_lib.KroneckerFactors)))
+        is_leaf=lambda x: isinstance(x, factors_lib.KroneckerFactors),
+      )
+    )
     due = (state.count % jnp.asarray(t_cov, state.count.dtype)) == 0
     new_factors = dict(old_factors)
     preconditioners = {}
     for path, stats in layer_stats.items():
+      if not isinstance(_tree.get_node(updates, path), Mapping):
+        raise ValueError(
+          f'curvature has statistics for layer {_tree.format_path(path)!r} '
+          'but the updates have no such layer: the curvature comes from '
+          'another model.'
+        )
       weight_shape = _leaf_shape(updates, path, stats.weight_name)
       bias_shape = _leaf_shape(updates, path, stats.bias_name)
       if weight_shape is None and bias_shape is None:
-        continue  # every parameter of the layer is masked out or absent
+        continue  # every parameter of the layer is masked out
       factors = old_factors.get(path)
       _check_layer(path, stats, factors, weight_shape, bias_shape, numerics)
       if axis_name is not None:
         stats = jax.lax.cond(
-            due, lambda s: s.psum(axis_name), lambda s: s, stats)
+          due, lambda s: s.psum(axis_name), lambda s: s, stats
+        )
       factors = factors_lib.refresh(
-          factors, stats, count=state.count, due=due, gamma=gamma,
-          numerics=numerics)
+        factors,
+        stats,
+        count=state.count,
+        due=due,
+        gamma=gamma,
+        numerics=numerics,
+      )
       new_factors[path] = factors
       h, s = factors_lib.for_preconditioning(factors, numerics)
       rule = layers_lib.REGISTRY[stats.kind]
       f_weight, f_bias = rule.preconditioner(
-          h, s, damping, numerics, weight_shape, bias_shape)
+        h, s, damping, numerics, weight_shape, bias_shape
+      )
       for name, f in ((stats.weight_name, f_weight), (stats.bias_name, f_bias)):
         if f is not None:
           preconditioners[path + (name,)] = f
@@ -276,24 +313,29 @@ def scale_by_adafisher(
     def precondition(keypath, m, g):
       f = preconditioners.get(_tree.keypath_to_path(keypath))
       if f is None:
-        unpreconditioned.append(_tree.format_path(
-            _tree.keypath_to_path(keypath)))
+        unpreconditioned.append(
+          _tree.format_path(_tree.keypath_to_path(keypath))
+        )
         return m.astype(g.dtype)
       if not (isinstance(fisher_power, numbers.Number) and fisher_power == 1):
-        f = f ** fisher_power
+        f = f**fisher_power
       return (m / f).astype(g.dtype)
 
-    new_updates = jax.tree_util.tree_map_with_path(precondition, mu_hat, updates)
+    new_updates = jax.tree_util.tree_map_with_path(
+      precondition, mu_hat, updates
+    )
     if unpreconditioned:
       warnings.warn(
-          'AdaFisher: no curvature statistics for these parameters; they are '
-          'updated with F~ = 1 (bias-corrected momentum): '
-          + ', '.join(unpreconditioned),
-          UnpreconditionedParametersWarning, stacklevel=3)
+        'AdaFisher: no curvature statistics for these parameters; they are '
+        'updated with F~ = 1 (bias-corrected momentum): '
+        + ', '.join(unpreconditioned),
+        UnpreconditionedParametersWarning,
+        stacklevel=3,
+      )
     return new_updates, AdaFisherState(
-        count=count_inc,
-        mu=otu.cast(mu, mu_dtype),
-        factors=_tree.nest(new_factors),
+      count=count_inc,
+      mu=otu.cast(mu, mu_dtype),
+      factors=_tree.nest(new_factors),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -15,12 +15,12 @@ import numpy as np
 def dense(x, g, contracted, n_out, bias):
   """``H = mean(a_bar**2)``, ``S = mean(g**2)`` over rows."""
   x = np.moveaxis(np.asarray(x), contracted, range(-len(contracted), 0))
-  d_in = math.prod(x.shape[-len(contracted):])
+  d_in = math.prod(x.shape[-len(contracted) :])
   a = x.reshape(-1, d_in)
   if bias:
     a = np.concatenate([a, np.ones((a.shape[0], 1))], axis=1)
   g = np.asarray(g)
-  g = g.reshape(-1, math.prod(g.shape[g.ndim - n_out:]))
+  g = g.reshape(-1, math.prod(g.shape[g.ndim - n_out :]))
   return (a**2).mean(0), (g**2).mean(0)
 
 
@@ -47,7 +47,9 @@ def im2col(x, kernel_size, strides, padding, input_dilation, kernel_dilation):
     x, padding = np.pad(x, [(0, 0), (dk[0] - 1, 0), (0, 0)]), 'VALID'
   shape = [(s - 1) * d + 1 for s, d in zip(x.shape[1:-1], input_dilation)]
   dilated = np.zeros((x.shape[0], *shape, x.shape[-1]))
-  dilated[(slice(None),) + tuple(slice(None, None, d) for d in input_dilation)] = x
+  dilated[
+    (slice(None),) + tuple(slice(None, None, d) for d in input_dilation)
+  ] = x
   if padding == 'SAME':
     pads = [same_pads(s, k, st) for s, k, st in zip(shape, dk, strides)]
   elif padding == 'VALID':
@@ -59,8 +61,9 @@ def im2col(x, kernel_size, strides, padding, input_dilation, kernel_dilation):
   patches = np.zeros((x.shape[0], math.prod(out), *kernel_size, x.shape[-1]))
   for li, pos in enumerate(itertools.product(*map(range, out))):
     for off in itertools.product(*map(range, kernel_size)):
-      idx = tuple(p * s + o * d for p, s, o, d in zip(
-          pos, strides, off, kernel_dilation))
+      idx = tuple(
+        p * s + o * d for p, s, o, d in zip(pos, strides, off, kernel_dilation)
+      )
       patches[(slice(None), li) + off] = padded[(slice(None),) + idx]
   return patches, out
 
@@ -103,10 +106,12 @@ def embed(ids, g, vocab):
 
 def norm_paper(x_hat, g, feature_axes):
   """``H_c = mean(x_hat_c**2)``, ``S_c = mean(g_c**2)`` over rows."""
+
   def rows(v):
     v = np.moveaxis(np.asarray(v), feature_axes, range(-len(feature_axes), 0))
-    return v.reshape(-1, math.prod(v.shape[-len(feature_axes):]))
-  return (rows(x_hat)**2).mean(0), (rows(g)**2).mean(0)
+    return v.reshape(-1, math.prod(v.shape[-len(feature_axes) :]))
+
+  return (rows(x_hat) ** 2).mean(0), (rows(g) ** 2).mean(0)
 
 
 def norm_reference(x, g, k, feature_axes):
@@ -116,8 +121,10 @@ def norm_reference(x, g, k, feature_axes):
   m = x.size // (batch * size_k)
   z = x.sum(axis=tuple(i for i in range(x.ndim) if i != k)) / m**2
   h = np.array([(z**2).sum(), size_k]) / batch**2
-  per_feature = g.sum(axis=tuple(i for i in range(g.ndim) if i not in feature_axes))
-  return h, per_feature.reshape(-1)**2 / batch
+  per_feature = g.sum(
+    axis=tuple(i for i in range(g.ndim) if i not in feature_axes)
+  )
+  return h, per_feature.reshape(-1) ** 2 / batch
 
 
 def layer_norm_x_hat(x, axes, eps):

@@ -33,25 +33,30 @@ class ConvNet(nn.Module):
 
 def batch(key, shape, classes=3):
   kx, ky = jax.random.split(key)
-  return (jax.random.normal(kx, shape),
-          jax.random.randint(ky, shape[:1], 0, classes))
+  return (
+    jax.random.normal(kx, shape),
+    jax.random.randint(ky, shape[:1], 0, classes),
+  )
 
 
 def loss_fn(model):
   def loss(params, x, y):
     logits = model.apply({'params': params}, x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
   return loss
 
 
 def make_step(model, tx, numerics='reference', layers=None):
   grad_fn = afo.value_and_grad_with_curvature(
-      loss_fn(model), numerics=numerics, layers=layers)
+    loss_fn(model), numerics=numerics, layers=layers
+  )
 
   def step(params, opt_state, x, y):
     loss, grads, curvature = grad_fn(params, x, y)
-    updates, opt_state = tx.update(grads, opt_state, params,
-                                   curvature=curvature)
+    updates, opt_state = tx.update(
+      grads, opt_state, params, curvature=curvature
+    )
     return optax.apply_updates(params, updates), opt_state, loss
 
   return step

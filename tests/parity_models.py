@@ -10,9 +10,12 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-REFERENCE_DIR = Path(os.environ.get(
+REFERENCE_DIR = Path(
+  os.environ.get(
     'ADAFISHER_REFERENCE_DIR',
-    Path(__file__).resolve().parents[2] / 'shared' / 'reference'))
+    Path(__file__).resolve().parents[2] / 'shared' / 'reference',
+  )
+)
 
 
 class ParityMLP(nn.Module):
@@ -31,8 +34,9 @@ class ParityCNN(nn.Module):
   @nn.compact
   def __call__(self, x):  # x: NHWC
     x = nn.relu(nn.Conv(4, (3, 3), padding=((1, 1), (1, 1)), name='conv0')(x))
-    x = nn.Conv(6, (3, 3), strides=(2, 2), padding='VALID', use_bias=False,
-                name='conv1')(x)
+    x = nn.Conv(
+      6, (3, 3), strides=(2, 2), padding='VALID', use_bias=False, name='conv1'
+    )(x)
     x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
     return nn.Dense(3, name='fc')(x)
 

@@ -7,6 +7,7 @@ import optax
 import pytest
 
 import adafisher_optax as afo
+
 import parity_models as pm
 
 pytestmark = pytest.mark.usefixtures('x64')
@@ -29,12 +30,18 @@ def test_reference_numerics_match_authors_code(name):
   model, data, meta = pm.load(name)
   hyper = meta['hyper']
   layers = meta['layers']
-  params = jax.tree.map(jnp.asarray, {
-      layer: pm.torch_to_flax(name, layer, data, 0) for layer in layers})
+  params = jax.tree.map(
+    jnp.asarray,
+    {layer: pm.torch_to_flax(name, layer, data, 0) for layer in layers},
+  )
   tx = afo.adafisher(
-      hyper['lr'], b1=hyper['beta'], damping=hyper['Lambda'],
-      gamma=hyper['gamma'], t_cov=hyper['TCov'],
-      weight_decay=hyper['weight_decay'])
+    hyper['lr'],
+    b1=hyper['beta'],
+    damping=hyper['Lambda'],
+    gamma=hyper['gamma'],
+    t_cov=hyper['TCov'],
+    weight_decay=hyper['weight_decay'],
+  )
   opt_state = tx.init(params)
 
   def loss_fn(p, x, y):
@@ -71,19 +78,26 @@ def test_reference_numerics_match_authors_code(name):
       assert _rel(factors.output, data[f'{layer}_S_D'][t]) < RTOL, (layer, t)
       torch_w = data[f'{layer}_W'][0].shape
       momentum = inner.mu[layer]
-      assert _rel(_torch_layout(momentum['kernel'], torch_w),
-                  data[f'{layer}_mW'][t]) < RTOL, (layer, t)
+      assert (
+        _rel(_torch_layout(momentum['kernel'], torch_w), data[f'{layer}_mW'][t])
+        < RTOL
+      ), (layer, t)
       # F~ recovered from the update: u = -lr * m_hat / F~.
-      m_hat = np.asarray(momentum['kernel']) / (1 - hyper['beta']**(t + 1))
+      m_hat = np.asarray(momentum['kernel']) / (1 - hyper['beta'] ** (t + 1))
       u = np.asarray(updates[layer]['kernel'])
       live = _torch_layout(np.abs(u) > 1e-300, torch_w)
       f_w = -hyper['lr'] * m_hat / np.where(u == 0, 1, u)
-      np.testing.assert_allclose(_torch_layout(f_w, torch_w)[live],
-                                 data[f'{layer}_FW'][t][live], rtol=1e-9)
+      np.testing.assert_allclose(
+        _torch_layout(f_w, torch_w)[live],
+        data[f'{layer}_FW'][t][live],
+        rtol=1e-9,
+      )
       for key, want in pm.torch_to_flax(name, layer, data, t + 1).items():
         assert _rel(params[layer][key], want) < RTOL, (layer, key, t)
-        assert _rel(before[layer][key], pm.torch_to_flax(
-            name, layer, data, t)[key]) < RTOL
+        assert (
+          _rel(before[layer][key], pm.torch_to_flax(name, layer, data, t)[key])
+          < RTOL
+        )
 
 
 def test_reference_layers_reproduce_authors_coverage():
@@ -102,12 +116,15 @@ def test_reference_layers_reproduce_authors_coverage():
   ids = jnp.array([[1, 2, 3], [4, 5, 6]])
   params = model.init(jax.random.key(0), ids)['params']
   grad_fn = afo.value_and_grad_with_curvature(
-      lambda p, ids: model.apply({'params': p}, ids),
-      layers=afo.REFERENCE_LAYERS)
+    lambda p, ids: model.apply({'params': p}, ids), layers=afo.REFERENCE_LAYERS
+  )
   _, _, curvature = grad_fn(params, ids)
   assert sorted(curvature) == ['head', 'ln']
   assert afo.unpreconditioned_parameters(params, curvature) == [
-      'embed/embedding', 'rms/scale']
+    'embed/embedding',
+    'rms/scale',
+  ]
   full = afo.value_and_grad_with_curvature(
-      lambda p, ids: model.apply({'params': p}, ids))
+    lambda p, ids: model.apply({'params': p}, ids)
+  )
   assert sorted(full(params, ids)[2]) == ['embed', 'head', 'ln', 'rms']

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import adafisher_optax as afo
+
 import brute_force as bf
 
 pytestmark = pytest.mark.usefixtures('x64')
@@ -28,26 +29,36 @@ def capture_layer(layer, x, *, numerics='reference', mutable=(), **call_kwargs):
   """
   variables = layer.init(jax.random.key(0), x, **call_kwargs)
   variables = jax.tree.map(
-      lambda v: v.astype(jnp.float64) + 0.1 * jax.random.normal(
-          jax.random.key(1), v.shape, jnp.float64)
-      if jnp.issubdtype(v.dtype, jnp.floating) else v, variables)
+    lambda v: (
+      v.astype(jnp.float64)
+      + 0.1 * jax.random.normal(jax.random.key(1), v.shape, jnp.float64)
+      if jnp.issubdtype(v.dtype, jnp.floating)
+      else v
+    ),
+    variables,
+  )
   rest = {k: v for k, v in variables.items() if k != 'params'}
 
   def forward(p, x):
-    out = layer.apply({'params': p, **rest}, x, mutable=list(mutable) or False,
-                      **call_kwargs)
+    out = layer.apply(
+      {'params': p, **rest}, x, mutable=list(mutable) or False, **call_kwargs
+    )
     return out[0] if mutable else out
 
   y = forward(variables['params'], x)
   readout = _readout(y)
   grad_fn = afo.value_and_grad_with_curvature(
-      lambda p, x: readout(forward(p, x)), numerics=numerics)
+    lambda p, x: readout(forward(p, x)), numerics=numerics
+  )
   loss, grads, curvature = jax.jit(grad_fn)(variables['params'], x)
   np.testing.assert_allclose(loss, readout(y), rtol=1e-12)
   want = jax.grad(lambda p: readout(forward(p, x)))(variables['params'])
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), grads, want)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, **TOL), grads, want
+  )
   (stats,) = jax.tree.leaves(
-      curvature, is_leaf=lambda n: isinstance(n, afo.LayerStatistics))
+    curvature, is_leaf=lambda n: isinstance(n, afo.LayerStatistics)
+  )
   h, s = stats.means()
   assert h.dtype == s.dtype == jnp.float64
   return np.asarray(h), np.asarray(s), y, jax.grad(readout)(y), variables
@@ -80,40 +91,51 @@ def test_dense_output_statistic_equals_per_example_bias_gradients():
   r = jax.random.normal(jax.random.key(7), y.shape, y.dtype)
   assert jnp.allclose(readout(y), jnp.sum(jnp.sin(y) * r))
   per_example = jax.vmap(jax.grad(example_loss), (None, 0, 0))(
-      variables['params'], x, r)
-  np.testing.assert_allclose(s, (per_example['bias']**2).mean(0), **TOL)
+    variables['params'], x, r
+  )
+  np.testing.assert_allclose(s, (per_example['bias'] ** 2).mean(0), **TOL)
 
 
-@pytest.mark.parametrize('shape,axis,features', [
+@pytest.mark.parametrize(
+  'shape,axis,features',
+  [
     ((4, 3, 5), -1, (2, 3)),
     ((4, 3, 5), (-2, -1), 6),
     ((4, 3, 5, 2), (1, 3), (3, 2)),
-])
+  ],
+)
 @pytest.mark.parametrize('use_bias', [True, False])
 def test_dense_general(shape, axis, features, use_bias):
   x = _x(*shape)
   layer = nn.DenseGeneral(features, axis=axis, use_bias=use_bias)
   h, s, _, g, _ = capture_layer(layer, x)
   contracted = sorted(a % x.ndim for a in np.atleast_1d(axis))
-  want_h, want_s = bf.dense(x, g, contracted, len(np.atleast_1d(features)),
-                            use_bias)
+  want_h, want_s = bf.dense(
+    x, g, contracted, len(np.atleast_1d(features)), use_bias
+  )
   np.testing.assert_allclose(h, want_h, **TOL)
   np.testing.assert_allclose(s, want_s, **TOL)
 
 
 CONV_CASES = {
-    'same': dict(kernel_size=(3, 3)),
-    'valid_stride_no_bias': dict(kernel_size=(3, 3), strides=2,
-                                 padding='VALID', use_bias=False),
-    'explicit_dilated': dict(kernel_size=(3, 2), strides=(2, 1),
-                             padding=((1, 2), (0, 1)), kernel_dilation=(2, 1)),
-    'circular': dict(kernel_size=(3, 3), padding='CIRCULAR'),
-    'reflect_stride': dict(kernel_size=(3, 3), strides=2, padding='REFLECT'),
-    'int_padding': dict(kernel_size=(2, 2), padding=1),
-    'grouped': dict(kernel_size=(3, 3), feature_group_count=2, features=6),
-    'depthwise': dict(kernel_size=(3, 3), feature_group_count=4, features=8),
-    'input_dilation': dict(kernel_size=(2, 2), input_dilation=2,
-                           padding=((1, 1), (0, 1))),
+  'same': dict(kernel_size=(3, 3)),
+  'valid_stride_no_bias': dict(
+    kernel_size=(3, 3), strides=2, padding='VALID', use_bias=False
+  ),
+  'explicit_dilated': dict(
+    kernel_size=(3, 2),
+    strides=(2, 1),
+    padding=((1, 2), (0, 1)),
+    kernel_dilation=(2, 1),
+  ),
+  'circular': dict(kernel_size=(3, 3), padding='CIRCULAR'),
+  'reflect_stride': dict(kernel_size=(3, 3), strides=2, padding='REFLECT'),
+  'int_padding': dict(kernel_size=(2, 2), padding=1),
+  'grouped': dict(kernel_size=(3, 3), feature_group_count=2, features=6),
+  'depthwise': dict(kernel_size=(3, 3), feature_group_count=4, features=8),
+  'input_dilation': dict(
+    kernel_size=(2, 2), input_dilation=2, padding=((1, 1), (0, 1))
+  ),
 }
 
 
@@ -123,15 +145,22 @@ def test_conv_2d(case):
   _check_conv(config, _x(3, 7, 6, 4))
 
 
-@pytest.mark.parametrize('config,shape', [
-    (dict(features=3, kernel_size=(5,), padding='CAUSAL', kernel_dilation=2),
-     (2, 11, 3)),
+@pytest.mark.parametrize(
+  'config,shape',
+  [
+    (
+      dict(features=3, kernel_size=(5,), padding='CAUSAL', kernel_dilation=2),
+      (2, 11, 3),
+    ),
     (dict(features=3, kernel_size=(4,), strides=3), (2, 10, 2)),
-    (dict(features=2, kernel_size=(2, 3, 2), strides=(1, 2, 1)),
-     (2, 4, 5, 3, 2)),
+    (
+      dict(features=2, kernel_size=(2, 3, 2), strides=(1, 2, 1)),
+      (2, 4, 5, 3, 2),
+    ),
     (dict(features=4, kernel_size=(3, 3)), (2, 3, 6, 5, 2)),  # 2 batch dims
     (dict(features=4, kernel_size=(3, 3), strides=2), (6, 5, 2)),  # unbatched
-])
+  ],
+)
 def test_conv_other_ranks_and_batch_shapes(config, shape):
   _check_conv(config, _x(*shape))
 
@@ -142,19 +171,28 @@ def _check_conv(config, x):
   n_spatial = len(layer.kernel_size)
   n_batch = x.ndim - n_spatial - 1
   flat_x = x.reshape((-1,) + x.shape[n_batch:])
-  to_tuple = lambda v: (v,) * n_spatial if isinstance(v, int) else tuple(v)
+
+  def to_tuple(v):
+    return (v,) * n_spatial if isinstance(v, int) else tuple(v)
+
   padding = layer.padding
   if isinstance(padding, int):
     padding = [(padding, padding)] * n_spatial
   patches, out = bf.im2col(
-      flat_x, tuple(layer.kernel_size), to_tuple(layer.strides), padding,
-      to_tuple(layer.input_dilation), to_tuple(layer.kernel_dilation))
+    flat_x,
+    tuple(layer.kernel_size),
+    to_tuple(layer.strides),
+    padding,
+    to_tuple(layer.input_dilation),
+    to_tuple(layer.kernel_dilation),
+  )
   groups = layer.feature_group_count
   params = variables['params']
   np.testing.assert_allclose(  # the brute force itself is right
-      bf.conv_output(patches, params['kernel'], params.get('bias'), groups,
-                     out),
-      y.reshape((-1,) + y.shape[n_batch:]), **TOL)
+    bf.conv_output(patches, params['kernel'], params.get('bias'), groups, out),
+    y.reshape((-1,) + y.shape[n_batch:]),
+    **TOL,
+  )
   want_h, want_s = bf.conv(patches, g, groups, layer.use_bias)
   np.testing.assert_allclose(h, want_h, **TOL)
   np.testing.assert_allclose(s, want_s, **TOL)
@@ -170,24 +208,30 @@ def test_embed():
 
 
 NORMS = {
-    'layer_norm_3d': (nn.LayerNorm(), (3, 4, 5), {}),
-    'layer_norm_2d': (nn.LayerNorm(use_bias=False), (6, 5), {}),
-    'layer_norm_two_feature_axes': (
-        nn.LayerNorm(reduction_axes=(-2, -1), feature_axes=(-2, -1)),
-        (3, 4, 5), {}),
-    'rms_norm': (nn.RMSNorm(), (3, 4, 5), {}),
-    'batch_norm_train': (nn.BatchNorm(use_running_average=False),
-                         (4, 3, 3, 5), dict(mutable=('batch_stats',))),
-    'batch_norm_eval': (nn.BatchNorm(use_running_average=True), (4, 3, 5), {}),
-    'group_norm': (nn.GroupNorm(num_groups=2), (3, 4, 4, 6), {}),
+  'layer_norm_3d': (nn.LayerNorm(), (3, 4, 5), {}),
+  'layer_norm_2d': (nn.LayerNorm(use_bias=False), (6, 5), {}),
+  'layer_norm_two_feature_axes': (
+    nn.LayerNorm(reduction_axes=(-2, -1), feature_axes=(-2, -1)),
+    (3, 4, 5),
+    {},
+  ),
+  'rms_norm': (nn.RMSNorm(), (3, 4, 5), {}),
+  'batch_norm_train': (
+    nn.BatchNorm(use_running_average=False),
+    (4, 3, 3, 5),
+    dict(mutable=('batch_stats',)),
+  ),
+  'batch_norm_eval': (nn.BatchNorm(use_running_average=True), (4, 3, 5), {}),
+  'group_norm': (nn.GroupNorm(num_groups=2), (3, 4, 4, 6), {}),
 }
 
 
 def _x_hat(layer, x, variables):
   eps = layer.epsilon
   if isinstance(layer, nn.LayerNorm):
-    return bf.layer_norm_x_hat(x, tuple(np.atleast_1d(layer.reduction_axes)),
-                               eps)
+    return bf.layer_norm_x_hat(
+      x, tuple(np.atleast_1d(layer.reduction_axes)), eps
+    )
   if isinstance(layer, nn.RMSNorm):
     return bf.rms_norm_x_hat(x, (-1,), eps)
   if isinstance(layer, nn.GroupNorm):
@@ -204,13 +248,16 @@ def _x_hat(layer, x, variables):
 def test_norms(name, numerics):
   layer, shape, kwargs = NORMS[name]
   x = np.asarray(_x(*shape)) * 1.7 + 0.3
-  h, s, _, g, variables = capture_layer(layer, jnp.asarray(x),
-                                        numerics=numerics, **kwargs)
-  feature_axes = ((x.ndim - 2, x.ndim - 1)
-                  if name == 'layer_norm_two_feature_axes' else (x.ndim - 1,))
+  h, s, _, g, variables = capture_layer(
+    layer, jnp.asarray(x), numerics=numerics, **kwargs
+  )
+  feature_axes = (
+    (x.ndim - 2, x.ndim - 1)
+    if name == 'layer_norm_two_feature_axes'
+    else (x.ndim - 1,)
+  )
   if numerics == 'paper':
-    want_h, want_s = bf.norm_paper(_x_hat(layer, x, variables), g,
-                                   feature_axes)
+    want_h, want_s = bf.norm_paper(_x_hat(layer, x, variables), g, feature_axes)
   else:
     k = 1 if isinstance(layer, (nn.LayerNorm, nn.RMSNorm)) else x.ndim - 1
     want_h, want_s = bf.norm_reference(x, g, k, feature_axes)
@@ -228,7 +275,7 @@ class _SubDense(nn.Dense):
 def test_subclass_is_captured_at_the_base_call():
   x = _x(5, 3)
   layer = _SubDense(4)
-  h, s, y, g, _ = capture_layer(layer, x)
+  h, s, _y, g, _ = capture_layer(layer, x)
   want_h, want_s = bf.dense(x, 2.0 * g, [1], 1, True)  # g of the Dense output
   np.testing.assert_allclose(h, want_h, **TOL)
   np.testing.assert_allclose(s, want_s, **TOL)
@@ -262,8 +309,9 @@ def _manual_chain(x, kernels, biases, readout_shape):
 @pytest.mark.parametrize('remat', [False, True])
 def test_scan_stacked_layers_get_per_layer_statistics(remat):
   cell = nn.remat(_Cell) if remat else _Cell
-  model = nn.scan(cell, variable_axes={'params': 0},
-                  split_rngs={'params': True}, length=3)()
+  model = nn.scan(
+    cell, variable_axes={'params': 0}, split_rngs={'params': True}, length=3
+  )()
   x = _x(4, 5)
   params = model.init(jax.random.key(0), x, None)['params']
   kernels = params['dense']['kernel']
@@ -271,7 +319,8 @@ def test_scan_stacked_layers_get_per_layer_statistics(remat):
   assert kernels.shape == (3, 5, 5)
   inputs, g, readout = _manual_chain(x, kernels, biases, x.shape)
   grad_fn = afo.value_and_grad_with_curvature(
-      lambda p, x: readout(model.apply({'params': p}, x, None)[0]))
+    lambda p, x: readout(model.apply({'params': p}, x, None)[0])
+  )
   _, _, curvature = jax.jit(grad_fn)(params, x)
   h, s = curvature['dense'].means()
   assert h.shape == (3, 6) and s.shape == (3, 5)
@@ -282,18 +331,21 @@ def test_scan_stacked_layers_get_per_layer_statistics(remat):
 
 
 def test_scan_shared_weights_give_row_weighted_mean():
-  model = nn.scan(_Cell, variable_broadcast='params',
-                  split_rngs={'params': False}, length=4)()
+  model = nn.scan(
+    _Cell, variable_broadcast='params', split_rngs={'params': False}, length=4
+  )()
   x = _x(3, 5)
   params = model.init(jax.random.key(0), x, None)['params']
   w, b = params['dense']['kernel'], params['dense']['bias']
   inputs, g, readout = _manual_chain(x, [w] * 4, [b] * 4, x.shape)
   grad_fn = afo.value_and_grad_with_curvature(
-      lambda p, x: readout(model.apply({'params': p}, x, None)[0]))
+    lambda p, x: readout(model.apply({'params': p}, x, None)[0])
+  )
   _, _, curvature = jax.jit(grad_fn)(params, x)
   h, s = curvature['dense'].means()
-  want_h, want_s = bf.dense(np.concatenate(inputs), np.concatenate(g), [1], 1,
-                            True)
+  want_h, want_s = bf.dense(
+    np.concatenate(inputs), np.concatenate(g), [1], 1, True
+  )
   np.testing.assert_allclose(h, want_h, **TOL)
   np.testing.assert_allclose(s, want_s, **TOL)
   assert float(curvature['dense'].rows) == 12
@@ -305,9 +357,9 @@ class _Shared(nn.Module):
   @nn.compact
   def __call__(self, x):
     dense = nn.Dense(4, name='shared')
-    a = jnp.tanh(dense(x))                       # rows: 6
-    b = jnp.tanh(dense(a.reshape(2, 3, 4)))      # rows: 6, 3-D
-    c = dense(b[:, :1])                          # rows: 2
+    a = jnp.tanh(dense(x))  # rows: 6
+    b = jnp.tanh(dense(a.reshape(2, 3, 4)))  # rows: 6, 3-D
+    c = dense(b[:, :1])  # rows: 2
     return jnp.concatenate([a.reshape(-1), b.reshape(-1), c.reshape(-1)])
 
 
@@ -330,10 +382,14 @@ def test_shared_module_gives_row_weighted_mean():
   zeros = [jnp.zeros((6, 4)), jnp.zeros((2, 3, 4)), jnp.zeros((2, 1, 4))]
   g, inputs = jax.grad(loss, has_aux=True)(zeros)
   grad_fn = afo.value_and_grad_with_curvature(
-      lambda p, x: jnp.sum(jnp.sin(model.apply({'params': p}, x)) * r))
+    lambda p, x: jnp.sum(jnp.sin(model.apply({'params': p}, x)) * r)
+  )
   _, _, curvature = jax.jit(grad_fn)(params, x)
   h, s = curvature['shared'].means()
-  flat = lambda vs: np.concatenate([np.asarray(v).reshape(-1, 4) for v in vs])
+
+  def flat(vs):
+    return np.concatenate([np.asarray(v).reshape(-1, 4) for v in vs])
+
   want_h, want_s = bf.dense(flat(inputs), flat(g), [1], 1, True)
   np.testing.assert_allclose(h, want_h, **TOL)
   np.testing.assert_allclose(s, want_s, **TOL)
@@ -346,15 +402,18 @@ def test_low_precision_activations_give_float32_statistics():
     x = jax.random.normal(jax.random.key(0), (8, 5)).astype(jnp.bfloat16)
     params = layer.init(jax.random.key(1), x)['params']
     grad_fn = afo.value_and_grad_with_curvature(
-        lambda p, x: jnp.sum(layer.apply({'params': p}, x).astype(jnp.float32)
-                             ** 2))
+      lambda p, x: jnp.sum(
+        layer.apply({'params': p}, x).astype(jnp.float32) ** 2
+      )
+    )
     _, grads, curvature = jax.jit(grad_fn)(params, x)
     stats = curvature
     assert stats.input.dtype == stats.output.dtype == jnp.float32
     assert grads['kernel'].dtype == jnp.float32
     x32 = np.asarray(x.astype(jnp.float32))
-    np.testing.assert_allclose(stats.means()[0][:5], (x32**2).mean(0),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+      stats.means()[0][:5], (x32**2).mean(0), rtol=1e-6
+    )
 
 
 def test_statistics_rows_and_stack_shapes_are_reported():
