@@ -1,0 +1,1 @@
+"""Benchmarks and the main training job of adafisher_optax (run with ``python -m``)."""

@@ -1,0 +1,86 @@
+"""A jitted classification train step for any optimizer, with or without capture."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+import adafisher_optax as afo
+
+
+def cross_entropy_loss(model):
+  """``loss(params, model_state, x, y) -> (loss, new_model_state)``."""
+
+  def loss(params, model_state, x, y):
+    variables = {'params': params, **model_state}
+    if model_state:
+      logits, new_state = model.apply(
+        variables, x, train=True, mutable=list(model_state)
+      )
+    else:
+      logits, new_state = model.apply(variables, x), model_state
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return ce, new_state
+
+  return loss
+
+
+def make_train_step(
+  model, tx, *, adafisher: bool, numerics='reference', layers=None, donate=True
+):
+  """Returns ``step(params, model_state, opt_state, x, y)``.
+
+  With ``adafisher=True`` the gradients come with curvature statistics and
+  ``tx.update`` receives them; otherwise a plain ``jax.value_and_grad`` step.
+  """
+  loss = cross_entropy_loss(model)
+  if adafisher:
+    grad_fn = afo.value_and_grad_with_curvature(
+      loss, has_aux=True, numerics=numerics, layers=layers
+    )
+  else:
+    grad_fn = jax.value_and_grad(loss, has_aux=True)
+
+  def step(params, model_state, opt_state, x, y):
+    if adafisher:
+      (value, model_state), grads, curvature = grad_fn(
+        params, model_state, x, y
+      )
+      updates, opt_state = tx.update(
+        grads, opt_state, params, curvature=curvature
+      )
+    else:
+      (value, model_state), grads = grad_fn(params, model_state, x, y)
+      updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), model_state, opt_state, value
+
+  return jax.jit(step, donate_argnums=(0, 1, 2) if donate else ())
+
+
+def init_model(model, x, seed=0):
+  """Returns ``(params, model_state)`` (model_state: e.g. batch_stats)."""
+  variables = model.init(jax.random.key(seed), x)
+  params = (
+    variables.pop('params')
+    if isinstance(variables, dict)
+    else (variables['params'])
+  )
+  model_state = {k: v for k, v in variables.items() if k != 'params'}
+  return params, model_state
+
+
+def evaluate(model, params, model_state, x, y, batch_size=1000):
+  """Accuracy and mean loss of ``model`` in eval mode."""
+
+  @jax.jit
+  def scores(xb, yb):
+    logits = model.apply({'params': params, **model_state}, xb, train=False)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
+    return (logits.argmax(-1) == yb).sum(), ce.sum()
+
+  correct = total_loss = 0.0
+  for i in range(0, len(x), batch_size):
+    hits, losses = scores(x[i : i + batch_size], y[i : i + batch_size])
+    correct += float(hits)
+    total_loss += float(losses)
+  return correct / len(x), total_loss / len(x)
