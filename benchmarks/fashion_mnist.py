@@ -52,11 +52,11 @@ def train(name, data, *, epochs, batch_size, steps_per_epoch, seed):
     total = min(steps_per_epoch, len(data['x_train']) // batch_size)
     progress = tqdm(range(total), desc=f'{name} epoch {epoch + 1}/{epochs}')
     start = time.perf_counter()
-    for _, (xb, yb) in zip(progress, stream):
+    for i, (xb, yb) in zip(progress, stream):
       params, model_state, opt_state, loss = step(
         params, model_state, opt_state, xb, yb
       )
-      if progress.n % 50 == 0:
+      if i % 50 == 0:
         progress.set_postfix(loss=f'{float(loss):.4f}')
     jax.block_until_ready(params)
     elapsed += time.perf_counter() - start

@@ -12,8 +12,7 @@ import numpy as np
 
 REFERENCE_DIR = Path(
   os.environ.get(
-    'ADAFISHER_REFERENCE_DIR',
-    Path(__file__).resolve().parents[2] / 'shared' / 'reference',
+    'ADAFISHER_REFERENCE_DIR', Path(__file__).resolve().parent / 'reference'
   )
 )
 

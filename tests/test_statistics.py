@@ -421,3 +421,32 @@ def test_statistics_rows_and_stack_shapes_are_reported():
   h, s, _, _, _ = capture_layer(nn.Dense(4), x)
   assert h.shape == (6,) and s.shape == (4,)
   assert math.isclose(h[-1], 1.0)
+
+
+class _TiedEmbedding(nn.Module):
+  @nn.compact
+  def __call__(self, ids):
+    embed = nn.Embed(11, 4, name='embed')
+    h = nn.Dense(4, name='mix')(embed(ids))
+    return embed.attend(h)
+
+
+def test_tied_embedding_attend_is_reported_and_left_unpreconditioned():
+  model = _TiedEmbedding()
+  ids = jnp.array([[1, 2, 3], [4, 5, 1]])
+  params = model.init(jax.random.key(0), ids)['params']
+  grad_fn = afo.value_and_grad_with_curvature(
+    lambda p, ids: jnp.sum(model.apply({'params': p}, ids) ** 2)
+  )
+  with pytest.warns(afo.UnsupportedLayerWarning, match=r'embed.*attend'):
+    _, grads, curvature = grad_fn(params, ids)
+  assert sorted(curvature) == ['mix']
+  assert afo.unpreconditioned_parameters(params, curvature) == [
+    'embed/embedding'
+  ]
+  tx = afo.adafisher(0.1)
+  with pytest.warns(afo.UnpreconditionedParametersWarning, match='embedding'):
+    updates, _ = tx.update(grads, tx.init(params), params, curvature=curvature)
+  np.testing.assert_allclose(
+    updates['embed']['embedding'], -0.1 * grads['embed']['embedding'], rtol=1e-6
+  )
