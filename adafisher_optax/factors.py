@@ -22,15 +22,17 @@ PAPER_MINMAX_EPS = 1e-6
 
 
 class KroneckerFactors(NamedTuple):
-  """The two factor vectors of one layer (``[*stack, len]`` each).
+  """The factor vectors of one layer (``[*stack, len]`` each).
 
   Attributes:
     input: ``H``, the input-side factor (with the bias entry last, if any).
     output: ``S``, the output-gradient factor.
+    refreshes: how many refreshes folded statistics in (int32, ``[*stack]``).
   """
 
   input: jax.Array
   output: jax.Array
+  refreshes: jax.Array
 
 
 def minmax_reference(x: jax.Array) -> jax.Array:
@@ -55,10 +57,13 @@ def minmax_paper(x: jax.Array) -> jax.Array:
   return (x - lo) / (hi - lo + PAPER_MINMAX_EPS * magnitude + tiny)
 
 
-def ones_like_shapes(shapes, dtype) -> KroneckerFactors:
-  """Initial factors: ones (the authors' initialisation)."""
+def initial(shapes, dtype) -> KroneckerFactors:
+  """Initial factors: ones (the authors' initialisation), no refresh yet."""
+  h_shape, s_shape = shapes
   return KroneckerFactors(
-    jnp.ones(shapes[0], dtype), jnp.ones(shapes[1], dtype)
+    jnp.ones(h_shape, dtype),
+    jnp.ones(s_shape, dtype),
+    jnp.zeros(h_shape[:-1], jnp.int32),
   )
 
 
@@ -66,41 +71,44 @@ def refresh(
   factors: KroneckerFactors,
   stats: LayerStatistics,
   *,
-  count: jax.Array,
   due: jax.Array,
   gamma: Any,
   numerics: str,
+  s_scale: Any = 1.0,
 ) -> KroneckerFactors:
   """Folds one step's statistics into the factors on refresh steps.
 
   The refresh of a layer (or of one slice of a stacked layer) is skipped, and
   its factors kept, when it is not ``due``, when no rows reached it, or when
-  its statistics are not finite: a bad batch never poisons the factors.
+  its statistics are not finite: a bad batch never poisons the factors. In
+  ``paper`` numerics a layer's first refresh sets the factors to the
+  statistics. ``s_scale`` rescales ``S_hat`` (see the optimizer's
+  ``axis_name``).
   """
   h_hat, s_hat = stats.means()
-  old_h, old_s = factors
+  s_hat = s_hat * s_scale
+  old_h, old_s, refreshes = factors
   if numerics == 'reference':
     new_h = 0.1 * gamma * old_h + 0.01 * gamma * minmax_reference(h_hat)
     new_s = 0.1 * gamma * old_s + 0.01 * gamma * minmax_reference(s_hat)
   else:
-    first = count == 0
+    first = (refreshes == 0)[..., None]
     new_h = jnp.where(first, h_hat, gamma * old_h + (1 - gamma) * h_hat)
     new_s = jnp.where(first, s_hat, gamma * old_s + (1 - gamma) * s_hat)
   ok = due & (stats.rows > 0)
-  ok &= jnp.all(jnp.isfinite(h_hat), axis=-1) & jnp.all(
-    jnp.isfinite(s_hat), axis=-1
-  )
-  ok = ok[..., None]
+  ok &= jnp.all(jnp.isfinite(h_hat), axis=-1)
+  ok &= jnp.all(jnp.isfinite(s_hat), axis=-1)
   return KroneckerFactors(
-    jnp.where(ok, new_h, old_h).astype(old_h.dtype),
-    jnp.where(ok, new_s, old_s).astype(old_s.dtype),
+    jnp.where(ok[..., None], new_h, old_h).astype(old_h.dtype),
+    jnp.where(ok[..., None], new_s, old_s).astype(old_s.dtype),
+    refreshes + ok.astype(refreshes.dtype),
   )
 
 
 def for_preconditioning(
   factors: KroneckerFactors, numerics: str
 ) -> tuple[jax.Array, jax.Array]:
-  """The factor vectors as the preconditioner uses them."""
+  """The factor vectors ``(H, S)`` as the preconditioner uses them."""
   if numerics == 'reference':
     return factors.input, factors.output
   return minmax_paper(factors.input), minmax_paper(factors.output)

@@ -39,11 +39,14 @@ def statistics_dtype() -> jnp.dtype:
 class Application(NamedTuple):
   """Statistics of one application of a layer.
 
+  All three add up over applications and devices; the rule's
+  :meth:`LayerRule.normalize` turns the totals into ``(H_hat, S_hat)``.
+
   Attributes:
-    input: forward-pass ``H`` numerator (a sum over rows), shape ``[len_H]``.
+    input: forward-pass sum for ``H`` (a sum over rows), shape ``[len]``.
     rows: number of rows (a Python int: shapes are static).
-    output_statistics: maps the gradient of the layer's output to the ``S``
-      numerator, shape ``[len_S]``; it runs in the backward pass.
+    output_statistics: maps the gradient of the layer's output to the sum
+      for ``S``, shape ``[len_S]``; it runs in the backward pass.
   """
 
   input: jax.Array
@@ -118,6 +121,28 @@ class LayerRule:
     numerics: str,
   ) -> Application:
     raise NotImplementedError
+
+  def normalize(
+    self,
+    input_sum: jax.Array,
+    output_sum: jax.Array,
+    rows: jax.Array,
+    variant: str | None,
+  ) -> tuple[jax.Array, jax.Array]:
+    """``(H_hat, S_hat)`` from the (combined) sums: divide by the rows."""
+    del variant
+    rows = jnp.maximum(rows, 1)[..., None].astype(input_sum.dtype)
+    return input_sum / rows, output_sum / rows
+
+  def factor_shapes(
+    self,
+    input_shape: tuple[int, ...],
+    output_shape: tuple[int, ...],
+    variant: str | None,
+  ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of the factors ``(H, S)`` kept for statistics of these shapes."""
+    del variant
+    return input_shape, output_shape
 
   @staticmethod
   def preconditioner(
@@ -283,7 +308,10 @@ class NormRule(LayerRule):
   PyTorch does and call its axis 1 ``k`` (:meth:`surrogate_axis`);
   ``z_k = sum(x over every axis but k) / M**2``, ``H = [sum z_k**2, K] / B**2``,
   ``S_c = (sum of g_c over rows)**2 / B``, ``F~_scale = H[0] * S + damping``,
-  ``F~_shift = H[1] * S + damping``.
+  ``F~_shift = H[1] * S + damping``. The captured sums are ``z``, ``sum g``
+  and ``B`` (the "rows" of this rule are examples), squared only in
+  :meth:`normalize`: several applications or devices give the surrogate of
+  their concatenated batch.
   """
 
   family = 'norm'
@@ -330,15 +358,30 @@ class NormRule(LayerRule):
       )
     k = self.surrogate_axis(module, x.ndim)
     batch = x.shape[0]
-    size_k = x.shape[k]
-    m = x.size // (batch * size_k)
+    m = x.size // (batch * x.shape[k])
     z = _sum_over_all_but(x.astype(dtype), (k,)) / m**2
-    h = jnp.stack([jnp.sum(z * z), jnp.asarray(size_k, dtype)]) / batch**2
-    return Application(
-      h * rows,
-      rows,
-      lambda g: jnp.square(per_feature(g.astype(dtype))) * (rows / batch),
+    return Application(z, batch, lambda g: per_feature(g.astype(dtype)))
+
+  def normalize(self, input_sum, output_sum, rows, variant):
+    """``reference``: ``H = [sum z**2, K] / B**2``, ``S = (sum g)**2 / B``.
+
+    The sums ``z`` and ``sum g`` (and ``B``) add over applications and
+    devices before squaring, so combined statistics are the surrogate of the
+    concatenated batch.
+    """
+    if variant == 'paper':
+      return super().normalize(input_sum, output_sum, rows, variant)
+    batch = jnp.maximum(rows, 1)[..., None].astype(input_sum.dtype)
+    size_k = jnp.full_like(batch, input_sum.shape[-1])
+    h = jnp.concatenate(
+      [jnp.sum(input_sum**2, axis=-1, keepdims=True), size_k], axis=-1
     )
+    return h / batch**2, output_sum**2 / batch
+
+  def factor_shapes(self, input_shape, output_shape, variant):
+    if variant == 'paper':
+      return input_shape, output_shape
+    return input_shape[:-1] + (2,), output_shape
 
   @staticmethod
   def preconditioner(h, s, damping, numerics, weight_shape, bias_shape):

@@ -11,9 +11,8 @@ import dataclasses
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
-from adafisher_optax import _tree
+from adafisher_optax import _tree, layers
 
 
 @jax.tree_util.register_dataclass
@@ -22,11 +21,11 @@ class LayerStatistics:
   """Instantaneous statistics of one layer for one step.
 
   Attributes:
-    input: sum over rows of the input-side statistic (``H`` numerator), shape
-      ``[*stack, len_H]``; ``stack`` are leading axes of stacked parameters
+    input: sum over rows of the input-side statistic, shape
+      ``[*stack, len]``; ``stack`` are leading axes of stacked parameters
       (``nn.scan``/``nn.vmap`` over layers).
-    output: sum over rows of the output-gradient statistic (``S`` numerator),
-      shape ``[*stack, len_S]``.
+    output: sum over rows of the output-gradient statistic, shape
+      ``[*stack, len_S]``.
     rows: number of rows behind the sums, shape ``[*stack]``.
     kind: name of the layer rule in :data:`adafisher_optax.layers.REGISTRY`.
     variant: the numerics the statistics were captured for, or ``None`` when
@@ -45,13 +44,14 @@ class LayerStatistics:
   bias_name: str | None = dataclasses.field(metadata=dict(static=True))
 
   def means(self) -> tuple[jax.Array, jax.Array]:
-    """Returns ``(H_hat, S_hat)``: the sums divided by the rows.
+    """Returns ``(H_hat, S_hat)`` from the sums, as the layer's rule says.
 
     Layers whose rows are zero (never reached by the backward pass) give
     zeros; the optimizer skips their refresh.
     """
-    rows = jnp.maximum(self.rows, 1)[..., None].astype(self.input.dtype)
-    return self.input / rows, self.output / rows
+    return layers.REGISTRY[self.kind].normalize(
+      self.input, self.output, self.rows, self.variant
+    )
 
   def psum(self, axis_name: Any) -> LayerStatistics:
     """Sums the statistics over a mapped axis (exact global-batch sums)."""

@@ -114,11 +114,17 @@ def _check_params(params: Any) -> None:
       )
 
 
+def _factor_shapes(stats: statistics_lib.LayerStatistics):
+  return layers_lib.REGISTRY[stats.kind].factor_shapes(
+    tuple(stats.input.shape), tuple(stats.output.shape), stats.variant
+  )
+
+
 def _initial_factors(params: Any, layout: Any, numerics: str) -> dict:
   dtype = layers_lib.statistics_dtype()
   if layout is not None:
     shapes = {
-      path: (tuple(stats.input.shape), tuple(stats.output.shape))
+      path: _factor_shapes(stats)
       for path, stats in statistics_lib.flatten(layout).items()
     }
   else:
@@ -128,7 +134,7 @@ def _initial_factors(params: Any, layout: Any, numerics: str) -> dict:
       if found is not None:
         shapes[path] = found
   return _tree.nest(
-    {path: factors_lib.ones_like_shapes(s, dtype) for path, s in shapes.items()}
+    {path: factors_lib.initial(s, dtype) for path, s in shapes.items()}
   )
 
 
@@ -160,11 +166,11 @@ def _check_layer(path, stats, factors, weight_shape, bias_shape, numerics):
       'layout=adafisher_optax.curvature_layout(grad_fn, params, *batch)).'
     )
   want = (tuple(factors.input.shape), tuple(factors.output.shape))
-  got = (tuple(stats.input.shape), tuple(stats.output.shape))
+  got = _factor_shapes(stats)
   if want != got:
     raise ValueError(
       f'Layer {where!r}: the optimizer state holds factors of shapes {want} '
-      f'but the curvature has statistics of shapes {got}. Either the '
+      f'but the curvature needs factors of shapes {got}. Either the '
       'curvature comes from another model, or the factor sizes could not be '
       'inferred from parameter names (nn.scan stacks, bias-free DenseGeneral '
       'with several output axes): build the optimizer with '
@@ -188,6 +194,105 @@ def _check_layer(path, stats, factors, weight_shape, bias_shape, numerics):
         f'statistics of shapes {got}: the curvature comes from another '
         'model.'
       )
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def _varying_axes(x: jax.Array) -> frozenset:
+  """Mesh axes over which ``x`` differs between devices (``shard_map``)."""
+  aval = jax.typeof(x)
+  axes = getattr(aval, 'vma', None)
+  if axes is None:
+    axes = getattr(getattr(aval, 'manual_axis_type', None), 'varying', ())
+  return frozenset(axes)
+
+
+def _over_devices(stats, axis_name, due, path):
+  """Global-batch statistics: raw sums added over ``axis_name`` (spec §4).
+
+  Each device's loss is taken to be the mean over its own batch, with
+  gradients averaged over devices (``pmean``), so the output gradient of the
+  global objective is the local one divided by the device count: ``S`` is
+  divided by its square. Collectives run on refresh steps only.
+
+  Returns:
+    ``(statistics, factor by which to scale S_hat)``.
+  """
+  names = (
+    ()
+    if axis_name is None
+    else (
+      tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+    )
+  )
+  varying = _varying_axes(stats.input) - set(names)
+  if varying:
+    raise ValueError(
+      f'curvature[{_tree.format_path(path)!r}] differs between devices along '
+      f'mesh axes {sorted(varying)}: pass axis_name={sorted(varying)[0]!r} '
+      '(or a tuple) to the optimizer, or every device preconditions with its '
+      'own statistics and the replicas drift apart.'
+    )
+  if axis_name is None:
+    return stats, 1.0
+
+  def summed(s):
+    return s.psum(axis_name)
+
+  def skipped(s):
+    return jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype), s)
+
+  devices = jax.lax.psum(1, axis_name)
+  return jax.lax.cond(due, summed, skipped, stats), 1.0 / devices**2
+
+
+def _refresh_factors(
+  updates, factors, curvature, *, due, gamma, damping, numerics, axis_name
+):
+  """Refreshes the factors of every layer in ``curvature``.
+
+  Returns:
+    ``(new factors tree, {parameter path: F~})``.
+  """
+  old = dict(
+    _tree.leaves_with_paths(
+      factors, is_leaf=lambda x: isinstance(x, factors_lib.KroneckerFactors)
+    )
+  )
+  new = dict(old)
+  preconditioners = {}
+  for path, stats in statistics_lib.flatten(curvature).items():
+    if not isinstance(_tree.get_node(updates, path), Mapping):
+      raise ValueError(
+        f'curvature has statistics for layer {_tree.format_path(path)!r} '
+        'but the updates have no such layer: the curvature comes from '
+        'another model.'
+      )
+    weight_shape = _leaf_shape(updates, path, stats.weight_name)
+    bias_shape = _leaf_shape(updates, path, stats.bias_name)
+    if weight_shape is None and bias_shape is None:
+      continue  # every parameter of the layer is masked out
+    _check_layer(path, stats, old.get(path), weight_shape, bias_shape, numerics)
+    stats, s_scale = _over_devices(stats, axis_name, due, path)
+    new[path] = factors_lib.refresh(
+      old[path],
+      stats,
+      due=due,
+      gamma=gamma,
+      numerics=numerics,
+      s_scale=s_scale,
+    )
+    h, s = factors_lib.for_preconditioning(new[path], numerics)
+    f_weight, f_bias = layers_lib.REGISTRY[stats.kind].preconditioner(
+      h, s, damping, numerics, weight_shape, bias_shape
+    )
+    for name, f in ((stats.weight_name, f_weight), (stats.bias_name, f_bias)):
+      if f is not None:
+        preconditioners[path + (name,)] = f
+  return _tree.nest(new), preconditioners
 
 
 def scale_by_adafisher(
@@ -260,62 +365,27 @@ def scale_by_adafisher(
         'tx.update(grads, opt_state, params, curvature=curvature) with the '
         'curvature returned by value_and_grad_with_curvature.'
       )
-    layer_stats = statistics_lib.flatten(curvature)
-    old_factors = dict(
-      _tree.leaves_with_paths(
-        state.factors,
-        is_leaf=lambda x: isinstance(x, factors_lib.KroneckerFactors),
-      )
-    )
     due = (state.count % jnp.asarray(t_cov, state.count.dtype)) == 0
-    new_factors = dict(old_factors)
-    preconditioners = {}
-    for path, stats in layer_stats.items():
-      if not isinstance(_tree.get_node(updates, path), Mapping):
-        raise ValueError(
-          f'curvature has statistics for layer {_tree.format_path(path)!r} '
-          'but the updates have no such layer: the curvature comes from '
-          'another model.'
-        )
-      weight_shape = _leaf_shape(updates, path, stats.weight_name)
-      bias_shape = _leaf_shape(updates, path, stats.bias_name)
-      if weight_shape is None and bias_shape is None:
-        continue  # every parameter of the layer is masked out
-      factors = old_factors.get(path)
-      _check_layer(path, stats, factors, weight_shape, bias_shape, numerics)
-      if axis_name is not None:
-        stats = jax.lax.cond(
-          due, lambda s: s.psum(axis_name), lambda s: s, stats
-        )
-      factors = factors_lib.refresh(
-        factors,
-        stats,
-        count=state.count,
-        due=due,
-        gamma=gamma,
-        numerics=numerics,
-      )
-      new_factors[path] = factors
-      h, s = factors_lib.for_preconditioning(factors, numerics)
-      rule = layers_lib.REGISTRY[stats.kind]
-      f_weight, f_bias = rule.preconditioner(
-        h, s, damping, numerics, weight_shape, bias_shape
-      )
-      for name, f in ((stats.weight_name, f_weight), (stats.bias_name, f_bias)):
-        if f is not None:
-          preconditioners[path + (name,)] = f
-
+    factors, preconditioners = _refresh_factors(
+      updates,
+      state.factors,
+      curvature,
+      due=due,
+      gamma=gamma,
+      damping=damping,
+      numerics=numerics,
+      axis_name=axis_name,
+    )
     mu = otu.update_moment(updates, state.mu, b1, 1)
     count_inc = optax.safe_increment(state.count)
     mu_hat = otu.bias_correction(mu, b1, count_inc)
     unpreconditioned = []
 
     def precondition(keypath, m, g):
-      f = preconditioners.get(_tree.keypath_to_path(keypath))
+      path = _tree.keypath_to_path(keypath)
+      f = preconditioners.get(path)
       if f is None:
-        unpreconditioned.append(
-          _tree.format_path(_tree.keypath_to_path(keypath))
-        )
+        unpreconditioned.append(_tree.format_path(path))
         return m.astype(g.dtype)
       if not (isinstance(fisher_power, numbers.Number) and fisher_power == 1):
         f = f**fisher_power
@@ -332,10 +402,13 @@ def scale_by_adafisher(
         UnpreconditionedParametersWarning,
         stacklevel=3,
       )
-    return new_updates, AdaFisherState(
-      count=count_inc,
-      mu=otu.cast(mu, mu_dtype),
-      factors=_tree.nest(new_factors),
+    new_state = AdaFisherState(
+      count=count_inc, mu=otu.cast(mu, mu_dtype), factors=factors
     )
+    # A step with non-finite gradients changes nothing and moves nothing.
+    finite = _all_finite(updates)
+    new_state = otu.where(finite, new_state, state)
+    new_updates = otu.where(finite, new_updates, otu.zeros_like(new_updates))
+    return new_updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

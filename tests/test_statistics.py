@@ -450,3 +450,49 @@ def test_tied_embedding_attend_is_reported_and_left_unpreconditioned():
   np.testing.assert_allclose(
     updates['embed']['embedding'], -0.1 * grads['embed']['embedding'], rtol=1e-6
   )
+
+
+class _TwiceNormed(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    norm = nn.LayerNorm(name='ln')
+    return norm(jnp.tanh(norm(x)) * 1.5)
+
+
+@pytest.mark.parametrize('numerics', ['reference', 'paper'])
+def test_shared_norm_combines_like_a_concatenated_batch(numerics):
+  """Two applications of one LayerNorm: as if their batches were stacked."""
+  model = _TwiceNormed()
+  x = _x(3, 4, 5) * 2.0
+  params = model.init(jax.random.key(0), x)['params']
+  params = jax.tree.map(lambda p: p.astype(jnp.float64) + 0.3, params)
+  r = jax.random.normal(jax.random.key(7), x.shape, jnp.float64)
+  scale, bias = params['ln']['scale'], params['ln']['bias']
+
+  def layer_norm(v):
+    mean = v.mean(-1, keepdims=True)
+    var = v.var(-1, keepdims=True)
+    return (v - mean) / jnp.sqrt(var + 1e-6) * scale + bias
+
+  def loss(perturbations):
+    first = layer_norm(x) + perturbations[0]
+    second_in = jnp.tanh(first) * 1.5
+    out = layer_norm(second_in) + perturbations[1]
+    return jnp.sum(jnp.sin(out) * r), (x, second_in)
+
+  g, inputs = jax.grad(loss, has_aux=True)([jnp.zeros_like(x)] * 2)
+  grad_fn = afo.value_and_grad_with_curvature(
+    lambda p, x: jnp.sum(jnp.sin(model.apply({'params': p}, x)) * r),
+    numerics=numerics,
+  )
+  _, _, curvature = jax.jit(grad_fn)(params, x)
+  h, s = curvature['ln'].means()
+  stacked_x = np.concatenate([np.asarray(v) for v in inputs])
+  stacked_g = np.concatenate([np.asarray(v) for v in g])
+  if numerics == 'reference':
+    want_h, want_s = bf.norm_reference(stacked_x, stacked_g, 1, (2,))
+  else:
+    x_hat = bf.layer_norm_x_hat(stacked_x, (-1,), 1e-6)
+    want_h, want_s = bf.norm_paper(x_hat, stacked_g, (2,))
+  np.testing.assert_allclose(h, want_h, **TOL)
+  np.testing.assert_allclose(s, want_s, **TOL)
