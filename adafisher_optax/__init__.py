@@ -19,6 +19,7 @@ from adafisher_optax.capture import (
 )
 from adafisher_optax.factors import KroneckerFactors
 from adafisher_optax.layers import REFERENCE_LAYERS, SUPPORTED_LAYERS
+from adafisher_optax.sharding import state_shardings
 from adafisher_optax.statistics import (
   LayerStatistics,
   unpreconditioned_parameters,
@@ -44,6 +45,7 @@ __all__ = [
   'adafisherw',
   'curvature_layout',
   'scale_by_adafisher',
+  'state_shardings',
   'unpreconditioned_parameters',
   'value_and_grad_with_curvature',
 ]

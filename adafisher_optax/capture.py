@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax.core import meta
 
-from adafisher_optax import _tree
+from adafisher_optax import _devices, _tree
 from adafisher_optax import layers as layers_lib
 from adafisher_optax.statistics import LayerStatistics
 
@@ -120,6 +120,7 @@ class _Layer:
   output_shape: tuple[int, ...] | None = None
   unsupported: str | None = None
   stack: tuple[int, ...] = ()
+  summed_over: tuple[str, ...] = ()
 
 
 def _discover(fun, params, args, kwargs, allowed, numerics):
@@ -220,18 +221,23 @@ def _tap(output_statistics, outputs, probe, input_sum, rows):
 
 def _tap_fwd(output_statistics, outputs, probe, input_sum, rows):
   del output_statistics, rows
-  return outputs, (input_sum, probe['rows'])
+  return outputs, (input_sum, probe)
 
 
 def _tap_bwd(output_statistics, rows, residuals, g):
-  input_sum, rows_probe = residuals
-  dtype = rows_probe.dtype
+  input_sum, probe = residuals
   cotangent = {
-    'input': input_sum.astype(dtype),
-    'output': output_statistics(g).astype(dtype),
-    'rows': jnp.asarray(rows, dtype),
+    'input': input_sum,
+    'output': output_statistics(g),
+    'rows': jnp.asarray(rows),
   }
-  return g, cotangent, None
+
+  def like_probe(value, probe_leaf):
+    value = value.astype(probe_leaf.dtype)
+    missing = _devices.varying_axes(probe_leaf) - _devices.varying_axes(value)
+    return _devices.to_varying(value, missing)
+
+  return g, jax.tree.map(like_probe, cotangent, probe), None
 
 
 _tap.defvjp(_tap_fwd, _tap_bwd)
@@ -279,6 +285,14 @@ def _capturing_interceptor(plan: dict, allowed, numerics):
         UnsupportedLayerWarning,
         stacklevel=2,
       )
+    # Inside shard_map the probe is replicated while the outputs vary: mark
+    # it varying, so that JAX sums its cotangent over devices as it sums the
+    # gradients of replicated parameters.
+    spread = _devices.varying_axes(outputs) - _devices.varying_axes(
+      probe['rows']
+    )
+    layer.summed_over = tuple(sorted(set(layer.summed_over) | spread))
+    probe = _devices.to_varying(probe, spread)
     return _tap(
       application.output_statistics,
       outputs,
@@ -380,6 +394,7 @@ def value_and_grad_with_curvature(
         variant=numerics if layer.rule.numerics_dependent else None,
         weight_name=layer.weight_name,
         bias_name=layer.bias_name,
+        summed_over=layer.summed_over,
       )
     value = (loss, aux) if has_aux else loss
     return value, grads, _tree.nest(curvature)

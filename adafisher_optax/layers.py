@@ -70,13 +70,17 @@ def _sum_squares_leading(n_trailing: int) -> Callable[[jax.Array], jax.Array]:
 
 
 def _sum_over_batch(v: jax.Array, n_batch: int) -> jax.Array:
-  """Sums over the leading ``n_batch`` axes by pairwise halving.
+  """Sums over the leading ``n_batch`` axes, by pairwise halving if possible.
 
   XLA fuses the halving steps into one pass over ``v``; a plain ``jnp.sum``
   over a short leading axis into a large output is an order of magnitude
-  slower on XLA:CPU. Pairwise summation is also the more accurate order.
+  slower on XLA:CPU. A batch axis sharded in the array's type (explicit
+  sharding) cannot be sliced, and gets ``jnp.sum``.
   """
   v = v.reshape((-1,) + v.shape[n_batch:])
+  spec = getattr(getattr(jax.typeof(v), 'sharding', None), 'spec', None)
+  if spec and spec[0] is not None:
+    return jnp.sum(v, axis=0)
   while v.shape[0] > 1:
     half = v.shape[0] // 2
     total = v[:half] + v[half : 2 * half]

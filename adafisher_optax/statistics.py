@@ -33,6 +33,8 @@ class LayerStatistics:
     weight_name: the layer's weight parameter (``kernel``, ``embedding``,
       ``scale``) or ``None``.
     bias_name: the layer's bias/shift parameter or ``None``.
+    summed_over: ``shard_map`` mesh axes over which JAX already summed the
+      statistics in the backward pass (as it sums replicated gradients).
   """
 
   input: jax.Array
@@ -42,6 +44,9 @@ class LayerStatistics:
   variant: str | None = dataclasses.field(metadata=dict(static=True))
   weight_name: str | None = dataclasses.field(metadata=dict(static=True))
   bias_name: str | None = dataclasses.field(metadata=dict(static=True))
+  summed_over: tuple[str, ...] = dataclasses.field(
+    default=(), metadata=dict(static=True)
+  )
 
   def means(self) -> tuple[jax.Array, jax.Array]:
     """Returns ``(H_hat, S_hat)`` from the sums, as the layer's rule says.

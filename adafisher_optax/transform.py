@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from optax import tree as otu
 
-from adafisher_optax import _tree
+from adafisher_optax import _devices, _tree
 from adafisher_optax import factors as factors_lib
 from adafisher_optax import layers as layers_lib
 from adafisher_optax import statistics as statistics_lib
@@ -201,51 +201,50 @@ def _all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
-def _varying_axes(x: jax.Array) -> frozenset:
-  """Mesh axes over which ``x`` differs between devices (``shard_map``)."""
-  aval = jax.typeof(x)
-  axes = getattr(aval, 'vma', None)
-  if axes is None:
-    axes = getattr(getattr(aval, 'manual_axis_type', None), 'varying', ())
-  return frozenset(axes)
+def _axis_names(axis_name: Any) -> tuple:
+  if axis_name is None:
+    return ()
+  if isinstance(axis_name, (tuple, list)):
+    return tuple(axis_name)
+  return (axis_name,)
 
 
 def _over_devices(stats, axis_name, due, path):
-  """Global-batch statistics: raw sums added over ``axis_name`` (spec §4).
+  """Global-batch statistics: raw sums added over devices (spec section 4).
 
-  Each device's loss is taken to be the mean over its own batch, with
-  gradients averaged over devices (``pmean``), so the output gradient of the
-  global objective is the local one divided by the device count: ``S`` is
-  divided by its square. Collectives run on refresh steps only.
+  Statistics combine across devices as JAX combines the gradients of
+  replicated parameters. Inside ``shard_map`` JAX sums them in the backward
+  pass (the probes are replicated inputs; ``stats.summed_over``), so nothing
+  is left to do. Under
+  ``pmap`` each device's loss is the mean over its own batch and the user
+  averages gradients with ``pmean``; then ``axis_name`` sums the statistics
+  here, on refresh steps only, and divides ``S`` by the squared device count
+  (the output gradient of the averaged objective is the local one over ``D``).
 
   Returns:
     ``(statistics, factor by which to scale S_hat)``.
   """
-  names = (
-    ()
-    if axis_name is None
-    else (
-      tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
-    )
-  )
-  varying = _varying_axes(stats.input) - set(names)
-  if varying:
+  names = _axis_names(axis_name)
+  varying = _devices.varying_axes(stats.input)
+  stray = varying - set(names)
+  if stray:
     raise ValueError(
       f'curvature[{_tree.format_path(path)!r}] differs between devices along '
-      f'mesh axes {sorted(varying)}: pass axis_name={sorted(varying)[0]!r} '
+      f'mesh axes {sorted(stray)}: pass axis_name={sorted(stray)[0]!r} '
       '(or a tuple) to the optimizer, or every device preconditions with its '
       'own statistics and the replicas drift apart.'
     )
-  if axis_name is None:
+  pending = tuple(n for n in names if n not in stats.summed_over)
+  if not pending:
     return stats, 1.0
 
   def summed(s):
-    return s.psum(axis_name)
+    return s.psum(pending)
 
   def skipped(s):
     return jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype), s)
 
-  devices = jax.lax.psum(1, axis_name)
+  devices = jax.lax.psum(1, pending)
   return jax.lax.cond(due, summed, skipped, stats), 1.0 / devices**2
 
 

@@ -1,5 +1,9 @@
+import os
 import sys
 from pathlib import Path
+
+# Eight virtual CPU devices for the multi-device tests; set before JAX starts.
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 
 import jax
 import pytest

@@ -1,0 +1,299 @@
+"""Several devices give exactly the single-device result (spec section 4).
+
+Runs on the 8 virtual CPU devices set up in conftest.py.
+"""
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import adafisher_optax as afo
+
+pytestmark = pytest.mark.usefixtures('x64')
+DEVICES, PER_DEVICE, STEPS = 4, 3, 5
+
+
+class Net(nn.Module):
+  """BatchNorm-free: Conv, GroupNorm, LayerNorm, Dense, Embed-free."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(4, (3, 3), strides=2, name='conv')(x)
+    x = nn.relu(nn.GroupNorm(num_groups=2, name='gn')(x))
+    x = x.reshape(x.shape[0], -1)
+    x = nn.LayerNorm(name='ln')(nn.Dense(8, name='hidden')(x))
+    return nn.Dense(3, name='head')(jnp.tanh(x))
+
+
+def _loss(model):
+  def loss(params, x, y):
+    logits = model.apply({'params': params}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  return loss
+
+
+def _problem(seed=0):
+  model = Net()
+  keys = jax.random.split(jax.random.key(seed), 3)
+  n = DEVICES * PER_DEVICE
+  xs = jax.random.normal(keys[0], (STEPS, n, 6, 6, 2), jnp.float64)
+  ys = jax.random.randint(keys[1], (STEPS, n), 0, 3)
+  params = model.init(keys[2], xs[0])['params']
+  params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+  return model, params, xs, ys
+
+
+def _single_device(model, params, xs, ys, tx, numerics):
+  grad_fn = afo.value_and_grad_with_curvature(_loss(model), numerics=numerics)
+
+  @jax.jit
+  def step(params, state, x, y):
+    _, grads, curvature = grad_fn(params, x, y)
+    updates, state = tx.update(grads, state, params, curvature=curvature)
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(params)
+  for x, y in zip(xs, ys):
+    params, state = step(params, state, x, y)
+  return params
+
+
+def _local_step(model, tx, numerics, axis):
+  """One data-parallel step seen from one device (pmap / shard_map)."""
+  grad_fn = afo.value_and_grad_with_curvature(_loss(model), numerics=numerics)
+
+  def step(params, state, x, y):
+    _, grads, curvature = grad_fn(params, x, y)
+    grads = jax.lax.pmean(grads, axis)
+    updates, state = tx.update(grads, state, params, curvature=curvature)
+    return optax.apply_updates(params, updates), state
+
+  return step
+
+
+def _assert_close(got, want, rtol=1e-9):
+  for (path, a), b in zip(
+    jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)
+  ):
+    a, b = np.asarray(a), np.asarray(b)
+    err = np.max(np.abs(a - b)) / np.max(np.abs(b))
+    assert err <= rtol, (jax.tree_util.keystr(path), err)
+
+
+CASES = [(1, 'reference'), (3, 'reference'), (1, 'paper'), (3, 'paper')]
+
+
+@pytest.mark.parametrize('t_cov,numerics', CASES)
+def test_pmap_equals_one_device_with_the_global_batch(t_cov, numerics):
+  model, params, xs, ys = _problem()
+  want = _single_device(
+    model,
+    params,
+    xs,
+    ys,
+    afo.adafisher(0.05, t_cov=t_cov, numerics=numerics),
+    numerics,
+  )
+  tx = afo.adafisher(0.05, t_cov=t_cov, numerics=numerics, axis_name='batch')
+  step = jax.pmap(
+    _local_step(model, tx, numerics, 'batch'),
+    axis_name='batch',
+    devices=jax.devices()[:DEVICES],
+  )
+  replicate = lambda t: jax.tree.map(lambda v: jnp.stack([v] * DEVICES), t)  # noqa: E731
+  p, s = replicate(params), replicate(tx.init(params))
+  shard = lambda v: v.reshape(DEVICES, PER_DEVICE, *v.shape[1:])  # noqa: E731
+  for x, y in zip(xs, ys):
+    p, s = step(p, s, shard(x), shard(y))
+  for device in range(DEVICES):
+    _assert_close(jax.tree.map(lambda v, d=device: v[d], p), want)
+
+
+@pytest.mark.parametrize('t_cov,numerics', CASES)
+def test_sharded_jit_equals_one_device(t_cov, numerics):
+  model, params, xs, ys = _problem()
+  tx = afo.adafisher(0.05, t_cov=t_cov, numerics=numerics)
+  want = _single_device(model, params, xs, ys, tx, numerics)
+  mesh = jax.make_mesh((DEVICES,), ('batch',), devices=jax.devices()[:DEVICES])
+  batch_sharding = NamedSharding(mesh, P('batch'))
+  replicated = NamedSharding(mesh, P())
+  p = jax.device_put(params, replicated)
+  xs = jax.device_put(xs, NamedSharding(mesh, P(None, 'batch')))
+  ys = jax.device_put(ys, NamedSharding(mesh, P(None, 'batch')))
+  got = _single_device(model, p, xs, ys, tx, numerics)
+  assert xs[0].sharding.is_equivalent_to(batch_sharding, 5)
+  _assert_close(got, want)
+
+
+def _shard_map_step(model, tx, numerics, mesh):
+  """The shard_map recipe: each device's loss is its share of the global mean.
+
+  JAX sums the gradients of replicated parameters over devices, and the
+  statistics with them (they flow back through replicated probes).
+  """
+  base = _loss(model)
+  grad_fn = afo.value_and_grad_with_curvature(
+    lambda p, x, y: base(p, x, y) / DEVICES, numerics=numerics
+  )
+
+  def step(params, state, x, y):
+    _, grads, curvature = grad_fn(params, x, y)
+    updates, state = tx.update(grads, state, params, curvature=curvature)
+    return optax.apply_updates(params, updates), state
+
+  return jax.jit(
+    jax.shard_map(
+      step,
+      mesh=mesh,
+      in_specs=(P(), P(), P('batch'), P('batch')),
+      out_specs=(P(), P()),
+    )
+  )
+
+
+@pytest.mark.parametrize(
+  't_cov,numerics,axis_name',
+  [c + (None,) for c in CASES] + [(3, 'paper', 'batch')],
+)
+def test_shard_map_equals_one_device(t_cov, numerics, axis_name):
+  """``axis_name`` is not needed in shard_map, and passing it changes nothing."""
+  model, params, xs, ys = _problem()
+  want = _single_device(
+    model,
+    params,
+    xs,
+    ys,
+    afo.adafisher(0.05, t_cov=t_cov, numerics=numerics),
+    numerics,
+  )
+  mesh = jax.make_mesh((DEVICES,), ('batch',), devices=jax.devices()[:DEVICES])
+  tx = afo.adafisher(0.05, t_cov=t_cov, numerics=numerics, axis_name=axis_name)
+  step = _shard_map_step(model, tx, numerics, mesh)
+  replicated = NamedSharding(mesh, P())
+  p = jax.device_put(params, replicated)
+  s = jax.device_put(tx.init(params), replicated)
+  batch = NamedSharding(mesh, P('batch'))
+  for x, y in zip(xs, ys):
+    p, s = step(p, s, jax.device_put(x, batch), jax.device_put(y, batch))
+  _assert_close(p, want)
+
+
+def test_pmap_without_axis_name_lets_replicas_drift_apart():
+  """The documented consequence: per-device factors, diverging replicas.
+
+  (pmap gives no public way to see that a value differs between devices, so
+  this cannot be detected; inside shard_map statistics are summed by JAX.)
+  """
+  model, params, xs, ys = _problem()
+  tx = afo.adafisher(0.05, t_cov=1)
+  step = jax.pmap(
+    _local_step(model, tx, 'reference', 'batch'),
+    axis_name='batch',
+    devices=jax.devices()[:DEVICES],
+  )
+  replicate = lambda t: jax.tree.map(lambda v: jnp.stack([v] * DEVICES), t)  # noqa: E731
+  p, s = replicate(params), replicate(tx.init(params))
+  shard = lambda v: v.reshape(DEVICES, PER_DEVICE, *v.shape[1:])  # noqa: E731
+  for x, y in zip(xs, ys):
+    p, s = step(p, s, shard(x), shard(y))
+  kernel = np.asarray(p['hidden']['kernel'])
+  assert not np.allclose(kernel[0], kernel[1], rtol=1e-6)
+  factors = np.asarray(s[0].factors['hidden'].input)
+  assert not np.allclose(factors[0], factors[1])
+
+
+class Wide(nn.Module):
+  """An MLP whose kernels are large enough to shard FSDP-style."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(64, name='fc1')(x))
+    x = nn.relu(nn.Dense(64, name='fc2')(x))
+    return nn.Dense(4, name='head')(x)
+
+
+def _all_gathers(compiled_text):
+  """Element counts of the results of all all-gather ops in compiled HLO."""
+  sizes = []
+  for line in compiled_text.splitlines():
+    match = re.search(r'= \w+\[([\d,]*)\][^=]*? all-gather(?:-start)?\(', line)
+    if match:
+      dims = [int(d) for d in match.group(1).split(',') if d]
+      sizes.append(int(np.prod(dims)) if dims else 1)
+  return sorted(sizes)
+
+
+def test_fsdp_sharded_params_and_state():
+  model = Wide()
+  keys = jax.random.split(jax.random.key(3), 3)
+  xs = jax.random.normal(keys[0], (STEPS, 16, 32), jnp.float64)
+  ys = jax.random.randint(keys[1], (STEPS, 16), 0, 4)
+  params = jax.tree.map(
+    lambda p: p.astype(jnp.float64), model.init(keys[2], xs[0])['params']
+  )
+  tx = afo.adafisher(0.05, t_cov=2)
+  want = _single_device(model, params, xs, ys, tx, 'reference')
+
+  mesh = jax.make_mesh((2, 4), ('data', 'fsdp'))
+
+  def spec(path, leaf):
+    big = leaf.ndim == 2 and leaf.shape[0] % 4 == 0 and leaf.size >= 1024
+    return NamedSharding(mesh, P('fsdp', None) if big else P())
+
+  params_shardings = jax.tree_util.tree_map_with_path(spec, params)
+  state_shardings = afo.state_shardings(tx, params, params_shardings)
+  assert state_shardings[0].mu == params_shardings
+  assert state_shardings[0].factors['fc2'].input.spec == P()
+  p = jax.device_put(params, params_shardings)
+  s = jax.jit(tx.init, out_shardings=state_shardings)(p)
+  assert (
+    s[0]
+    .mu['fc2']['kernel']
+    .sharding.is_equivalent_to(params_shardings['fc2']['kernel'], 2)
+  )
+  batch = NamedSharding(mesh, P(('data', 'fsdp')))
+  grad_fn = afo.value_and_grad_with_curvature(_loss(model))
+
+  def afisher_step(params, state, x, y):
+    _, grads, curvature = grad_fn(params, x, y)
+    updates, state = tx.update(grads, state, params, curvature=curvature)
+    return optax.apply_updates(params, updates), state
+
+  step = jax.jit(
+    afisher_step, out_shardings=(params_shardings, state_shardings)
+  )
+  for x, y in zip(xs, ys):
+    p, s = step(p, s, jax.device_put(x, batch), jax.device_put(y, batch))
+  _assert_close(p, want)
+  assert p['fc2']['kernel'].sharding.is_equivalent_to(
+    params_shardings['fc2']['kernel'], 2
+  )
+
+  # AdaFisher adds no all-gather of kernels beyond the forward pass's own.
+  adam = optax.adam(1e-3)
+  adam_shardings = afo.state_shardings(adam, params, params_shardings)
+
+  def adam_step(params, state, x, y):
+    grads = jax.grad(_loss(model))(params, x, y)
+    updates, state = adam.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  x, y = jax.device_put(xs[0], batch), jax.device_put(ys[0], batch)
+  ours = _all_gathers(step.lower(p, s, x, y).compile().as_text())
+  theirs = _all_gathers(
+    jax.jit(adam_step, out_shardings=(params_shardings, adam_shardings))
+    .lower(p, jax.jit(adam.init, out_shardings=adam_shardings)(p), x, y)
+    .compile()
+    .as_text()
+  )
+  kernel_size = params['fc2']['kernel'].size
+  big = lambda sizes: [n for n in sizes if n >= kernel_size // 4]  # noqa: E731
+  assert len(big(ours)) <= len(big(theirs)), (ours, theirs)
