@@ -17,6 +17,11 @@ from adafisher_optax.capture import (
   curvature_layout,
   value_and_grad_with_curvature,
 )
+from adafisher_optax.diagnostics import (
+  Diagnostics,
+  LayerDiagnostics,
+  diagnostics,
+)
 from adafisher_optax.factors import KroneckerFactors
 from adafisher_optax.layers import REFERENCE_LAYERS, SUPPORTED_LAYERS
 from adafisher_optax.sharding import state_shardings
@@ -37,13 +42,16 @@ __all__ = [
   'SUPPORTED_LAYERS',
   'AdaFisherState',
   'CaptureError',
+  'Diagnostics',
   'KroneckerFactors',
+  'LayerDiagnostics',
   'LayerStatistics',
   'UnpreconditionedParametersWarning',
   'UnsupportedLayerWarning',
   'adafisher',
   'adafisherw',
   'curvature_layout',
+  'diagnostics',
   'scale_by_adafisher',
   'state_shardings',
   'unpreconditioned_parameters',
