@@ -10,11 +10,11 @@ Capture -> statistics -> factor EMA -> preconditioner -> update:
 * :func:`adafisher` and :func:`adafisherw` (``alias``) are the optimizers.
 """
 
+from adafisher_optax import tags
 from adafisher_optax.alias import adafisher, adafisherw
 from adafisher_optax.capture import (
-  CaptureError,
-  UnsupportedLayerWarning,
   curvature_layout,
+  softmax_cross_entropy,
   value_and_grad_with_curvature,
 )
 from adafisher_optax.diagnostics import (
@@ -29,6 +29,7 @@ from adafisher_optax.statistics import (
   LayerStatistics,
   unpreconditioned_parameters,
 )
+from adafisher_optax.taps import CaptureError, UnsupportedLayerWarning
 from adafisher_optax.transform import (
   AdaFisherState,
   UnpreconditionedParametersWarning,
@@ -53,7 +54,9 @@ __all__ = [
   'curvature_layout',
   'diagnostics',
   'scale_by_adafisher',
+  'softmax_cross_entropy',
   'state_shardings',
+  'tags',
   'unpreconditioned_parameters',
   'value_and_grad_with_curvature',
 ]

@@ -1,53 +1,30 @@
-"""Curvature capture for Flax linen models, without changing model code.
+"""``value_and_grad_with_curvature``: gradients plus AdaFisher's statistics.
 
-:func:`value_and_grad_with_curvature` runs the user's loss function under
-``flax.linen.intercept_methods``. Every application of a supported layer (see
-:mod:`adafisher_optax.layers`) is wrapped in an identity ``jax.custom_vjp``
-"tap" whose forward pass keeps only the small input reduction and whose
-backward pass returns, as the cotangent of a tiny zero *probe*, that reduction,
-the reduction of the output gradient and the number of rows. The probes live
-in the parameter tree next to the layer's own parameters, so Flax's lifted
-transforms treat them like the parameters: ``nn.scan`` over stacked layers
-slices them per layer, a shared module sums its applications, ``nn.remat``
-recomputes them. One forward and one backward pass, inside the caller's
-``jit``, and no activation-sized buffer beyond what the model needs anyway.
+Flax linen models are captured without changing their code, through
+``flax.linen.intercept_methods``; pure-JAX models mark their layers with the
+ops of :mod:`adafisher_optax.tags`. Both go through the mechanism of
+:mod:`adafisher_optax.taps`: one forward and one backward pass inside the
+caller's ``jit``, statistics returned as the cotangents of small probes that
+travel in ``params`` next to each layer's weights.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 from flax.core import meta
 
-from adafisher_optax import _devices, _tree
+from adafisher_optax import _tree, taps
 from adafisher_optax import layers as layers_lib
-from adafisher_optax.statistics import LayerStatistics
+from adafisher_optax.taps import PROBE, CaptureError, check_numerics
 
-#: Name of the probe entry inserted next to a captured layer's parameters.
-PROBE = '__adafisher_probe__'
-
-
-class CaptureError(ValueError):
-  """The model cannot be captured as written; the message says why and where."""
-
-
-class UnsupportedLayerWarning(UserWarning):
-  """A supported layer type was applied in a way the capture cannot follow."""
-
-
-def check_numerics(numerics: str) -> str:
-  if numerics not in layers_lib.NUMERICS:
-    raise ValueError(
-      f'numerics must be one of {layers_lib.NUMERICS}, got {numerics!r}.'
-    )
-  return numerics
+FISHER = ('empirical', 'sampled')
 
 
 def _check_layers(layers: Sequence[type] | None) -> tuple[type, ...]:
@@ -91,217 +68,62 @@ _BASE_METHODS = {
 }
 
 
-def _classify(context, allowed: tuple[type, ...]):
-  """Returns ``(rule, method)`` for a base-class method of a captured layer.
+def _linen_interceptor(session: taps.Session, allowed: tuple[type, ...]):
+  """Routes base-class calls of captured linen layers to ``session``.
 
   Subclass methods that wrap the base method are passed through: the base
   method's own call is the one captured, so the statistics belong to the
   layer's true inputs and outputs.
   """
-  module = context.module
-  rule = layers_lib.rule_for(module)
-  if rule is None or not isinstance(module, allowed):
-    return None, None
-  function = getattr(context.orig_method, 'func', None)
-  method = _BASE_METHODS[rule.kind].get(function)
-  return (rule, method) if method is not None else (None, None)
 
-
-@dataclasses.dataclass
-class _Layer:
-  """What discovery learned about one layer (one module path)."""
-
-  rule: layers_lib.LayerRule
-  module_type: type
-  weight_name: str | None
-  bias_name: str | None
-  inner_shapes: dict[str, tuple[int, ...]]
-  input_shape: tuple[int, ...] | None = None
-  output_shape: tuple[int, ...] | None = None
-  unsupported: str | None = None
-  stack: tuple[int, ...] = ()
-  summed_over: tuple[str, ...] = ()
-
-
-def _discover(fun, params, args, kwargs, allowed, numerics):
-  """Traces ``fun`` abstractly once and returns ``{module path: _Layer}``."""
-  found: dict[_tree.Path, _Layer] = {}
-  calls = [0]
-
-  def interceptor(next_fun, call_args, call_kwargs, context):
-    calls[0] += 1
-    rule, method = _classify(context, allowed)
-    if rule is None:
-      return next_fun(*call_args, **call_kwargs)
+  def interceptor(next_fun, args, kwargs, context):
+    session.calls += 1
     module = context.module
-    weight_name, bias_name = rule.param_names(module)
-    outputs = next_fun(*call_args, **call_kwargs)
-    if weight_name is None and bias_name is None:
-      return outputs
-    path = tuple(module.path)
-    shapes = {
-      name: tuple(module.get_variable('params', name).shape)
-      for name in (weight_name, bias_name)
-      if name is not None
-    }
-    layer = found.setdefault(
-      path, _Layer(rule, type(module), weight_name, bias_name, shapes)
+    rule = layers_lib.rule_for(module)
+    if rule is None or not isinstance(module, allowed):
+      return next_fun(*args, **kwargs)
+    method = _BASE_METHODS[rule.kind].get(
+      getattr(context.orig_method, 'func', None)
     )
-    reason = rule.unsupported_reason(module, method, call_args, call_kwargs)
-    if reason is None and layer.unsupported is None:
-      application = rule.statistics(
-        module, call_args, call_kwargs, outputs, numerics
-      )
-      s_shape = jax.eval_shape(application.output_statistics, outputs).shape
-      shapes_now = (tuple(application.input.shape), tuple(s_shape))
-      if layer.input_shape is None:
-        layer.input_shape, layer.output_shape = shapes_now
-      elif shapes_now != (layer.input_shape, layer.output_shape):
-        reason = 'applications with different statistics shapes'
-    if reason is not None:
-      layer.unsupported = layer.unsupported or reason
-    return outputs
-
-  def run(p):
-    with nn.intercept_methods(interceptor):
-      return fun(p, *args, **kwargs)
-
-  jax.eval_shape(run, params)
-  if calls[0] == 0 and jax.tree.leaves(params):
-    raise CaptureError(
-      'value_and_grad_with_curvature: `fun` applied no Flax linen module '
-      'while it was traced. Call the model (model.apply) inside `fun`, and '
-      'do not wrap model.apply in a jax.jit created outside `fun`: a cached '
-      'compilation skips the interception.'
-    )
-  return found
-
-
-def _stack_shape(path, layer: _Layer, params) -> tuple[int, ...]:
-  """Leading axes by which the parameters outside exceed those inside."""
-  node = _tree.get_node(params, path)
-  where = _tree.format_path(path)
-  if not isinstance(node, Mapping):
-    raise CaptureError(
-      f'Layer {where!r} ({layer.module_type.__name__}) has no parameters at '
-      f'params[{"][".join(repr(k) for k in path)}]. The first argument of '
-      '`fun` must be the model\'s "params" collection, as passed to '
-      "model.apply({'params': params}, ...)."
-    )
-  stacks = set()
-  for name, inner in layer.inner_shapes.items():
-    value = meta.unbox(node.get(name))
-    outer = tuple(getattr(value, 'shape', ()))
-    n = len(outer) - len(inner)
-    if value is None or n < 0 or outer[n:] != inner:
-      raise CaptureError(
-        f'Layer {where!r}: parameter {name!r} has shape {outer} in params but '
-        f'{inner} inside the module. Lifted transforms (nn.scan, nn.vmap) '
-        'must stack parameters along leading axes (variable_axes '
-        "{'params': 0})."
-      )
-    stacks.add(outer[:n])
-  if len(stacks) != 1:
-    raise CaptureError(f'Layer {where!r}: parameters stacked inconsistently.')
-  return stacks.pop()
-
-
-def _without_gradient(tree: Any) -> Any:
-  """Statistics are constants: cut the arrays in ``tree`` from autodiff."""
-  return jax.tree.map(
-    lambda v: jax.lax.stop_gradient(v) if isinstance(v, jax.Array) else v, tree
-  )
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
-def _tap(output_statistics, outputs, probe, input_sum, rows):
-  del probe, input_sum
-  return outputs
-
-
-def _tap_fwd(output_statistics, outputs, probe, input_sum, rows):
-  del output_statistics, rows
-  return outputs, (input_sum, probe)
-
-
-def _tap_bwd(output_statistics, rows, residuals, g):
-  input_sum, probe = residuals
-  cotangent = {
-    'input': input_sum,
-    'output': output_statistics(g),
-    'rows': jnp.asarray(rows),
-  }
-
-  def like_probe(value, probe_leaf):
-    value = value.astype(probe_leaf.dtype)
-    missing = _devices.varying_axes(probe_leaf) - _devices.varying_axes(value)
-    return _devices.to_varying(value, missing)
-
-  return g, jax.tree.map(like_probe, cotangent, probe), None
-
-
-_tap.defvjp(_tap_fwd, _tap_bwd)
-
-
-def _capturing_interceptor(plan: dict, allowed, numerics):
-  def interceptor(next_fun, call_args, call_kwargs, context):
-    rule, _method = _classify(context, allowed)
-    if rule is None:
-      return next_fun(*call_args, **call_kwargs)
-    module = context.module
-    path = tuple(module.path)
-    outputs = next_fun(*call_args, **call_kwargs)
-    layer = plan.get(path)
-    if layer is None or layer.unsupported is not None:
-      if layer is None and any(n is not None for n in rule.param_names(module)):
-        raise CaptureError(
-          f'Layer {_tree.format_path(path)!r} was applied but not seen when '
-          '`fun` was first traced; `fun` must apply the same layers each '
-          'time it is traced.'
-        )
-      return outputs
-    probe = module.get_variable('params', PROBE)
-    where = _tree.format_path(path)
-    if probe is None:
-      raise CaptureError(
-        f'Layer {where!r}: its statistics probe did not reach the module. '
-        '`fun` (or a lifted transform such as nn.map_variables or an '
-        'nn.scan without params in variable_axes/variable_broadcast) dropped '
-        f'the {PROBE!r} entry that value_and_grad_with_curvature adds to '
-        'params; pass params through to model.apply unchanged.'
-      )
-    application = rule.statistics(
-      module, *_without_gradient((call_args, call_kwargs, outputs)), numerics
-    )
-    if tuple(probe['input'].shape) != tuple(application.input.shape):
-      raise CaptureError(
-        f'Layer {where!r}: probe of shape {probe["input"].shape} does not '
-        f'match statistics of shape {application.input.shape}.'
-      )
-    if probe['input'].dtype != layers_lib.statistics_dtype():
-      warnings.warn(
-        f'Layer {where!r}: `fun` casts params to {probe["input"].dtype}; its '
-        'curvature statistics travel in that precision.',
-        UnsupportedLayerWarning,
-        stacklevel=2,
-      )
-    # Inside shard_map the probe is replicated while the outputs vary: mark
-    # it varying, so that JAX sums its cotangent over devices as it sums the
-    # gradients of replicated parameters.
-    spread = _devices.varying_axes(outputs) - _devices.varying_axes(
-      probe['rows']
-    )
-    layer.summed_over = tuple(sorted(set(layer.summed_over) | spread))
-    probe = _devices.to_varying(probe, spread)
-    return _tap(
-      application.output_statistics,
+    if method is None:
+      return next_fun(*args, **kwargs)
+    outputs = next_fun(*args, **kwargs)
+    return session.apply(
+      tuple(module.path),
+      rule,
+      method,
+      module,
+      args,
+      kwargs,
       outputs,
-      probe,
-      application.input,
-      application.rows,
+      get_param=lambda name: module.get_variable('params', name),
+      get_probe=lambda: module.get_variable('params', PROBE),
+      description=type(module).__name__,
     )
 
   return interceptor
+
+
+def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Mean softmax cross-entropy with integer labels, registered for capture.
+
+  The same value as ``optax.softmax_cross_entropy_with_integer_labels(logits,
+  labels).mean()``. Inside a capture with ``fisher="sampled"`` the logits are
+  recorded, so that the statistics use labels sampled from the model.
+  """
+  session = taps.current()
+  if session is not None:
+    session.outputs.append(logits)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def _sampled_cotangent(logits: jax.Array, key: jax.Array) -> jax.Array:
+  """Gradient of the mean cross-entropy of labels drawn from the model."""
+  logits = jax.lax.stop_gradient(logits)
+  labels = jax.random.categorical(key, logits)
+  probs = jax.nn.softmax(logits)
+  one_hot = jax.nn.one_hot(labels, logits.shape[-1], dtype=probs.dtype)
+  return (probs - one_hot) / (logits.size // logits.shape[-1])
 
 
 def value_and_grad_with_curvature(
@@ -310,25 +132,34 @@ def value_and_grad_with_curvature(
   has_aux: bool = False,
   layers: Sequence[type] | None = None,
   numerics: str = 'reference',
+  fisher: str = 'empirical',
 ) -> Callable[..., tuple[Any, Any, Any]]:
   """Like ``jax.value_and_grad(fun)``, also returning AdaFisher's statistics.
 
   ``fun(params, *args, **kwargs)`` must apply a Flax linen model to
   ``params``, the model's ``"params"`` collection (for example
-  ``model.apply({'params': params}, x)``). The returned function computes
-  ``(value, grads, curvature)`` in one forward and one backward pass and is
-  meant to be called inside the user's ``jax.jit``.
+  ``model.apply({'params': params}, x)``), or a pure-JAX model built with
+  :mod:`adafisher_optax.tags`. The returned function computes ``(value,
+  grads, curvature)`` in one forward and one backward pass and is meant to be
+  called inside the user's ``jax.jit``.
 
   Args:
     fun: the loss function; differentiated with respect to its first argument.
     has_aux: whether ``fun`` returns ``(loss, aux)``; ``value`` is then
       ``(loss, aux)``, as with ``jax.value_and_grad``.
-    layers: the layer types to capture (subclasses included); default every
-      supported type (:data:`adafisher_optax.layers.SUPPORTED_LAYERS`).
-      :data:`adafisher_optax.layers.REFERENCE_LAYERS` reproduces the coverage
-      of the authors' code. Parameters of other layers get ``F~ = 1``.
+    layers: the linen layer types to capture (subclasses included); default
+      every supported type (:data:`adafisher_optax.SUPPORTED_LAYERS`).
+      :data:`adafisher_optax.REFERENCE_LAYERS` reproduces the coverage of the
+      authors' code. Parameters of other layers get ``F~ = 1``.
     numerics: ``"reference"`` or ``"paper"``; must match the optimizer's (it
       decides the statistics of normalisation layers).
+    fisher: ``"empirical"`` (the gradients of your loss, as the authors do) or
+      ``"sampled"``: output-gradient statistics from labels drawn from the
+      model's own softmax (a Monte-Carlo estimate of the true Fisher). Then
+      ``fun`` computes its loss with
+      :func:`adafisher_optax.softmax_cross_entropy` and the returned function
+      takes a keyword argument ``fisher_key`` (a ``jax.random`` key). It
+      costs one more backward pass per step.
 
   Returns:
     A function with the signature of ``fun`` returning ``(value, grads,
@@ -337,69 +168,89 @@ def value_and_grad_with_curvature(
   """
   check_numerics(numerics)
   allowed = _check_layers(layers)
+  if fisher not in FISHER:
+    raise ValueError(f'fisher must be one of {FISHER}, got {fisher!r}.')
+
+  def traced(session, p, args, kwargs):
+    session.index_params(p)
+    with session, nn.intercept_methods(_linen_interceptor(session, allowed)):
+      out = fun(p, *args, **kwargs)
+    return out if has_aux else (out, None)
 
   @functools.wraps(fun)
-  def value_grads_curvature(params, *args, **kwargs):
+  def value_grads_curvature(params, *args, fisher_key=None, **kwargs):
     if not isinstance(params, Mapping):
       raise TypeError(
         'value_and_grad_with_curvature: the first argument of `fun` must be '
         f"the model's params dict, got {type(params).__name__}."
       )
-    plan = _discover(fun, params, args, kwargs, allowed, numerics)
-    dtype = layers_lib.statistics_dtype()
-    augmented = params
-    skipped = []
-    for path, layer in plan.items():
-      if layer.unsupported is not None:
-        skipped.append(
-          f'{_tree.format_path(path)} ({layer.module_type.__name__}'
-          f': {layer.unsupported})'
-        )
-        continue
-      layer.stack = _stack_shape(path, layer, params)
-      probe = {
-        'input': jnp.zeros(layer.stack + layer.input_shape, dtype),
-        'output': jnp.zeros(layer.stack + layer.output_shape, dtype),
-        'rows': jnp.zeros(layer.stack, dtype),
-      }
-      augmented = _tree.set_node(augmented, path + (PROBE,), probe)
-    if skipped:
-      warnings.warn(
-        'AdaFisher cannot capture these layers; their parameters get F~ = 1: '
-        + '; '.join(skipped),
-        UnsupportedLayerWarning,
-        stacklevel=2,
+    if (fisher == 'sampled') != (fisher_key is not None):
+      raise TypeError(
+        'fisher_key: pass a jax.random key exactly when fisher="sampled" '
+        f'(fisher={fisher!r}).'
       )
+    plan = _discover(traced, params, args, kwargs, numerics, fisher)
+    augmented = params
+    for path, layer in plan.items():
+      if layer.unsupported is None:
+        outer = meta.unbox(_tree.get_node(params, path))
+        layer.stack = taps.stack_shape(path, layer, outer)
+        augmented = _tree.set_node(augmented, path + (PROBE,), layer.probe())
+    taps.warn_unsupported(plan)
 
-    def loss_and_aux(p, *a, **k):
-      with nn.intercept_methods(
-        _capturing_interceptor(plan, allowed, numerics)
-      ):
-        out = fun(p, *a, **k)
-      return out if has_aux else (out, None)
+    def outputs(p):
+      session = taps.Session(numerics, plan)
+      loss, aux = traced(session, p, args, kwargs)
+      return (loss, session.outputs[:1]), aux
 
-    (loss, aux), grads = jax.value_and_grad(loss_and_aux, has_aux=True)(
-      augmented, *args, **kwargs
-    )
+    (loss, logits), backward, aux = jax.vjp(outputs, augmented, has_aux=True)
+    zeros = jax.tree.map(jnp.zeros_like, logits)
+    (grads,) = backward((jnp.ones_like(loss), zeros))
+    statistics_source = grads
+    if fisher == 'sampled':
+      (statistics_source,) = backward(
+        (jnp.zeros_like(loss), [_sampled_cotangent(logits[0], fisher_key)])
+      )
     curvature = {}
     for path, layer in plan.items():
-      if layer.unsupported is not None:
-        continue
-      grads, cotangent = _tree.pop_node(grads, path + (PROBE,))
-      curvature[path] = LayerStatistics(
-        input=cotangent['input'],
-        output=cotangent['output'],
-        rows=cotangent['rows'],
-        kind=layer.rule.kind,
-        variant=numerics if layer.rule.numerics_dependent else None,
-        weight_name=layer.weight_name,
-        bias_name=layer.bias_name,
-        summed_over=layer.summed_over,
-      )
+      if layer.unsupported is None:
+        grads, _ = _tree.pop_node(grads, path + (PROBE,))
+        cotangent = _tree.get_node(statistics_source, path + (PROBE,))
+        curvature[path] = layer.statistics(cotangent, numerics)
     value = (loss, aux) if has_aux else loss
     return value, grads, _tree.nest(curvature)
 
   return value_grads_curvature
+
+
+def _discover(traced, params, args, kwargs, numerics, fisher):
+  """Traces ``fun`` abstractly once; returns ``{path: taps.Layer}``."""
+  session = taps.Session(numerics)
+  jax.eval_shape(lambda p: traced(session, p, args, kwargs), params)
+  if session.calls == 0 and jax.tree.leaves(params):
+    raise CaptureError(
+      'value_and_grad_with_curvature: `fun` applied no Flax linen module and '
+      'no adafisher_optax.tags op while it was traced. Call the model inside '
+      '`fun`, and do not wrap model.apply in a jax.jit created outside `fun`: '
+      'a cached compilation skips the interception.'
+    )
+  if fisher == 'sampled' and len(session.outputs) != 1:
+    raise CaptureError(
+      'fisher="sampled": `fun` must compute its loss with '
+      'adafisher_optax.softmax_cross_entropy(logits, labels) exactly once '
+      f'(it was called {len(session.outputs)} times).'
+    )
+  for path, layer in session.plan.items():
+    if layer.unsupported is None and not isinstance(
+      _tree.get_node(params, path), Mapping
+    ):
+      raise CaptureError(
+        f'Layer {_tree.format_path(path)!r} ({layer.description}) has no '
+        f'parameters at params[{"][".join(repr(k) for k in path)}]. The first '
+        'argument of `fun` must be the model\'s "params" collection, as '
+        "passed to model.apply({'params': params}, ...)."
+      )
+  return session.plan
 
 
 def curvature_layout(
@@ -409,7 +260,8 @@ def curvature_layout(
 
   Pass the result as ``layout=`` to the optimizer when its factor sizes cannot
   be read from parameter names (layers stacked by ``nn.scan``, bias-free
-  ``DenseGeneral`` layers with several output axes).
+  ``DenseGeneral`` layers with several output axes), and to
+  :func:`adafisher_optax.accumulate_curvature`.
   """
   return jax.eval_shape(
     lambda p: value_grads_curvature(p, *args, **kwargs)[2], params

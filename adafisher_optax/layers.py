@@ -118,12 +118,24 @@ class LayerRule:
 
   def statistics(
     self,
-    module: nn.Module,
+    module: Any,
     args: tuple,
     kwargs: dict,
     outputs: jax.Array,
     numerics: str,
+    get_param: Callable[[str], jax.Array],
   ) -> Application:
+    """The statistics of one application.
+
+    Args:
+      module: the layer (a Flax module, or any object with the same
+        configuration attributes).
+      args: its call's positional arguments.
+      kwargs: its call's keyword arguments.
+      outputs: its outputs.
+      numerics: ``"reference"`` or ``"paper"``.
+      get_param: the layer's parameter of a given name, as the layer sees it.
+    """
     raise NotImplementedError
 
   def normalize(
@@ -211,7 +223,7 @@ class DenseRule(KroneckerRule):
       reason = 'DenseGeneral with batch_dims is not supported'
     return reason
 
-  def statistics(self, module, args, kwargs, outputs, numerics):
+  def statistics(self, module, args, kwargs, outputs, numerics, get_param):
     x = _first_arg(args, kwargs, 'inputs')
     if isinstance(module, nn.DenseGeneral):
       contracted = sorted(a % x.ndim for a in np.atleast_1d(module.axis))
@@ -238,7 +250,7 @@ class ConvRule(KroneckerRule):
   kind = 'conv'
   module_types = (nn.Conv,)
 
-  def statistics(self, module, args, kwargs, outputs, numerics):
+  def statistics(self, module, args, kwargs, outputs, numerics, get_param):
     x = _first_arg(args, kwargs, 'inputs')
     kernel_size = tuple(np.atleast_1d(module.kernel_size))
     n_spatial = len(kernel_size)
@@ -287,7 +299,7 @@ class EmbedRule(KroneckerRule):
   def param_names(self, module):
     return 'embedding', None
 
-  def statistics(self, module, args, kwargs, outputs, numerics):
+  def statistics(self, module, args, kwargs, outputs, numerics, get_param):
     ids = _first_arg(args, kwargs, 'inputs').reshape(-1)
     counts = jax.ops.segment_sum(
       jnp.ones(ids.shape, statistics_dtype()),
@@ -341,7 +353,7 @@ class NormRule(LayerRule):
       reason = f'{type(module).__name__} called with a mask'
     return reason
 
-  def statistics(self, module, args, kwargs, outputs, numerics):
+  def statistics(self, module, args, kwargs, outputs, numerics, get_param):
     x = _first_arg(args, kwargs, 'x')
     dtype = statistics_dtype()
     features = self.feature_axes(module, x.ndim)
@@ -353,7 +365,7 @@ class NormRule(LayerRule):
 
     if numerics == 'paper':
       x_hat = _normalised_input(
-        module, outputs, features, *self.param_names(module)
+        get_param, outputs, features, *self.param_names(module)
       )
       return Application(
         per_feature(x_hat * x_hat),
@@ -405,7 +417,7 @@ class NormRule(LayerRule):
 
 
 def _normalised_input(
-  module: nn.Module,
+  get_param: Callable[[str], jax.Array],
   outputs: jax.Array,
   features: tuple[int, ...],
   weight_name: str | None,
@@ -419,7 +431,7 @@ def _normalised_input(
   y = outputs.astype(dtype)
 
   def param(name: str) -> jax.Array:
-    value = jax.lax.stop_gradient(module.get_variable('params', name))
+    value = jax.lax.stop_gradient(get_param(name))
     return value.astype(dtype).reshape(shape)
 
   if bias_name is not None:

@@ -24,7 +24,7 @@ from adafisher_optax import _devices, _tree
 from adafisher_optax import factors as factors_lib
 from adafisher_optax import layers as layers_lib
 from adafisher_optax import statistics as statistics_lib
-from adafisher_optax.capture import check_numerics
+from adafisher_optax.taps import check_numerics
 
 #: ``T_cov`` (steps between factor refreshes) by numerics.
 DEFAULT_T_COV = {'reference': 100, 'paper': 1}
