@@ -43,13 +43,14 @@ else:
 
 
 def _eval_jaxpr_eqn(eqn, in_values):
-  """``tag_graph_matcher.eval_jaxpr_eqn`` for JAX >= 0.10.
+  """``tag_graph_matcher.eval_jaxpr_eqn`` for the newer JAX API.
 
   kfac-jax 0.0.8 (the latest release) unpacks ``subfuns, params =
-  primitive.get_bind_params(params)``; since JAX 0.10 ``get_bind_params``
+  primitive.get_bind_params(params)``; in JAX 0.10.2 ``get_bind_params``
   returns the params alone (call primitives keep their ``subfuns`` inside),
   and kfac-jax fails with ``ValueError: too many values to unpack (expected
-  2)`` on its first curvature update.
+  2)`` on its first curvature update. Installed over kfac-jax's own function
+  when importing this module, only where JAX has the new API.
   """
   params = eqn.primitive.get_bind_params(eqn.params)
   with jax.extend.source_info_util.user_context(eqn.source_info.traceback):

@@ -629,6 +629,10 @@ def main(argv=None):
       'targets_pass': all_pass,
       'rows': rows,
       'skipped': skipped,
+      'kfac_jax': {
+        'version': getattr(kfac.kfac_jax, '__version__', None),
+        'eval_jaxpr_eqn_patched': kfac.PATCHED,
+      },
     }
     (out / 'step_cost.json').write_text(json.dumps(result, indent=2) + '\n')
     print(f'\nwrote {out / "step_cost.md"} and {out / "step_cost.json"}')
