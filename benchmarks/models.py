@@ -71,3 +71,72 @@ class SmallCNN(nn.Module):
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(nn.Dense(128)(x))
     return nn.Dense(self.classes)(x)
+
+
+class CausalSelfAttention(nn.Module):
+  """Multi-head causal self-attention with ``nn.DenseGeneral`` projections."""
+
+  heads: int
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    d_model = x.shape[-1]
+    head_dim = d_model // self.heads
+    project = lambda name: nn.DenseGeneral((self.heads, head_dim), name=name)  # noqa: E731
+    q, k, v = project('query')(x), project('key')(x), project('value')(x)
+    scores = jnp.einsum('bqhd,bkhd->bhqk', q, k) / jnp.sqrt(head_dim)
+    length = x.shape[-2]
+    causal = jnp.tril(jnp.ones((length, length), bool))
+    scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
+    weights = nn.Dropout(self.dropout, deterministic=not train)(
+      nn.softmax(scores, axis=-1)
+    )
+    y = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
+    return nn.DenseGeneral(d_model, axis=(-2, -1), name='out')(y)
+
+
+class TransformerBlock(nn.Module):
+  """Pre-LayerNorm: ``x + attn(ln(x))``, then ``x + mlp(ln(x))`` (4x, gelu)."""
+
+  heads: int
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    x = x + CausalSelfAttention(self.heads, self.dropout)(
+      nn.LayerNorm()(x), train
+    )
+    d_model = x.shape[-1]
+    y = nn.gelu(nn.Dense(4 * d_model)(nn.LayerNorm()(x)))
+    y = nn.Dense(d_model)(y)
+    return x + nn.Dropout(self.dropout, deterministic=not train)(y)
+
+
+class CharGPT(nn.Module):
+  """A character-level GPT: int tokens ``[B, T]`` to logits ``[B, T, vocab]``.
+
+  Token and learned positional embeddings (``nn.Embed``), pre-LayerNorm
+  blocks of causal self-attention and a 4x gelu MLP, a final LayerNorm and an
+  untied ``nn.Dense`` head. No dropout by default, so steps are deterministic.
+  """
+
+  vocab: int
+  layers: int = 4
+  d_model: int = 128
+  heads: int = 4
+  max_len: int = 128
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, tokens, train: bool = True):
+    length = tokens.shape[-1]
+    if length > self.max_len:
+      raise ValueError(f'sequence length {length} > max_len {self.max_len}')
+    x = nn.Embed(self.vocab, self.d_model, name='tokens')(tokens)
+    x = x + nn.Embed(self.max_len, self.d_model, name='positions')(
+      jnp.arange(length)
+    )
+    for _ in range(self.layers):
+      x = TransformerBlock(self.heads, self.dropout)(x, train)
+    return nn.Dense(self.vocab, name='head')(nn.LayerNorm()(x))

@@ -8,8 +8,14 @@ import optax
 import adafisher_optax as afo
 
 
-def cross_entropy_loss(model):
-  """``loss(params, model_state, x, y) -> (loss, new_model_state)``."""
+def cross_entropy_loss(model, on_logits=None):
+  """``loss(params, model_state, x, y) -> (loss, new_model_state)``.
+
+  The mean cross-entropy over every label: ``y`` holds integer labels shaped
+  like the logits without their last axis (``[B]`` for a classifier,
+  ``[B, T]`` for a sequence model). ``on_logits(logits, y)``, if given, is
+  called inside the loss (e.g. to register it with kfac-jax).
+  """
 
   def loss(params, model_state, x, y):
     variables = {'params': params, **model_state}
@@ -19,6 +25,8 @@ def cross_entropy_loss(model):
       )
     else:
       logits, new_state = model.apply(variables, x), model_state
+    if on_logits is not None:
+      on_logits(logits, y)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return ce, new_state
 
@@ -70,7 +78,10 @@ def init_model(model, x, seed=0):
 
 
 def evaluate(model, params, model_state, x, y, batch_size=1000):
-  """Accuracy and mean loss of ``model`` in eval mode."""
+  """Accuracy and mean loss of ``model`` in eval mode, per label.
+
+  For a sequence model (labels ``[N, T]``) both are per token.
+  """
 
   @jax.jit
   def scores(xb, yb):
@@ -83,4 +94,5 @@ def evaluate(model, params, model_state, x, y, batch_size=1000):
     hits, losses = scores(x[i : i + batch_size], y[i : i + batch_size])
     correct += float(hits)
     total_loss += float(losses)
-  return correct / len(x), total_loss / len(x)
+  labels = y.size
+  return correct / labels, total_loss / labels
