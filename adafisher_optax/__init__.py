@@ -11,6 +11,7 @@ Capture -> statistics -> factor EMA -> preconditioner -> update:
 """
 
 from adafisher_optax import tags
+from adafisher_optax.accumulation import MultiStepsState, multi_steps
 from adafisher_optax.alias import adafisher, adafisherw
 from adafisher_optax.capture import (
   curvature_layout,
@@ -30,6 +31,7 @@ from adafisher_optax.statistics import (
   unpreconditioned_parameters,
 )
 from adafisher_optax.taps import CaptureError, UnsupportedLayerWarning
+from adafisher_optax.train_state import TrainState
 from adafisher_optax.transform import (
   AdaFisherState,
   UnpreconditionedParametersWarning,
@@ -47,12 +49,15 @@ __all__ = [
   'KroneckerFactors',
   'LayerDiagnostics',
   'LayerStatistics',
+  'MultiStepsState',
+  'TrainState',
   'UnpreconditionedParametersWarning',
   'UnsupportedLayerWarning',
   'adafisher',
   'adafisherw',
   'curvature_layout',
   'diagnostics',
+  'multi_steps',
   'scale_by_adafisher',
   'softmax_cross_entropy',
   'state_shardings',

@@ -74,7 +74,6 @@ def refresh(
   due: jax.Array,
   gamma: Any,
   numerics: str,
-  s_scale: Any = 1.0,
 ) -> KroneckerFactors:
   """Folds one step's statistics into the factors on refresh steps.
 
@@ -82,11 +81,9 @@ def refresh(
   its factors kept, when it is not ``due``, when no rows reached it, or when
   its statistics are not finite: a bad batch never poisons the factors. In
   ``paper`` numerics a layer's first refresh sets the factors to the
-  statistics. ``s_scale`` rescales ``S_hat`` (see the optimizer's
-  ``axis_name``).
+  statistics.
   """
   h_hat, s_hat = stats.means()
-  s_hat = s_hat * s_scale
   old_h, old_s, refreshes = factors
   if numerics == 'reference':
     new_h = 0.1 * gamma * old_h + 0.01 * gamma * minmax_reference(h_hat)

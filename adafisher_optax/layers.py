@@ -150,6 +150,11 @@ class LayerRule:
     rows = jnp.maximum(rows, 1)[..., None].astype(input_sum.dtype)
     return input_sum / rows, output_sum / rows
 
+  def output_degree(self, variant: str | None) -> int:
+    """The power of the output gradient ``g`` in the captured output sum."""
+    del variant
+    return 2
+
   def factor_shapes(
     self,
     input_shape: tuple[int, ...],
@@ -393,6 +398,9 @@ class NormRule(LayerRule):
       [jnp.sum(input_sum**2, axis=-1, keepdims=True), size_k], axis=-1
     )
     return h / batch**2, output_sum**2 / batch
+
+  def output_degree(self, variant):
+    return 2 if variant == 'paper' else 1
 
   def factor_shapes(self, input_shape, output_shape, variant):
     if variant == 'paper':

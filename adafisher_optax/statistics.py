@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from adafisher_optax import _tree, layers
 
@@ -57,6 +58,17 @@ class LayerStatistics:
     return layers.REGISTRY[self.kind].normalize(
       self.input, self.output, self.rows, self.variant
     )
+
+  def average_of(self, parts: Any) -> LayerStatistics:
+    """The statistics of the mean of ``parts`` losses, from those of their sum.
+
+    Statistics summed over devices or micro-batches come from the gradients
+    of each part's own loss; the averaged objective's output gradients are
+    ``1 / parts`` times those.
+    """
+    degree = layers.REGISTRY[self.kind].output_degree(self.variant)
+    factor = 1 / jnp.asarray(parts, self.output.dtype)
+    return dataclasses.replace(self, output=self.output * factor**degree)
 
   def psum(self, axis_name: Any) -> LayerStatistics:
     """Sums the statistics over a mapped axis (exact global-batch sums)."""

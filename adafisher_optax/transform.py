@@ -220,9 +220,6 @@ def _over_devices(stats, axis_name, due, path):
   averages gradients with ``pmean``; then ``axis_name`` sums the statistics
   here, on refresh steps only, and divides ``S`` by the squared device count
   (the output gradient of the averaged objective is the local one over ``D``).
-
-  Returns:
-    ``(statistics, factor by which to scale S_hat)``.
   """
   names = _axis_names(axis_name)
   varying = _devices.varying_axes(stats.input)
@@ -236,7 +233,7 @@ def _over_devices(stats, axis_name, due, path):
     )
   pending = tuple(n for n in names if n not in stats.summed_over)
   if not pending:
-    return stats, 1.0
+    return stats
 
   def summed(s):
     return s.psum(pending)
@@ -245,7 +242,7 @@ def _over_devices(stats, axis_name, due, path):
     return jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype), s)
 
   devices = jax.lax.psum(1, pending)
-  return jax.lax.cond(due, summed, skipped, stats), 1.0 / devices**2
+  return jax.lax.cond(due, summed, skipped, stats).average_of(devices)
 
 
 def _refresh_factors(
@@ -275,14 +272,9 @@ def _refresh_factors(
     if weight_shape is None and bias_shape is None:
       continue  # every parameter of the layer is masked out
     _check_layer(path, stats, old.get(path), weight_shape, bias_shape, numerics)
-    stats, s_scale = _over_devices(stats, axis_name, due, path)
+    stats = _over_devices(stats, axis_name, due, path)
     new[path] = factors_lib.refresh(
-      old[path],
-      stats,
-      due=due,
-      gamma=gamma,
-      numerics=numerics,
-      s_scale=s_scale,
+      old[path], stats, due=due, gamma=gamma, numerics=numerics
     )
     h, s = factors_lib.for_preconditioning(new[path], numerics)
     f_weight, f_bias = layers_lib.REGISTRY[stats.kind].preconditioner(

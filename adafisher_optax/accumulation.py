@@ -1,0 +1,94 @@
+"""Gradient accumulation that keeps the statistics of every micro-batch.
+
+``optax.MultiSteps`` hands its inner optimizer the extra arguments of the
+last micro-batch only; :func:`multi_steps` sums the curvature statistics of
+all micro-batches alongside the gradients, so ``k`` micro-batches of size
+``B`` give the factors of one batch of size ``k * B``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adafisher_optax import statistics as statistics_lib
+
+
+class MultiStepsState(NamedTuple):
+  """State of :func:`multi_steps`.
+
+  Attributes:
+    inner: the ``optax.MultiSteps`` state (accumulated gradients, the inner
+      optimizer's state, the micro-step counter).
+    curvature: the statistics summed over the micro-batches so far.
+  """
+
+  inner: optax.MultiStepsState
+  curvature: Any
+
+
+def multi_steps(
+  tx: optax.GradientTransformation,
+  every_k_schedule: int | Any,
+  *,
+  layout: Any,
+  **multi_steps_kwargs: Any,
+) -> optax.GradientTransformationExtraArgs:
+  """``optax.MultiSteps`` for AdaFisher: accumulates gradients and statistics.
+
+  Every micro-batch's ``curvature`` is added to a running sum; the inner
+  optimizer sees the sum with the output gradients rescaled to the averaged
+  objective, exactly as if one batch of all micro-batches had been captured.
+
+  Args:
+    tx: the optimizer (e.g. :func:`adafisher_optax.adafisher`).
+    every_k_schedule: micro-batches per update (int or schedule), as for
+      ``optax.MultiSteps``.
+    layout: the curvature's shapes, from
+      :func:`adafisher_optax.curvature_layout` (the running sum is part of
+      the state, so its structure is fixed at ``init``).
+    **multi_steps_kwargs: passed to ``optax.MultiSteps``.
+
+  Returns:
+    A :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes
+    ``curvature=`` like AdaFisher's.
+  """
+  if layout is None or not statistics_lib.flatten(layout):
+    raise ValueError(
+      'multi_steps needs layout=adafisher_optax.curvature_layout(grad_fn, '
+      'params, *batch) to size its running sum of statistics.'
+    )
+  inner = optax.MultiSteps(tx, every_k_schedule, **multi_steps_kwargs)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), layout)
+  structure = jax.tree.structure(zeros)
+
+  def init_fn(params):
+    return MultiStepsState(inner=inner.init(params), curvature=zeros)
+
+  def update_fn(updates, state, params=None, *, curvature=None, **extra_args):
+    if curvature is None:
+      raise TypeError('multi_steps: update needs the keyword `curvature`.')
+    if jax.tree.structure(curvature) != structure:
+      raise ValueError(
+        'multi_steps: curvature does not match the layout given at '
+        f'construction:\n  layout:    {structure}\n  curvature: '
+        f'{jax.tree.structure(curvature)}'
+      )
+    total = jax.tree.map(jnp.add, state.curvature, curvature)
+    micro_batches = state.inner.mini_step + 1
+    averaged = jax.tree.map(
+      lambda s: s.average_of(micro_batches),
+      total,
+      is_leaf=statistics_lib.is_layer_statistics,
+    )
+    new_updates, inner_state = inner.update(
+      updates, state.inner, params, curvature=averaged, **extra_args
+    )
+    emitted = inner_state.mini_step == 0
+    total = jax.tree.map(lambda t: jnp.where(emitted, 0, t), total)
+    return new_updates, MultiStepsState(inner=inner_state, curvature=total)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,367 @@
+"""TrainState, pure-JAX tags, orbax, accumulation, precision, NaN, diagnostics."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import adafisher_optax as afo
+from adafisher_optax import tags
+
+import brute_force as bf
+from models import MLP, ConvNet, batch, loss_fn, make_step
+
+HERE = Path(__file__).parent
+
+
+def _params(model, shape, seed=1, dtype=jnp.float32):
+  x, _ = batch(jax.random.key(0), shape)
+  params = model.init(jax.random.key(seed), x)['params']
+  return jax.tree.map(lambda p: p.astype(dtype), params)
+
+
+# --- Flax TrainState ---------------------------------------------------------
+
+
+def test_train_state_matches_the_plain_optax_path():
+  model = ConvNet()
+  params = _params(model, (6, 5, 5, 2))
+  tx = afo.adafisher(0.02, t_cov=2)
+  grad_fn = afo.value_and_grad_with_curvature(loss_fn(model))
+  state = afo.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+  @jax.jit
+  def train_step(state, x, y):
+    _, grads, curvature = grad_fn(state.params, x, y)
+    return state.apply_gradients(grads=grads, curvature=curvature)
+
+  step = jax.jit(make_step(model, tx))
+  p, s = params, tx.init(params)
+  for i in range(4):
+    x, y = batch(jax.random.key(10 + i), (6, 5, 5, 2))
+    state = train_step(state, x, y)
+    p, s, _ = step(p, s, x, y)
+  chex.assert_trees_all_equal(state.params, p)
+  assert int(state.step) == 4
+
+
+# --- tags for pure JAX -----------------------------------------------------------
+
+
+def _tagged_convnet(params, x):
+  """The ConvNet of models.py minus its norms, in pure JAX with tags."""
+  h = jax.nn.relu(tags.conv(x, params['conv']))
+  h = h.mean(axis=(1, 2))
+  return tags.dense(h, params['head'])
+
+
+class _FlaxTwin(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.Conv(4, (3, 3), name='conv')(x)).mean(axis=(1, 2))
+    return nn.Dense(3, name='head')(h)
+
+
+def _tagged_mlp(params, x):
+  h = jnp.tanh(tags.dense(x, params['dense0']))
+  h = jnp.tanh(tags.dense(h, params['dense1']))
+  return tags.dense(h, params['head'])
+
+
+@pytest.mark.parametrize(
+  'flax_model,tagged,shape',
+  [(MLP(), _tagged_mlp, (8, 5)), (_FlaxTwin(), _tagged_convnet, (6, 5, 5, 2))],
+)
+def test_tags_match_the_flax_capture(x64, flax_model, tagged, shape):
+  params = _params(flax_model, shape, dtype=jnp.float64)
+  x, y = batch(jax.random.key(3), shape)
+  x = x.astype(jnp.float64)
+
+  def pure_loss(p, x, y):
+    logits = tagged(p, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  want = afo.value_and_grad_with_curvature(loss_fn(flax_model))(params, x, y)
+  got = afo.value_and_grad_with_curvature(pure_loss)(params, x, y)
+  chex.assert_trees_all_close(got, want, rtol=1e-12)
+  tx = afo.adafisher(0.05, t_cov=1)
+  updates, _ = tx.update(got[1], tx.init(params), params, curvature=got[2])
+  np.testing.assert_allclose(
+    float(pure_loss(optax.apply_updates(params, updates), x, y)),
+    float(loss_fn(flax_model)(optax.apply_updates(params, updates), x, y)),
+    rtol=1e-12,
+  )
+
+
+def test_tags_inside_lax_scan_over_stacked_layers(x64):
+  keys = jax.random.split(jax.random.key(0), 4)
+  params = {
+    'blocks': {
+      'kernel': 0.5 * jax.random.normal(keys[0], (3, 4, 4), jnp.float64),
+      'bias': jax.random.normal(keys[1], (3, 4), jnp.float64),
+    }
+  }
+  x = jax.random.normal(keys[2], (5, 4), jnp.float64)
+  r = jax.random.normal(keys[3], (5, 4), jnp.float64)
+
+  def loss(p, x):
+    def body(h, layer):
+      return jnp.tanh(tags.dense(h, layer, name='blocks')), None
+
+    return jnp.sum(jnp.sin(jax.lax.scan(body, x, p['blocks'])[0]) * r)
+
+  _, _, curvature = jax.jit(afo.value_and_grad_with_curvature(loss))(params, x)
+  h, s = curvature['blocks'].means()
+  assert h.shape == (3, 5) and s.shape == (3, 4)
+
+  def manual(perturbations):
+    inputs, h = [], x
+    for layer in range(3):
+      inputs.append(h)
+      w, b = params['blocks']['kernel'][layer], params['blocks']['bias'][layer]
+      h = jnp.tanh(h @ w + b + perturbations[layer])
+    return jnp.sum(jnp.sin(h) * r), inputs
+
+  g, inputs = jax.grad(manual, has_aux=True)([jnp.zeros((5, 4))] * 3)
+  for layer in range(3):
+    want_h, want_s = bf.dense(inputs[layer], g[layer], [1], 1, True)
+    np.testing.assert_allclose(h[layer], want_h, rtol=1e-12)
+    np.testing.assert_allclose(s[layer], want_s, rtol=1e-12)
+
+
+# --- orbax: kill and resume --------------------------------------------------
+
+
+def test_killed_run_resumes_bit_identically(tmp_path):
+  def worker(*args):
+    return subprocess.run(
+      [sys.executable, str(HERE / 'checkpoint_worker.py'), *map(str, args)],
+      cwd=HERE,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env={
+        'PYTHONPATH': f'{HERE}:{HERE.parent}',
+        'PATH': '/usr/bin:/bin',
+        'JAX_PLATFORMS': 'cpu',
+      },
+    )
+
+  full = worker('run', 7, tmp_path / 'full.npz')
+  assert full.returncode == 0, full.stderr
+  crashed = worker('crash', 4, tmp_path / 'ckpt')
+  assert crashed.returncode == -9, crashed.stderr  # SIGKILL after step 4
+  resumed = worker('resume', 7, tmp_path / 'ckpt', tmp_path / 'resumed.npz')
+  assert resumed.returncode == 0, resumed.stderr
+  want, got = np.load(tmp_path / 'full.npz'), np.load(tmp_path / 'resumed.npz')
+  assert sorted(want) == sorted(got)
+  for key in want:
+    assert np.array_equal(want[key], got[key]), key
+
+
+# --- gradient accumulation ---------------------------------------------------
+
+
+@pytest.mark.parametrize('numerics', ['reference', 'paper'])
+def test_multi_steps_counts_every_micro_batch(x64, numerics):
+  model = ConvNet()
+  params = _params(model, (12, 5, 5, 2), dtype=jnp.float64)
+  grad_fn = jax.jit(
+    afo.value_and_grad_with_curvature(loss_fn(model), numerics=numerics)
+  )
+  batches = [batch(jax.random.key(20 + i), (12, 5, 5, 2)) for i in range(2)]
+  batches = [(x.astype(jnp.float64), y) for x, y in batches]
+  inner = afo.adafisher(1e-3, t_cov=1, numerics=numerics)
+  layout = afo.curvature_layout(grad_fn, params, *batches[0])
+  accumulated = afo.multi_steps(
+    inner, 3, layout=layout, accumulator_dtype=jnp.float64
+  )
+  big_p, big_s = params, inner.init(params)
+  acc_p, acc_s = params, accumulated.init(params)
+  # After the first update both agree to rounding; the second update shows
+  # it amplified by the ill-conditioned steps (F~ ~ lambda) of early training.
+  for (x, y), rtol in zip(batches, (1e-10, 1e-6)):
+    _, grads, curvature = grad_fn(big_p, x, y)
+    updates, big_s = inner.update(grads, big_s, big_p, curvature=curvature)
+    big_p = optax.apply_updates(big_p, updates)
+    for micro in range(3):
+      part = slice(4 * micro, 4 * micro + 4)
+      _, grads, curvature = grad_fn(acc_p, x[part], y[part])
+      updates, acc_s = accumulated.update(
+        grads, acc_s, acc_p, curvature=curvature
+      )
+      acc_p = optax.apply_updates(acc_p, updates)
+    chex.assert_trees_all_close(acc_p, big_p, rtol=rtol)
+    chex.assert_trees_all_close(
+      acc_s.inner.inner_opt_state[0].factors, big_s[0].factors, rtol=rtol
+    )
+
+
+# --- mixed precision ---------------------------------------------------------
+
+
+class _DigitsNet(nn.Module):
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = nn.relu(nn.Conv(8, (3, 3), **kw)(x))
+    x = nn.LayerNorm(**kw)(x.reshape(x.shape[0], -1))
+    return nn.Dense(10, **kw)(x).astype(jnp.float32)
+
+
+def _train_digits(model, steps=150):
+  from benchmarks.datasets import digits
+
+  data = digits()
+  x, y = data['x_train'][..., None], data['y_train']
+  params = model.init(jax.random.key(0), x[:2])['params']
+  tx = afo.adafisher(1e-3)
+  step = jax.jit(make_step(model, tx))
+  state = tx.init(params)
+  rng = np.random.default_rng(0)
+  for _ in range(steps):
+    idx = rng.choice(len(x), 64, replace=False)
+    params, state, loss = step(params, state, x[idx], y[idx])
+  logits = model.apply({'params': params}, data['x_test'][..., None])
+  accuracy = float((logits.argmax(-1) == data['y_test']).mean())
+  return params, state, float(loss), accuracy
+
+
+def test_bfloat16_run_stays_finite_and_close_to_float32():
+  _, _, loss32, acc32 = _train_digits(_DigitsNet())
+  for model in (
+    _DigitsNet(dtype=jnp.bfloat16),  # bf16 activations
+    _DigitsNet(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16),  # and params
+  ):
+    params, state, loss, accuracy = _train_digits(model)
+    assert np.isfinite(loss)
+    assert all(
+      np.all(np.isfinite(p.astype(np.float32))) for p in jax.tree.leaves(params)
+    )
+    for factors in jax.tree.leaves(
+      state[0].factors, is_leaf=lambda n: isinstance(n, afo.KroneckerFactors)
+    ):
+      assert factors.input.dtype == factors.output.dtype == jnp.float32
+    # Stated tolerance: within 3 points of accuracy and 15% of loss.
+    assert abs(accuracy - acc32) <= 0.03, (accuracy, acc32)
+    assert abs(loss - loss32) <= 0.15 * loss32 + 0.02, (loss, loss32)
+  assert acc32 > 0.85
+
+
+# --- non-finite steps --------------------------------------------------------
+
+
+@pytest.mark.parametrize('wrap', [False, True])
+def test_nan_batch_is_skipped(wrap):
+  model = MLP()
+  params = _params(model, (8, 5))
+  batches = [batch(jax.random.key(30 + i), (8, 5)) for i in range(6)]
+  bad = (batches[2][0].at[0, 0].set(jnp.nan), batches[2][1])
+
+  def tx():
+    base = afo.adafisher(0.02, t_cov=2)
+    return optax.apply_if_finite(base, 3) if wrap else base
+
+  def run(stream):
+    t = tx()
+    step = jax.jit(make_step(model, t))
+    p, s = params, t.init(params)
+    for x, y in stream:
+      p, s, _ = step(p, s, x, y)
+    return p
+
+  with_nan = run(batches[:2] + [bad] + batches[3:])
+  without = run(batches[:2] + batches[3:])
+  assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(with_nan))
+  chex.assert_trees_all_equal(with_nan, without)
+
+
+# --- diagnostics -------------------------------------------------------------
+
+
+def test_diagnostics_report_the_preconditioner():
+  model = MLP()
+  params = _params(model, (16, 5))
+  x, y = batch(jax.random.key(5), (16, 5))
+  for numerics in ('reference', 'paper'):
+    tx = afo.adafisher(0.02, t_cov=2, numerics=numerics, damping=2e-3)
+    step = jax.jit(make_step(model, tx, numerics))
+    p, s = params, tx.init(params)
+    for _ in range(5):
+      p, s, _ = step(p, s, x, y)
+    _, _, curvature = afo.value_and_grad_with_curvature(
+      loss_fn(model), numerics=numerics
+    )(p, x, y)
+    report = afo.diagnostics(s, p, curvature, damping=2e-3, numerics=numerics)
+    assert sorted(report.layers) == ['dense0', 'dense1', 'head']
+    for layer in report.layers.values():
+      assert layer.refreshes == 3  # counts 0, 2, 4
+      assert 2e-3 <= layer.f_min <= layer.f_max
+      assert 0.0 <= layer.damping_dominated <= 1.0
+    assert report.unpreconditioned == []
+    assert '| dense0 | dense |' in str(report)
+  # The authors' constants leave F~ damping-dominated everywhere.
+  assert report.layers['head'].damping_dominated < 1.0
+  reference = afo.diagnostics(
+    afo.adafisher(0.02).init(params), params, curvature, damping=2e-3
+  )
+  assert reference.layers['head'].refreshes == 0
+
+
+def test_diagnostics_reference_numerics_are_damping_dominated():
+  model = MLP()
+  params = _params(model, (16, 5))
+  x, y = batch(jax.random.key(5), (16, 5))
+  tx = afo.adafisher(0.02, t_cov=1)
+  step = jax.jit(make_step(model, tx))
+  p, s = params, tx.init(params)
+  for _ in range(30):
+    p, s, _ = step(p, s, x, y)
+  _, _, curvature = afo.value_and_grad_with_curvature(loss_fn(model))(p, x, y)
+  report = afo.diagnostics(s, p, curvature)
+  for layer in report.layers.values():
+    assert layer.damping_dominated == 1.0
+    assert layer.f_max < 1.1e-3
+
+
+# --- Monte-Carlo (sampled) Fisher -------------------------------------------
+
+
+def test_sampled_fisher_uses_labels_drawn_from_the_model(x64):
+  model = MLP()
+  params = _params(model, (9, 5), dtype=jnp.float64)
+  x, y = batch(jax.random.key(6), (9, 5))
+  x = x.astype(jnp.float64)
+  key = jax.random.key(11)
+
+  def loss(p, x, y):
+    return afo.softmax_cross_entropy(model.apply({'params': p}, x), y)
+
+  empirical = afo.value_and_grad_with_curvature(loss)(params, x, y)
+  sampled = jax.jit(afo.value_and_grad_with_curvature(loss, fisher='sampled'))(
+    params, x, y, fisher_key=key
+  )
+  np.testing.assert_allclose(sampled[0], loss_fn(model)(params, x, y))
+  chex.assert_trees_all_close(sampled[1], empirical[1], rtol=1e-12)
+  logits = model.apply({'params': params}, x)
+  drawn = jax.random.categorical(key, logits)
+
+  def head_output_gradient(z):
+    return optax.softmax_cross_entropy_with_integer_labels(z, drawn).mean()
+
+  g = jax.grad(head_output_gradient)(logits)
+  _, s = sampled[2]['head'].means()
+  np.testing.assert_allclose(s, (np.asarray(g) ** 2).mean(0), rtol=1e-12)
+  np.testing.assert_allclose(
+    sampled[2]['head'].input, empirical[2]['head'].input, rtol=1e-12
+  )
