@@ -10,7 +10,7 @@ Capture -> statistics -> factor EMA -> preconditioner -> update:
 * :func:`adafisher` and :func:`adafisherw` (``alias``) are the optimizers.
 """
 
-from adafisher_optax import tags
+from adafisher_optax import checkpoint, tags
 from adafisher_optax.accumulation import MultiStepsState, multi_steps
 from adafisher_optax.alias import adafisher, adafisherw
 from adafisher_optax.capture import (
@@ -55,6 +55,7 @@ __all__ = [
   'UnsupportedLayerWarning',
   'adafisher',
   'adafisherw',
+  'checkpoint',
   'curvature_layout',
   'diagnostics',
   'multi_steps',

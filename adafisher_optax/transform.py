@@ -103,13 +103,13 @@ def _layer_dicts(params: Any):
   yield from visit(params, ())
 
 
-def _check_params(params: Any) -> None:
-  for path, leaf in _tree.leaves_with_paths(params):
+def _check_params(tree: Any, what: str = 'parameter') -> None:
+  for path, leaf in _tree.leaves_with_paths(tree):
     dtype = getattr(leaf, 'dtype', None)
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
       raise TypeError(
-        f'AdaFisher: parameter {_tree.format_path(path)!r} has dtype {dtype};'
-        ' only floating-point parameters can be optimised (freeze others '
+        f'AdaFisher: {what} {_tree.format_path(path)!r} has dtype {dtype}; '
+        'only floating-point parameters can be optimised (freeze others '
         'with optax.masked or keep them out of the params).'
       )
 
@@ -151,6 +151,14 @@ def _leaf_shape(updates: Any, path: _tree.Path, name: str | None):
 
 def _check_layer(path, stats, factors, weight_shape, bias_shape, numerics):
   where = _tree.format_path(path)
+  for field in ('input', 'output', 'rows'):
+    dtype = getattr(stats, field).dtype
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(
+        f'curvature[{where!r}].{field} has dtype {dtype}; statistics are '
+        'floating-point (pass the curvature of value_and_grad_with_curvature '
+        'unchanged).'
+      )
   if stats.variant is not None and stats.variant != numerics:
     raise ValueError(
       f'curvature[{where!r}] was captured with numerics={stats.variant!r} '
@@ -356,6 +364,7 @@ def scale_by_adafisher(
         'tx.update(grads, opt_state, params, curvature=curvature) with the '
         'curvature returned by value_and_grad_with_curvature.'
       )
+    _check_params(updates, what='gradient')
     due = (state.count % jnp.asarray(t_cov, state.count.dtype)) == 0
     factors, preconditioners = _refresh_factors(
       updates,

@@ -1,5 +1,7 @@
 """Malformed uses raise exceptions that name the parameter path or argument."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -212,3 +214,119 @@ def test_scan_that_drops_the_probe():
   )
   with pytest.raises(afo.CaptureError, match=r"'cell/dense'.*probe"):
     grad_fn(params, x)
+
+
+# --- issue 4 battery: the ecosystem pieces -----------------------------------
+
+
+def test_complex_params():
+  params = {'dense': {'kernel': jnp.ones((2, 2), jnp.complex64)}}
+  with pytest.raises(TypeError, match="'dense/kernel'"):
+    afo.adafisher(1e-3).init(params)
+
+
+def test_curvature_with_integer_statistics(setup):
+  _, params, grads, curvature, _ = setup
+  bad = dict(curvature)
+  bad['head'] = dataclasses.replace(
+    curvature['head'], input=curvature['head'].input.astype(jnp.int32)
+  )
+  tx = afo.adafisher(1e-3)
+  with pytest.raises(TypeError, match=r"curvature\['head'\].*int32"):
+    tx.update(grads, tx.init(params), params, curvature=bad)
+
+
+def test_gradients_of_another_dtype(setup):
+  _, params, grads, curvature, _ = setup
+  tx = afo.adafisher(1e-3)
+  grads = jax.tree.map(lambda g: g.astype(jnp.int32), grads)
+  with pytest.raises(TypeError, match="'dense0/bias'"):
+    tx.update(grads, tx.init(params), params, curvature=curvature)
+
+
+def test_fisher_key_required_and_refused(setup):
+  model, params, _, _, (x, y) = setup
+  sampled = afo.value_and_grad_with_curvature(loss_fn(model), fisher='sampled')
+  with pytest.raises(TypeError, match='fisher_key'):
+    sampled(params, x, y)
+  empirical = afo.value_and_grad_with_curvature(loss_fn(model))
+  with pytest.raises(TypeError, match='fisher_key'):
+    empirical(params, x, y, fisher_key=jax.random.key(0))
+  with pytest.raises(ValueError, match='fisher'):
+    afo.value_and_grad_with_curvature(loss_fn(model), fisher='true')
+
+
+def test_sampled_fisher_without_registered_loss(setup):
+  model, params, _, _, (x, y) = setup
+  sampled = afo.value_and_grad_with_curvature(loss_fn(model), fisher='sampled')
+  with pytest.raises(afo.CaptureError, match='softmax_cross_entropy'):
+    sampled(params, x, y, fisher_key=jax.random.key(0))
+
+
+def test_tag_on_transformed_params_needs_a_name():
+  params = {'fc': {'kernel': jnp.ones((3, 2)), 'bias': jnp.zeros(2)}}
+
+  def loss(p, x):
+    doubled = jax.tree.map(lambda v: 2 * v, p['fc'])
+    return afo.tags.dense(x, doubled).sum()
+
+  with pytest.raises(afo.CaptureError, match="name='path/to/layer'"):
+    afo.value_and_grad_with_curvature(loss)(params, jnp.ones((4, 3)))
+
+
+def test_multi_steps_needs_a_layout_and_matching_curvature(setup):
+  model, params, grads, curvature, (x, y) = setup
+  with pytest.raises(ValueError, match='layout='):
+    afo.multi_steps(afo.adafisher(1e-3), 2, layout=None)
+  layout = afo.curvature_layout(
+    afo.value_and_grad_with_curvature(loss_fn(model)), params, x, y
+  )
+  tx = afo.multi_steps(afo.adafisher(1e-3), 2, layout=layout)
+  state = tx.init(params)
+  with pytest.raises(ValueError, match='does not match the layout'):
+    tx.update(grads, state, params, curvature={'head': curvature['head']})
+  with pytest.raises(TypeError, match='curvature'):
+    tx.update(grads, state, params)
+
+
+def test_train_state_without_curvature(setup):
+  model, params, grads, _, _ = setup
+  state = afo.TrainState.create(
+    apply_fn=model.apply, params=params, tx=afo.adafisher(1e-3)
+  )
+  with pytest.raises(TypeError, match='curvature'):
+    state.apply_gradients(grads=grads)
+
+
+def test_checkpoint_of_another_model(setup, tmp_path):
+  import orbax.checkpoint as ocp
+
+  _, params, _, _, (x, _) = setup
+  tx = afo.adafisher(1e-3)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(tmp_path / 'ckpt', {'opt_state': tx.init(params)})
+    checkpointer.wait_until_finished()
+  wider = MLP(widths=(16, 9)).init(jax.random.key(2), x)['params']
+  with pytest.raises(ValueError, match=r"'opt_state/0/factors/dense1/output'"):
+    afo.checkpoint.restore(tmp_path / 'ckpt', {'opt_state': tx.init(wider)})
+  deeper = MLP(widths=(16, 8, 4)).init(jax.random.key(2), x)['params']
+  with pytest.raises(ValueError, match=r"no entry 'opt_state/0/factors/dense2"):
+    afo.checkpoint.restore(tmp_path / 'ckpt', {'opt_state': tx.init(deeper)})
+  restored = afo.checkpoint.restore(
+    tmp_path / 'ckpt', {'opt_state': tx.init(params)}
+  )
+  assert int(restored['opt_state'][0].count) == 0
+
+
+def test_diagnostics_of_a_state_without_adafisher(setup):
+  _, params, _, curvature, _ = setup
+  with pytest.raises(ValueError, match='AdaFisherState'):
+    afo.diagnostics(optax.adam(1e-3).init(params), params, curvature)
+
+
+def test_state_shardings_need_named_shardings(setup):
+  _, params, _, _, _ = setup
+  with pytest.raises(TypeError, match='params_shardings'):
+    afo.state_shardings(
+      afo.adafisher(1e-3), params, jax.tree.map(lambda _: None, params)
+    )
