@@ -28,6 +28,7 @@ statistics of shared layers.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -81,9 +82,14 @@ _UPDATED = nnx.All(nnx.Variable, nnx.Not(Probe), nnx.Not(_model_params))
 
 
 def _tapped_method(base: type, name: str, kind: str) -> Callable[..., Any]:
-  """``base.name`` followed by the current session's tap."""
+  """``base.name`` followed by the current session's tap.
+
+  The rule sees the first argument positionally and the others by name
+  (``RMSNorm(x, mask)`` takes its mask positionally).
+  """
   original = getattr(base, name)
   rule = layers_lib.REGISTRY[kind]
+  names = list(inspect.signature(original).parameters)[2:]
 
   @functools.wraps(original)
   def method(self, *args, **kwargs):
@@ -93,13 +99,14 @@ def _tapped_method(base: type, name: str, kind: str) -> Callable[..., Any]:
     if session is None or path is None:
       return outputs
     session.calls += 1
+    by_name = {**dict(zip(names, args[1:])), **kwargs}
     return session.apply(
       path,
       rule,
       name,
       self,
-      args,
-      kwargs,
+      args[:1],
+      by_name,
       outputs,
       get_param=lambda n: getattr(self, n)[...],
       get_probe=lambda: _probe(self, session.plan[path], path),

@@ -587,16 +587,19 @@ def test_values_gradients_and_updates_equal_nnx_value_and_grad():
 
 
 class Tied(nnx.Module):
-  """A tied embedding (``attend``) and a LinearGeneral with a batch axis."""
+  """A tied embedding (``attend``), a LinearGeneral with a batch axis and an
+  RMSNorm given a mask (positionally)."""
 
   def __init__(self, rngs):
     self.embed = nnx.Embed(11, 4, rngs=rngs)
     self.mix = nnx.Linear(4, 4, rngs=rngs)
     self.batched = nnx.LinearGeneral(4, 4, batch_axis={0: 2}, rngs=rngs)
+    self.norm = nnx.RMSNorm(4, rngs=rngs)
 
   def __call__(self, ids):
     h = self.mix(self.embed(ids))
-    return self.embed.attend(h).sum() + self.batched(h).sum()
+    masked = self.norm(h, jnp.arange(4) > 0)
+    return self.embed.attend(h).sum() + self.batched(h).sum() + masked.sum()
 
 
 def test_unsupported_applications_are_reported_and_left_unpreconditioned():
@@ -604,6 +607,7 @@ def test_unsupported_applications_are_reported_and_left_unpreconditioned():
   ids = jnp.array([[1, 2, 3], [4, 5, 1]])
   grad_fn = afo.nnx.value_and_grad_with_curvature(lambda m, ids: m(ids) ** 2)
   reported = r'(?=.*embed \(Embed: .*attend)(?=.*batched \(.*batch_axis)'
+  reported += r'(?=.*norm \(RMSNorm: .*mask)'
   with pytest.warns(afo.UnsupportedLayerWarning, match=reported):
     _, grads, curvature = nnx.jit(grad_fn)(model, ids)
   assert sorted(curvature) == ['mix']
@@ -611,6 +615,7 @@ def test_unsupported_applications_are_reported_and_left_unpreconditioned():
     'batched/bias',
     'batched/kernel',
     'embed/embedding',
+    'norm/scale',
   ]
   optimizer = nnx.Optimizer(model, afo.adafisher(0.1), wrt=nnx.Param)
   with pytest.warns(afo.UnpreconditionedParametersWarning, match='embedding'):
