@@ -8,7 +8,12 @@ Capture -> statistics -> factor EMA -> preconditioner -> update:
   :class:`KroneckerFactors` (``factors``) and preconditions the momentum with
   the per-layer formulas of the registry (``layers``);
 * :func:`adafisher` and :func:`adafisherw` (``alias``) are the optimizers.
+
+``adafisher_optax.nnx`` captures Flax NNX models; it is imported on first
+use, so that ``import adafisher_optax`` does not import ``flax.nnx``.
 """
+
+import importlib
 
 from adafisher_optax import checkpoint, tags
 from adafisher_optax.accumulation import MultiStepsState, multi_steps
@@ -40,6 +45,13 @@ from adafisher_optax.transform import (
 
 __version__ = '0.1.0'
 
+
+def __getattr__(name: str):
+  if name == 'nnx':  # a submodule, imported lazily (see above)
+    return importlib.import_module('adafisher_optax.nnx')
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
 __all__ = [
   'REFERENCE_LAYERS',
   'SUPPORTED_LAYERS',
@@ -59,6 +71,7 @@ __all__ = [
   'curvature_layout',
   'diagnostics',
   'multi_steps',
+  'nnx',
   'scale_by_adafisher',
   'softmax_cross_entropy',
   'state_shardings',

@@ -23,15 +23,24 @@ def keypath_to_path(keypath) -> Path:
 
 
 def format_path(path: Path) -> str:
-  return '/'.join(path) if path else '<root>'
+  return '/'.join(str(key) for key in path) if path else '<root>'
 
 
 def get_node(tree: Any, path: Path) -> Any:
-  """Returns ``tree[p0][p1]...`` or ``None`` when any key is missing."""
+  """Returns ``tree[p0][p1]...`` or ``None`` when any key is missing.
+
+  A key also matches by its name, as :func:`key_to_str` writes it: paths read
+  from flattened trees are strings, while an ``nnx.State`` keys the items of
+  a list by integers.
+  """
   node = tree
   for key in path:
-    if not isinstance(node, Mapping) or key not in node:
+    if not isinstance(node, Mapping):
       return None
+    if key not in node:
+      key = next((k for k in node if str(k) == key), None)
+      if key is None:
+        return None
     node = node[key]
   return node
 

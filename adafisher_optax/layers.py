@@ -215,24 +215,46 @@ class KroneckerRule(LayerRule):
     return f_weight, f_bias
 
 
+def _general_axes(module: Any) -> tuple[Any, Any] | None:
+  """``(axis, features)`` of a DenseGeneral-like layer, else ``None``.
+
+  Linen ``DenseGeneral`` is known by its type; an object that is not a linen
+  module and has an ``axis`` is NNX ``LinearGeneral``, which names its output
+  features ``out_features`` (NNX ``Linear`` has no ``axis``).
+  """
+  if isinstance(module, nn.DenseGeneral):
+    return module.axis, module.features
+  if not isinstance(module, nn.Module) and hasattr(module, 'axis'):
+    return module.axis, module.out_features
+  return None
+
+
 class DenseRule(KroneckerRule):
-  """``nn.Dense`` and ``nn.DenseGeneral``: rows are all non-contracted axes."""
+  """``nn.Dense`` and ``nn.DenseGeneral``: rows are all non-contracted axes.
+
+  NNX ``Linear`` and ``LinearGeneral`` use this rule too (see
+  :mod:`adafisher_optax.nnx`).
+  """
 
   kind = 'dense'
   module_types = (nn.Dense, nn.DenseGeneral)
 
   def unsupported_reason(self, module, method, args, kwargs):
     reason = super().unsupported_reason(module, method, args, kwargs)
-    batch_dims = getattr(module, 'batch_dims', ())
-    if reason is None and tuple(np.atleast_1d(batch_dims)):
+    if reason is None and tuple(
+      np.atleast_1d(getattr(module, 'batch_dims', ()))
+    ):
       reason = 'DenseGeneral with batch_dims is not supported'
+    if reason is None and getattr(module, 'batch_axis', None):  # NNX
+      reason = 'LinearGeneral with batch_axis is not supported'
     return reason
 
   def statistics(self, module, args, kwargs, outputs, numerics, get_param):
     x = _first_arg(args, kwargs, 'inputs')
-    if isinstance(module, nn.DenseGeneral):
-      contracted = sorted(a % x.ndim for a in np.atleast_1d(module.axis))
-      n_out = len(np.atleast_1d(module.features))
+    general = _general_axes(module)
+    if general is not None:
+      contracted = sorted(a % x.ndim for a in np.atleast_1d(general[0]))
+      n_out = len(np.atleast_1d(general[1]))
     else:
       contracted, n_out = [x.ndim - 1], 1
     x = x.astype(statistics_dtype())
@@ -472,7 +494,7 @@ class TokenNormRule(NormRule):
 
 
 class ChannelNormRule(NormRule):
-  """``nn.BatchNorm`` (train and eval mode) and ``nn.GroupNorm``.
+  """``nn.BatchNorm`` (train and eval mode) and ``nn.GroupNorm`` (and NNX's).
 
   In ``reference`` numerics the surrogate axis is the channel (feature) axis,
   which PyTorch's NCHW layout puts at axis 1.
@@ -484,7 +506,10 @@ class ChannelNormRule(NormRule):
   def feature_axes(self, module, ndim):
     if isinstance(module, nn.GroupNorm):
       return (ndim - 1,)
-    return tuple(sorted({a % ndim for a in np.atleast_1d(module.axis)}))
+    # NNX GroupNorm names its (last) feature axis `feature_axis`.
+    axes = getattr(module, 'feature_axis', None)
+    axes = module.axis if axes is None else axes
+    return tuple(sorted({a % ndim for a in np.atleast_1d(axes)}))
 
   def surrogate_axis(self, module, ndim):
     return self.feature_axes(module, ndim)[0]

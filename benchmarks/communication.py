@@ -63,7 +63,7 @@ def main(argv=None):
     default=8,
     help='virtual CPU devices when no accelerator mesh',
   )
-  parser.add_argument('--models', default='mlp,cnn')
+  parser.add_argument('--models', default='mlp,cnn,gpt')
   parser.add_argument('--rounds', type=int, default=5)
   args = parser.parse_args(argv)
   if 'jax' not in sys.modules:
@@ -76,7 +76,7 @@ def main(argv=None):
   from jax.sharding import PartitionSpec as P
 
   import adafisher_optax as afo
-  from benchmarks.step_cost import MODELS
+  from benchmarks.step_cost import WORKLOADS
   from benchmarks.training import init_model, make_train_step
 
   devices = jax.devices()[: args.devices]
@@ -93,15 +93,12 @@ def main(argv=None):
   )
   print('|---|---|---:|---:|---:|---:|---:|')
   for name in args.models.split(','):
-    make_model, shape = MODELS[name]
-    model = make_model()
-    x_host = jax.random.normal(jax.random.key(0), shape)
-    x = jax.device_put(x_host, batch)
-    y = jax.device_put(
-      jax.random.randint(jax.random.key(1), shape[:1], 0, 10), batch
-    )
+    work = WORKLOADS[name]()
+    model = work.model
+    x = jax.device_put(work.x, batch)
+    y = jax.device_put(work.y, batch)
     params, model_state = jax.device_put(
-      init_model(model, x_host[:2]), replicated
+      init_model(model, work.x[:2]), replicated
     )
     rows = {}
     for label, tx, capture in (
