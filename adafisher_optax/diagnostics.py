@@ -119,7 +119,9 @@ def diagnostics(
   for path, stats in statistics_lib.flatten(curvature).items():
     if path not in factors:
       continue
-    h, s = factors_lib.for_preconditioning(factors[path], numerics)
+    ((h, s),) = factors_lib.for_preconditioning(
+      {path: factors[path]}, numerics
+    ).values()
     names = [n for n in (stats.weight_name, stats.bias_name) if n is not None]
     shapes = {
       n: tuple(np.shape(_tree.get_node(params, path + (n,)))) for n in names

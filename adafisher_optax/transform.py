@@ -217,40 +217,41 @@ def _axis_names(axis_name: Any) -> tuple:
   return (axis_name,)
 
 
-def _over_devices(stats, axis_name, due, path):
+def _over_devices(stats, axis_name):
   """Global-batch statistics: raw sums added over devices (spec section 4).
 
   Statistics combine across devices as JAX combines the gradients of
   replicated parameters. Inside ``shard_map`` JAX sums them in the backward
-  pass (the probes are replicated inputs; ``stats.summed_over``), so nothing
-  is left to do. Under
-  ``pmap`` each device's loss is the mean over its own batch and the user
-  averages gradients with ``pmean``; then ``axis_name`` sums the statistics
-  here, on refresh steps only, and divides ``S`` by the squared device count
-  (the output gradient of the averaged objective is the local one over ``D``).
+  pass (the probes are replicated inputs; ``summed_over``), so nothing is
+  left to do. Under ``pmap`` each device's loss is the mean over its own
+  batch and the user averages gradients with ``pmean``; then ``axis_name``
+  sums the statistics here (the caller runs this on refresh steps only) and
+  rescales them to the averaged objective.
+
+  Args:
+    stats: ``{layer path: LayerStatistics}``.
+    axis_name: the optimizer's ``axis_name``.
+
+  Returns:
+    ``{layer path: LayerStatistics}`` of the global batch.
   """
   names = _axis_names(axis_name)
-  varying = _devices.varying_axes(stats.input)
-  stray = varying - set(names)
-  if stray:
-    raise ValueError(
-      f'curvature[{_tree.format_path(path)!r}] differs between devices along '
-      f'mesh axes {sorted(stray)}: pass axis_name={sorted(stray)[0]!r} '
-      '(or a tuple) to the optimizer, or every device preconditions with its '
-      'own statistics and the replicas drift apart.'
-    )
-  pending = tuple(n for n in names if n not in stats.summed_over)
-  if not pending:
-    return stats
-
-  def summed(s):
-    return s.psum(pending)
-
-  def skipped(s):
-    return jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype), s)
-
-  devices = jax.lax.psum(1, pending)
-  return jax.lax.cond(due, summed, skipped, stats).average_of(devices)
+  combined = {}
+  for path, layer in stats.items():
+    stray = _devices.varying_axes(layer.input) - set(names)
+    if stray:
+      raise ValueError(
+        f'curvature[{_tree.format_path(path)!r}] differs between devices '
+        f'along mesh axes {sorted(stray)}: pass '
+        f'axis_name={sorted(stray)[0]!r} (or a tuple) to the optimizer, or '
+        'every device preconditions with its own statistics and the '
+        'replicas drift apart.'
+      )
+    axes = tuple(n for n in names if n not in layer.summed_over)
+    if axes:
+      layer = layer.psum(axes).average_of(jax.lax.psum(1, axes))
+    combined[path] = layer
+  return combined
 
 
 def _refresh_factors(
@@ -259,15 +260,15 @@ def _refresh_factors(
   """Refreshes the factors of every layer in ``curvature``.
 
   Returns:
-    ``(new factors tree, {parameter path: F~})``.
+    ``(new factors tree, {parameter path: F~}, whether every statistic of
+    this device was finite)``.
   """
   old = dict(
     _tree.leaves_with_paths(
       factors, is_leaf=lambda x: isinstance(x, factors_lib.KroneckerFactors)
     )
   )
-  new = dict(old)
-  preconditioners = {}
+  layers, shapes = {}, {}
   for path, stats in statistics_lib.flatten(curvature).items():
     if not isinstance(_tree.get_node(updates, path), Mapping):
       raise ValueError(
@@ -280,18 +281,41 @@ def _refresh_factors(
     if weight_shape is None and bias_shape is None:
       continue  # every parameter of the layer is masked out
     _check_layer(path, stats, old.get(path), weight_shape, bias_shape, numerics)
-    stats = _over_devices(stats, axis_name, due, path)
-    new[path] = factors_lib.refresh(
-      old[path], stats, due=due, gamma=gamma, numerics=numerics
+    layers[path] = stats
+    shapes[path] = (weight_shape, bias_shape)
+  if not layers:
+    return factors, {}, jnp.asarray(True)
+  finite = _all_finite(
+    jnp.concatenate(
+      [jnp.ravel(a) for st in layers.values() for a in (st.input, st.output)]
     )
-    h, s = factors_lib.for_preconditioning(new[path], numerics)
+  )
+
+  def refresh(current):
+    combined = _over_devices(layers, axis_name)
+    return factors_lib.refresh(
+      current,
+      {p: s.means() for p, s in combined.items()},
+      {p: s.rows for p, s in combined.items()},
+      gamma=gamma,
+      numerics=numerics,
+    )
+
+  # Refresh steps only: other steps skip the work and the collectives.
+  refreshed = jax.lax.cond(
+    due, refresh, lambda current: current, {p: old[p] for p in layers}
+  )
+  preconditioners = {}
+  normalized = factors_lib.for_preconditioning(refreshed, numerics)
+  for path, (h, s) in normalized.items():
+    stats = layers[path]
     f_weight, f_bias = layers_lib.REGISTRY[stats.kind].preconditioner(
-      h, s, damping, numerics, weight_shape, bias_shape
+      h, s, damping, numerics, *shapes[path]
     )
     for name, f in ((stats.weight_name, f_weight), (stats.bias_name, f_bias)):
       if f is not None:
         preconditioners[path + (name,)] = f
-  return _tree.nest(new), preconditioners
+  return _tree.nest({**old, **refreshed}), preconditioners, finite
 
 
 def scale_by_adafisher(
@@ -366,7 +390,7 @@ def scale_by_adafisher(
       )
     _check_params(updates, what='gradient')
     due = (state.count % jnp.asarray(t_cov, state.count.dtype)) == 0
-    factors, preconditioners = _refresh_factors(
+    factors, preconditioners, finite = _refresh_factors(
       updates,
       state.factors,
       curvature,
@@ -405,8 +429,18 @@ def scale_by_adafisher(
     new_state = AdaFisherState(
       count=count_inc, mu=otu.cast(mu, mu_dtype), factors=factors
     )
-    # A step with non-finite gradients changes nothing and moves nothing.
-    finite = _all_finite(updates)
+    # A step with non-finite gradients changes nothing and moves nothing. A
+    # captured layer's gradients are sums of products of its inputs and
+    # output gradients, whose squares its statistics sum: they are finite
+    # when its statistics are, and only the other gradients need a look.
+    # Under pmap the statistics are this device's while the gradients are
+    # averaged over all: there, every gradient is checked.
+    unchecked = [
+      g
+      for path, g in _tree.leaves_with_paths(updates)
+      if _axis_names(axis_name) or path not in preconditioners
+    ]
+    finite &= _all_finite(unchecked)
     new_state = otu.where(finite, new_state, state)
     new_updates = otu.where(finite, new_updates, otu.zeros_like(new_updates))
     return new_updates, new_state
