@@ -291,6 +291,8 @@ def _refresh_factors(
     )
   )
 
+  current = {p: old[p] for p in layers}
+
   def refresh(current):
     combined = _over_devices(layers, axis_name)
     return factors_lib.refresh(
@@ -301,10 +303,12 @@ def _refresh_factors(
       numerics=numerics,
     )
 
-  # Refresh steps only: other steps skip the work and the collectives.
-  refreshed = jax.lax.cond(
-    due, refresh, lambda current: current, {p: old[p] for p in layers}
-  )
+  if _axis_names(axis_name):
+    # Collectives on refresh steps only.
+    refreshed = jax.lax.cond(due, refresh, lambda c: c, current)
+  else:
+    # A few small kernels, cheaper than a conditional on accelerators.
+    refreshed = otu.where(due, refresh(current), current)
   preconditioners = {}
   normalized = factors_lib.for_preconditioning(refreshed, numerics)
   for path, (h, s) in normalized.items():
