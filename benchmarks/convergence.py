@@ -16,14 +16,14 @@ Two tasks, every optimizer with its learning rate chosen on a small grid:
 Sizes (full mode; ``--quick`` in brackets):
 
 * fashion_mnist: ResNet ``stage_features=(16, 32, 64)`` [(8, 16, 32)];
-  training subset of 10,000 [2,048] images, the first ones of a fixed
+  training subset of 8,000 [2,048] images, the first ones of a fixed
   permutation (numpy ``default_rng(12345)``) of the 60,000 training images;
   the next 2,000 [512] images of that permutation are the tuning set of the
-  learning-rate grid (never trained on); batch 128 [64]; 4 [2] epochs of
-  78 [32] steps = 312 [64] steps (``--epochs``); curves on the first 2,000
+  learning-rate grid (never trained on); batch 128 [64]; 3 [2] epochs of
+  62 [32] steps = 186 [64] steps (``--epochs``); curves on the first 1,000
   [512] test images, the tables on all 10,000 [the first 1,024].
 * shakespeare: CharGPT with 2 [1] layers, d_model 128 [32], 4 [2] heads;
-  windows of 64 [32] characters, batches of 32 [16] random windows, 600
+  windows of 64 [32] characters, batches of 32 [16] random windows, 360
   [150] steps (``--gpt-steps``); the last 65,536 [8,192] characters of the
   training split are the tuning set of the grid (never trained on); curves on
   the first 256 [64] validation windows, the tables on the first 2,048 [128]
@@ -136,12 +136,12 @@ KFAC_CONV_CPU = (
 @dataclasses.dataclass(frozen=True)
 class FashionConfig:
   widths: tuple[int, ...] = (16, 32, 64)
-  train_size: int = 10_000
+  train_size: int = 8_000
   tune_size: int = 2_000
-  curve_test_size: int = 2_000
+  curve_test_size: int = 1_000
   final_test_size: int = 10_000
   batch_size: int = 128
-  epochs: int = 4
+  epochs: int = 3
   eval_batch: int = 500
 
 
@@ -152,7 +152,7 @@ class ShakespeareConfig:
   heads: int = 4
   seq_len: int = 64
   batch_size: int = 32
-  steps: int = 600
+  steps: int = 360
   tune_windows: int = 1024
   curve_windows: int = 256
   final_windows: int = 2048
@@ -1156,10 +1156,10 @@ def build_parser():
     '(default 3; --quick: 1)',
   )
   parser.add_argument(
-    '--epochs', type=int, help='fashion_mnist epoch budget (default 4)'
+    '--epochs', type=int, help='fashion_mnist epoch budget (default 3)'
   )
   parser.add_argument(
-    '--gpt-steps', type=int, help='shakespeare step budget (default 600)'
+    '--gpt-steps', type=int, help='shakespeare step budget (default 360)'
   )
   parser.add_argument(
     '--max-time-factor',
