@@ -3,7 +3,11 @@
 ``make_kfac_train_step(model, learning_rate)`` returns ``(step, init)`` with
 ``init(params, model_state, x, y) -> opt_state`` and
 ``step(params, model_state, opt_state, x, y) -> (params, model_state,
-opt_state, loss)``, like :func:`benchmarks.training.make_train_step`. The loss
+opt_state, loss)``, like :func:`benchmarks.training.make_train_step`.
+``init(..., learning_rate=lr, rng_seed=s)`` starts a run with another
+learning rate (and estimator seed) without recompiling (it is an argument of kfac-jax's compiled step), and
+later calls of ``init`` reuse the same ``kfac_jax.Optimizer`` and so its
+compiled step (a new seed or learning rate costs no compilation). The loss
 is the same cross-entropy, registered with
 ``kfac_jax.register_softmax_cross_entropy_loss``; kfac-jax finds the layers
 (dense, conv, scale-and-shift) by matching the traced graph and compiles its
@@ -120,11 +124,13 @@ def _multi_axis_dense_block():
 
 
 class KfacState(NamedTuple):
-  """kfac-jax's state, the rng for its estimator and the host step count."""
+  """kfac-jax's state, the rng for its estimator, the host step count and
+  the (fixed) learning rate of this run."""
 
   kfac: Any
   rng: jax.Array
   step: int
+  learning_rate: jax.Array
 
 
 def register_cross_entropy(logits, labels):
@@ -209,22 +215,35 @@ def make_kfac_train_step(
     'damping': jnp.asarray(damping, jnp.float32),
   }
 
-  def init(params, model_state, x, y) -> KfacState:
+  def init(
+    params, model_state, x, y, learning_rate=None, rng_seed=None
+  ) -> KfacState:
     with_state = bool(model_state) if has_state is None else has_state
-    built['optimizer'] = optimizer = build(with_state)
-    built['with_state'] = with_state
-    rng, init_rng = jax.random.split(jax.random.PRNGKey(seed))
+    if built.get('with_state') != with_state:
+      built['optimizer'] = build(with_state)
+      built['with_state'] = with_state
+    optimizer = built['optimizer']
+    rng_seed = seed if rng_seed is None else rng_seed
+    rng, init_rng = jax.random.split(jax.random.PRNGKey(rng_seed))
     state = optimizer.init(
       params, init_rng, (x, y), model_state if with_state else None
     )
-    return KfacState(state, rng, 0)
+    if learning_rate is None:
+      learning_rate = constants['learning_rate']
+    return KfacState(state, rng, 0, jnp.asarray(learning_rate, jnp.float32))
 
   def step(params, model_state, opt_state: KfacState, x, y):
     if 'optimizer' not in built:
       raise RuntimeError('call init before step')
     optimizer = built['optimizer']
     rng, step_rng = jax.random.split(opt_state.rng)
-    kwargs = dict(batch=(x, y), global_step_int=opt_state.step, **constants)
+    kwargs = dict(
+      batch=(x, y),
+      global_step_int=opt_state.step,
+      momentum=constants['momentum'],
+      damping=constants['damping'],
+      learning_rate=opt_state.learning_rate,
+    )
     if built['with_state']:
       params, state, model_state, stats = optimizer.step(
         params, opt_state.kfac, step_rng, func_state=model_state, **kwargs
@@ -233,7 +252,9 @@ def make_kfac_train_step(
       params, state, stats = optimizer.step(
         params, opt_state.kfac, step_rng, **kwargs
       )
-    new_state = KfacState(state, rng, opt_state.step + 1)
+    new_state = KfacState(
+      state, rng, opt_state.step + 1, opt_state.learning_rate
+    )
     return params, model_state, new_state, stats['loss']
 
   step.built = built
