@@ -47,7 +47,9 @@ factor ~3 apart, in ``OPTIMIZERS``; ``--grid-size 1`` and ``--quick``: the
 middle one) once, with seed 0, for a third of the step budget, and keeps the
 value with the best tuning metric (held-out accuracy for the CNN, held-out
 loss for the GPT); a run whose training loss is not finite or above 100
-nats has diverged and is excluded. The grids are centred on the values that
+nats has diverged and is excluded. A best value at an end of the grid adds
+the next value a factor 3 beyond that end (at most twice), so that the
+chosen value lies between worse ones. The grids are centred on the values that
 did best in 104-step (CNN) and 120-step (GPT) probes of the full
 configurations on the development machine. The grid, the result of every
 value and the choice are in the outputs.
@@ -186,6 +188,7 @@ QUICK = {
 }
 CURVE_POINTS = 12  # evaluations within the step budget
 GRID_FRACTION = 1 / 3  # grid runs: this fraction of the step budget
+GRID_EXTENSIONS = 2  # a grid best at its end extends at most this often
 
 
 # ------------------------------------------------------------- optimizers
@@ -742,10 +745,30 @@ def train(
   }
 
 
-def choose_learning_rate(task, runner, values) -> dict[str, Any]:
-  """The grid: one run per value (seed 0, ``task.grid_steps`` steps)."""
-  results = []
-  for value in values:
+def _next_on_ladder(value: float, *, down: bool) -> float:
+  """The next value of ``{1, 3} x 10**k`` below or above ``value``."""
+  exponent = math.floor(math.log10(value)) + (-1 if down else 0)
+  ladder = [
+    m * 10.0**e for e in range(exponent - 1, exponent + 3) for m in (1, 3)
+  ]
+  if down:
+    return float(f'{max(v for v in ladder if v < value / 2):.3g}')
+  return float(f'{min(v for v in ladder if v > value * 2):.3g}')
+
+
+def choose_learning_rate(
+  task, runner, values, extend: bool = False
+) -> dict[str, Any]:
+  """The grid: one run per value (seed 0, ``task.grid_steps`` steps).
+
+  With ``extend``, a best value at an end of the grid adds the next value a
+  factor ~3 beyond that end on the 1-3-10 ladder (at most
+  ``GRID_EXTENSIONS`` times), so that the chosen value lies between worse
+  ones.
+  """
+  results = {}
+
+  def run_value(value):
     run = train(
       task,
       runner,
@@ -756,32 +779,50 @@ def choose_learning_rate(task, runner, values) -> dict[str, Any]:
       final_split='tune',
     )
     end = run['equal_steps']
-    results.append(
-      {
-        'learning_rate': value,
-        'tune_accuracy': end['accuracy'],
-        'tune_loss': end['loss'],
-        'diverged_at_step': run['diverged_at_step'],
-        'train_seconds': run['train_seconds'],
-      }
-    )
-  best = None
-  for r in results:
-    if r['diverged_at_step'] is None and (
-      best is None
-      or task.better(r[f'tune_{task.metric}'], best[f'tune_{task.metric}'])
-    ):
-      best = r
-  chosen = (best or results[len(results) // 2])['learning_rate']
+    results[value] = {
+      'learning_rate': value,
+      'tune_accuracy': end['accuracy'],
+      'tune_loss': end['loss'],
+      'diverged_at_step': run['diverged_at_step'],
+      'train_seconds': run['train_seconds'],
+    }
+
+  def best():
+    found = None
+    for value in sorted(results):
+      r = results[value]
+      if r['diverged_at_step'] is None and (
+        found is None
+        or task.better(r[f'tune_{task.metric}'], found[f'tune_{task.metric}'])
+      ):
+        found = r
+    return found
+
+  for value in values:
+    run_value(value)
+  extensions = 0
+  while extend and extensions < GRID_EXTENSIONS and best() is not None:
+    tried, chosen = sorted(results), best()['learning_rate']
+    if chosen == tried[0]:
+      run_value(_next_on_ladder(chosen, down=True))
+    elif chosen == tried[-1]:
+      run_value(_next_on_ladder(chosen, down=False))
+    else:
+      break
+    extensions += 1
+  found = best()
+  tried = sorted(results)
+  chosen = (found or results[values[len(values) // 2]])['learning_rate']
   return {
-    'values': list(values),
+    'values': tried,
     'steps': task.grid_steps,
     'seed': GRID_SEED,
     'selection': f'best tune {task.metric} '
     + ('(highest)' if task.higher_is_better else '(lowest)'),
-    'results': results,
+    'results': [results[v] for v in tried],
     'chosen': chosen,
-    'all_diverged': best is None,
+    'extended': len(tried) - len(values),
+    'all_diverged': found is None,
   }
 
 
@@ -1027,7 +1068,9 @@ def task_markdown(task: Task, result: dict, seeds: int) -> list[str]:
     '',
     f'One run per value, seed {GRID_SEED}, {task.grid_steps} steps; chosen '
     f'by the tuning {task.metric} (held-out data, not the '
-    f'{split} data); **bold**: chosen.',
+    f'{split} data); a best value at an end of the initial grid adds the '
+    'next value a factor ~3 beyond it (at most '
+    f'{GRID_EXTENSIONS} times); **bold**: chosen.',
     '',
     '| optimizer | lr | tune accuracy | tune loss | train s | note |',
     '|---|---:|---:|---:|---:|---|',
@@ -1336,7 +1379,7 @@ def run_task(task, runners, skipped, seeds, grid_size, args) -> dict:
     values = runner.spec.grids[task.name]
     if grid_size == 1:
       values = (values[len(values) // 2],)
-    grid = choose_learning_rate(task, runner, values)
+    grid = choose_learning_rate(task, runner, values, extend=grid_size > 1)
     print(
       f'{task.name} {name}: grid '
       + ', '.join(
