@@ -69,27 +69,6 @@ def _sum_squares_leading(n_trailing: int) -> Callable[[jax.Array], jax.Array]:
   return reduce
 
 
-def _sum_over_batch(v: jax.Array, n_batch: int) -> jax.Array:
-  """Sums over the leading ``n_batch`` axes, by pairwise halving if possible.
-
-  XLA fuses the halving steps into one pass over ``v``; a plain ``jnp.sum``
-  over a short leading axis into a large output is an order of magnitude
-  slower on XLA:CPU. A batch axis sharded in the array's type (explicit
-  sharding) cannot be sliced, and gets ``jnp.sum``.
-  """
-  v = v.reshape((-1,) + v.shape[n_batch:])
-  spec = getattr(getattr(jax.typeof(v), 'sharding', None), 'spec', None)
-  if spec and spec[0] is not None:
-    return jnp.sum(v, axis=0)
-  while v.shape[0] > 1:
-    half = v.shape[0] // 2
-    total = v[:half] + v[half : 2 * half]
-    if v.shape[0] % 2:
-      total = total.at[0].add(v[-1])
-    v = total
-  return v[0]
-
-
 def _first_arg(args: tuple, kwargs: Mapping[str, Any], name: str) -> Any:
   return args[0] if args else kwargs[name]
 
@@ -269,7 +248,8 @@ class ConvRule(KroneckerRule):
   """``nn.Conv`` (any spatial rank, strides, padding, dilations, groups).
 
   ``H`` sums squared im2col patch entries without building patches: the sum at
-  kernel offset ``k`` is a strided window sum of the batch-summed ``x**2``.
+  kernel offset ``k`` is a strided window sum of ``x**2``, per example, then
+  summed over the batch.
   Groups fold into rows; the divisor ``D = prod(kernel) * c_in / G`` is the
   authors' (spec section 1).
   """
@@ -283,23 +263,29 @@ class ConvRule(KroneckerRule):
     n_spatial = len(kernel_size)
     n_batch = x.ndim - n_spatial - 1
     batch = math.prod(x.shape[:n_batch])
-    x = x.astype(statistics_dtype())
-    squares = _sum_over_batch(x * x, n_batch)  # [*spatial, c_in]
-    squares, pads, lhs_dilation, strides, dilation = conv_input_pads(
-      module, squares
-    )
     out_spatial = outputs.shape[n_batch : n_batch + n_spatial]
-    windows = jax.lax.reduce_window(
-      squares,
-      jnp.zeros((), squares.dtype),
-      jax.lax.add,
-      window_dimensions=tuple(out_spatial) + (1,),
-      window_strides=tuple(dilation) + (1,),
-      padding=tuple(pads) + ((0, 0),),
-      base_dilation=tuple(lhs_dilation) + (1,),
-      window_dilation=tuple(strides) + (1,),
-    )
-    windows = windows[tuple(slice(0, k) for k in kernel_size)]
+
+    def window_sums(squares):  # [*spatial, c_in] -> [*kernel_size, c_in]
+      squares, pads, lhs_dilation, strides, dilation = conv_input_pads(
+        module, squares
+      )
+      windows = jax.lax.reduce_window(
+        squares,
+        jnp.zeros((), squares.dtype),
+        jax.lax.add,
+        window_dimensions=tuple(out_spatial) + (1,),
+        window_strides=tuple(dilation) + (1,),
+        padding=tuple(pads) + ((0, 0),),
+        base_dilation=tuple(lhs_dilation) + (1,),
+        window_dilation=tuple(strides) + (1,),
+      )
+      return windows[tuple(slice(0, k) for k in kernel_size)]
+
+    # Window sums per example, then the batch sum: with a sharded batch the
+    # sum across devices is of a [*kernel_size, c_in] array, never of
+    # (slices of) the input map.
+    x = x.astype(statistics_dtype()).reshape((-1,) + x.shape[n_batch:])
+    windows = jnp.sum(jax.vmap(window_sums)(x * x), axis=0)
     groups = module.feature_group_count
     c_in = x.shape[-1]
     windows = windows.reshape(kernel_size + (groups, c_in // groups)).sum(-2)

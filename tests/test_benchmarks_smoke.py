@@ -1,5 +1,6 @@
 """Smoke tests of the benchmarks' pieces: CharGPT, the Shakespeare data, K-FAC."""
 
+import json
 import warnings
 
 import jax
@@ -152,3 +153,20 @@ def test_kfac_adapter_on_char_gpt():
     'ScaleAndShiftDiagonal',
     'NaiveDiagonal',
   }
+
+
+def test_communication_benchmark_reads_collectives(tmp_path):
+  from benchmarks import communication
+
+  communication.main(
+    ['--models', 'mlp', '--rounds', '1', '--out-dir', str(tmp_path)]
+  )
+  report = json.loads((tmp_path / 'communication.json').read_text())
+  rows = {r['optimizer']: r for r in report['results']}
+  assert report['devices'] == jax.device_count() > 1
+  adam = rows['adam']
+  assert adam['by_kind'].get('all-reduce', 0) > 0  # the gradient all-reduce
+  for label in ('adafisher t_cov=1', 'adafisher default'):
+    assert rows[label]['added_bytes'] > 0
+    assert rows[label]['added_percent'] <= communication.TARGET_PERCENT
+  assert '[PASS]' in (tmp_path / 'communication.md').read_text()
