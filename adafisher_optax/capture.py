@@ -234,12 +234,7 @@ def _discover(traced, params, args, kwargs, numerics, fisher):
       '`fun`, and do not wrap model.apply in a jax.jit created outside `fun`: '
       'a cached compilation skips the interception.'
     )
-  if fisher == 'sampled' and len(session.outputs) != 1:
-    raise CaptureError(
-      'fisher="sampled": `fun` must compute its loss with '
-      'adafisher_optax.softmax_cross_entropy(logits, labels) exactly once '
-      f'(it was called {len(session.outputs)} times).'
-    )
+  session.check_sampled_loss(fisher, 'fun')
   for path, layer in session.plan.items():
     if layer.unsupported is None and not isinstance(
       _tree.get_node(params, path), Mapping

@@ -299,12 +299,7 @@ def _discover(run, params, layers, numerics, fisher) -> dict[tuple, taps.Layer]:
       'closes over), and do not call it through an nnx.jit or jax.jit created '
       'outside `loss_fn`: a cached compilation skips the capture.'
     )
-  if fisher == 'sampled' and len(session.outputs) != 1:
-    raise CaptureError(
-      'fisher="sampled": `loss_fn` must compute its loss with '
-      'adafisher_optax.softmax_cross_entropy(logits, labels) exactly once '
-      f'(it was called {len(session.outputs)} times).'
-    )
+  session.check_sampled_loss(fisher, 'loss_fn')
   return session.plan
 
 

@@ -151,6 +151,15 @@ class Session:
   def __exit__(self, *exc) -> None:
     _SESSIONS.remove(self)
 
+  def check_sampled_loss(self, fisher: str, fun: str) -> None:
+    """With ``fisher="sampled"``, ``fun`` must have made exactly one loss."""
+    if fisher == 'sampled' and len(self.outputs) != 1:
+      raise CaptureError(
+        f'fisher="sampled": `{fun}` must compute its loss with '
+        'adafisher_optax.softmax_cross_entropy(logits, labels) exactly once '
+        f'(it was called {len(self.outputs)} times).'
+      )
+
   def index_params(self, params: Any) -> None:
     """Remembers the path of every params leaf (tags find theirs by it)."""
     self.param_paths = {

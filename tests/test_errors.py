@@ -330,3 +330,10 @@ def test_state_shardings_need_named_shardings(setup):
     afo.state_shardings(
       afo.adafisher(1e-3), params, jax.tree.map(lambda _: None, params)
     )
+
+
+def test_sampled_fisher_without_the_library_loss(setup):
+  model, params, _, _, (x, y) = setup
+  grad_fn = afo.value_and_grad_with_curvature(loss_fn(model), fisher='sampled')
+  with pytest.raises(afo.CaptureError, match=r'`fun`.*exactly once'):
+    grad_fn(params, x, y, fisher_key=jax.random.key(0))
