@@ -27,6 +27,8 @@ def adafisher(
   mu_dtype: Any = None,
   mask: Any = None,
   layout: Any = None,
+  relative_damping: Any = None,
+  ablation: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdaFisher with coupled L2 weight decay.
 
@@ -59,6 +61,8 @@ def adafisher(
     mu_dtype: optional momentum dtype.
     mask: optional mask (tree or callable) of the parameters to decay.
     layout: exact factor shapes, see :func:`scale_by_adafisher`.
+    relative_damping: ``a``, see :func:`scale_by_adafisher`.
+    ablation: a benchmark control, see :func:`scale_by_adafisher`.
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs`.
@@ -84,6 +88,8 @@ def adafisher(
       axis_name=axis_name,
       mu_dtype=mu_dtype,
       layout=layout,
+      relative_damping=relative_damping,
+      ablation=ablation,
     ),
     optax.scale_by_learning_rate(learning_rate),
   ]
@@ -104,6 +110,8 @@ def adafisherw(
   mu_dtype: Any = None,
   mask: Any = None,
   layout: Any = None,
+  relative_damping: Any = None,
+  ablation: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdaFisherW: AdaFisher with decoupled weight decay.
 
@@ -124,6 +132,8 @@ def adafisherw(
     mu_dtype: optional momentum dtype.
     mask: optional mask (tree or callable) of the parameters to decay.
     layout: exact factor shapes, see :func:`scale_by_adafisher`.
+    relative_damping: ``a``, see :func:`scale_by_adafisher`.
+    ablation: a benchmark control, see :func:`scale_by_adafisher`.
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs`.
@@ -144,6 +154,8 @@ def adafisherw(
       axis_name=axis_name,
       mu_dtype=mu_dtype,
       layout=layout,
+      relative_damping=relative_damping,
+      ablation=ablation,
     ),
   ]
   if not _is_zero(weight_decay):

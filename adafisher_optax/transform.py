@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+import zlib
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -254,8 +255,81 @@ def _over_devices(stats, axis_name):
   return combined
 
 
+ABLATIONS = (None, 'layer_mean', 'permuted')
+
+
+def _per_slice_mean(arrays, n_stack):
+  """Mean over every entry of ``arrays`` but their ``n_stack`` leading axes."""
+  total = sum(jnp.sum(a, axis=tuple(range(n_stack, a.ndim))) for a in arrays)
+  count = sum(math.prod(a.shape[n_stack:]) for a in arrays)
+  return total / count
+
+
+def _permuted(x, path, salt):
+  """``x`` with its last axis shuffled by a permutation fixed by ``path``."""
+  seed = zlib.crc32(repr((path, salt)).encode())
+  order = np.random.default_rng(seed).permutation(x.shape[-1])
+  return x[..., order]
+
+
+def _damped_preconditioner(
+  rule, h, s, numerics, shapes, damping, relative_damping, ablation, path
+):
+  """``F~`` of a layer's weight and bias (``None`` where absent).
+
+  Absolute damping: ``K + damping``; relative damping ``a``:
+  ``(K + a * mean(K)) / ((1 + a) * mean(K))``, ``1`` where ``mean(K) = 0``
+  (spec section 3a). Ablations (benchmark controls): ``'permuted'`` shuffles
+  the factor vectors within the layer; ``'layer_mean'`` replaces ``F~`` by
+  its mean over the layer.
+  """
+  if ablation == 'permuted':
+    h, s = _permuted(h, path, 'h'), _permuted(s, path, 's')
+  n_stack = h.ndim - 1
+  if relative_damping is None:
+    parts = rule.preconditioner(h, s, damping, numerics, *shapes)
+  else:
+    k = rule.preconditioner(h, s, 0.0, numerics, *shapes)
+    present = [a for a in k if a is not None]
+    mean = _per_slice_mean(present, n_stack)
+    a = relative_damping
+
+    def damp(part):
+      if part is None:
+        return None
+      m = mean.reshape(mean.shape + (1,) * (part.ndim - n_stack))
+      if isinstance(a, numbers.Number) and math.isinf(a):
+        return jnp.ones_like(part)
+      safe = jnp.where(m > 0, m, 1.0)
+      return jnp.where(m > 0, (part + a * safe) / ((1 + a) * safe), 1.0)
+
+    parts = tuple(damp(part) for part in k)
+  if ablation == 'layer_mean':
+    present = [a for a in parts if a is not None]
+    mean = _per_slice_mean(present, n_stack)
+    parts = tuple(
+      None
+      if part is None
+      else jnp.broadcast_to(
+        mean.reshape(mean.shape + (1,) * (part.ndim - n_stack)), part.shape
+      )
+      for part in parts
+    )
+  return parts
+
+
 def _refresh_factors(
-  updates, factors, curvature, *, due, gamma, damping, numerics, axis_name
+  updates,
+  factors,
+  curvature,
+  *,
+  due,
+  gamma,
+  damping,
+  relative_damping,
+  ablation,
+  numerics,
+  axis_name,
 ):
   """Refreshes the factors of every layer in ``curvature``.
 
@@ -313,8 +387,16 @@ def _refresh_factors(
   normalized = factors_lib.for_preconditioning(refreshed, numerics)
   for path, (h, s) in normalized.items():
     stats = layers[path]
-    f_weight, f_bias = layers_lib.REGISTRY[stats.kind].preconditioner(
-      h, s, damping, numerics, *shapes[path]
+    f_weight, f_bias = _damped_preconditioner(
+      layers_lib.REGISTRY[stats.kind],
+      h,
+      s,
+      numerics,
+      shapes[path],
+      damping,
+      relative_damping,
+      ablation,
+      path,
     )
     for name, f in ((stats.weight_name, f_weight), (stats.bias_name, f_bias)):
       if f is not None:
@@ -333,6 +415,8 @@ def scale_by_adafisher(
   *,
   mu_dtype: Any = None,
   layout: Any = None,
+  relative_damping: Any = None,
+  ablation: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates by AdaFisher's diagonal Kronecker-factored Fisher.
 
@@ -360,6 +444,12 @@ def scale_by_adafisher(
     layout: the curvature's shapes, from
       :func:`adafisher_optax.curvature_layout`, to size the factors exactly;
       by default they are inferred from parameter names and shapes.
+    relative_damping: ``a >= 0`` (``math.inf`` allowed) replaces the absolute
+      ``damping``: ``F~ = (K + a mean(K)) / ((1 + a) mean(K))`` per layer with
+      ``K = H (x) S`` (spec section 3a); ``None`` keeps ``K + damping``.
+    ablation: a benchmark control, ``None`` (the method), ``'layer_mean'``
+      (``F~`` replaced by its layer mean) or ``'permuted'`` (the factor
+      vectors shuffled within each layer).
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs`.
@@ -373,6 +463,18 @@ def scale_by_adafisher(
     b1=b1, damping=damping, gamma=gamma, t_cov=t_cov, fisher_power=fisher_power
   )
   t_cov = DEFAULT_T_COV[numerics] if t_cov is None else t_cov
+  if relative_damping is not None and not (
+    isinstance(relative_damping, numbers.Number)
+    and relative_damping == math.inf
+  ):
+    _check_hyperparameter(
+      'relative_damping',
+      relative_damping,
+      lambda v: np.all(v >= 0),
+      'non-negative (math.inf allowed) or None',
+    )
+  if ablation not in ABLATIONS:
+    raise ValueError(f'ablation must be one of {ABLATIONS}, got {ablation!r}.')
   if mu_dtype is not None:
     mu_dtype = jax.dtypes.canonicalize_dtype(mu_dtype)
 
@@ -401,6 +503,8 @@ def scale_by_adafisher(
       due=due,
       gamma=gamma,
       damping=damping,
+      relative_damping=relative_damping,
+      ablation=ablation,
       numerics=numerics,
       axis_name=axis_name,
     )

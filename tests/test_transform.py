@@ -374,3 +374,41 @@ def test_no_warning_when_everything_is_covered():
   with warnings.catch_warnings():
     warnings.simplefilter('error')
     run(model, afo.adafisher(1e-3), params, batches[:2])
+
+
+@pytest.mark.parametrize('a', [0.0, 0.1, 1.0, float('inf')])
+def test_relative_damping_matches_a_direct_computation(x64, a):
+  """``F~ = (K + a mean(K)) / ((1 + a) mean(K))`` per layer (spec 3a)."""
+  model, params, batches = _setup(ConvNet(), shape=(4, 6, 6, 2))
+  params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+  x, y = batches[0]
+  _, grads, curvature = afo.value_and_grad_with_curvature(loss_fn(model))(
+    params, x.astype(jnp.float64), y
+  )
+  tx = afo.scale_by_adafisher(relative_damping=a, t_cov=1)
+  updates, state = tx.update(grads, tx.init(params), curvature=curvature)
+  for name in ('conv', 'head'):
+    h = np.asarray(state.factors[name].input)
+    s = np.asarray(state.factors[name].output)
+    k = h[:, None] * s[None]
+    mean = k.mean()
+    f = np.ones_like(k) if a == np.inf else (k + a * mean) / ((1 + a) * mean)
+    kernel = np.asarray(grads[name]['kernel'])
+    np.testing.assert_allclose(
+      updates[name]['kernel'], kernel / f[:-1].reshape(kernel.shape), **TOL
+    )
+    np.testing.assert_allclose(
+      updates[name]['bias'], grads[name]['bias'] / f[-1], **TOL
+    )
+  for name in ('gn', 'ln'):  # reference norms: K = [H0 * S, H1 * S]
+    h = np.asarray(state.factors[name].input)
+    s = np.asarray(state.factors[name].output)
+    k = np.concatenate([h[0] * s, h[1] * s])
+    mean = k.mean()
+    f = np.ones_like(k) if a == np.inf else (k + a * mean) / ((1 + a) * mean)
+    np.testing.assert_allclose(
+      updates[name]['scale'], grads[name]['scale'] / f[: len(s)], **TOL
+    )
+    np.testing.assert_allclose(
+      updates[name]['bias'], grads[name]['bias'] / f[len(s) :], **TOL
+    )
