@@ -2,23 +2,26 @@
 
 Capture -> statistics -> factor EMA -> preconditioner -> update:
 
-* :func:`value_and_grad_with_curvature` (``capture``) returns the loss, the
-  gradients and per-layer :class:`LayerStatistics` (``statistics``);
-* :func:`scale_by_adafisher` (``transform``) folds them into
-  :class:`KroneckerFactors` (``factors``) and preconditions the momentum with
-  the per-layer formulas of the registry (``layers``);
+* :func:`value_and_grad_with_curvature` (``capture``, with the front ends
+  ``linen``, ``nnx`` and ``tags``) returns the loss, the gradients and
+  per-layer :class:`LayerStatistics` (``statistics``), for the layer types of
+  the registry (``layers``; maths in ``rules``);
+* :func:`scale_by_adafisher` (``transform``) folds them into the factor EMAs
+  (``factors``) and divides the momentum by ``F~`` (``preconditioner``);
 * :func:`adafisher` and :func:`adafisherw` (``alias``) are the optimizers.
 
-``adafisher_optax.nnx`` captures Flax NNX models; it is imported on first
-use, so that ``import adafisher_optax`` does not import ``flax.nnx``.
+The optimizer core imports neither Flax nor orbax; the Flax front ends,
+``TrainState`` and ``checkpoint`` are imported on first use.
 """
 
 import importlib
 
-from adafisher_optax import checkpoint, tags
+from adafisher_optax import rules, tags
 from adafisher_optax.accumulation import MultiStepsState, multi_steps
 from adafisher_optax.alias import adafisher, adafisherw
 from adafisher_optax.capture import (
+  CaptureError,
+  UnsupportedLayerWarning,
   curvature_layout,
   softmax_cross_entropy,
   value_and_grad_with_curvature,
@@ -28,27 +31,43 @@ from adafisher_optax.diagnostics import (
   LayerDiagnostics,
   diagnostics,
 )
-from adafisher_optax.factors import KroneckerFactors
-from adafisher_optax.layers import REFERENCE_LAYERS, SUPPORTED_LAYERS
+from adafisher_optax.factors import Factors, PaperFactors, ReferenceFactors
+from adafisher_optax.layers import LayerType, UnsupportedCall, register_layer
+from adafisher_optax.schedule import (
+  StaleFactorsWarning,
+  adafisher_state,
+  refresh_schedule,
+)
 from adafisher_optax.sharding import state_shardings
 from adafisher_optax.statistics import (
   LayerStatistics,
   unpreconditioned_parameters,
 )
-from adafisher_optax.taps import CaptureError, UnsupportedLayerWarning
-from adafisher_optax.train_state import TrainState
 from adafisher_optax.transform import (
   AdaFisherState,
   UnpreconditionedParametersWarning,
   scale_by_adafisher,
 )
 
-__version__ = '0.1.0'
+__version__ = '0.2.0'
+
+#: Names imported on first use, with the module that defines them.
+_LAZY = {
+  'nnx': ('adafisher_optax.nnx', None),
+  'linen': ('adafisher_optax.linen', None),
+  'checkpoint': ('adafisher_optax.checkpoint', None),
+  'TrainState': ('adafisher_optax.train_state', 'TrainState'),
+  'REFERENCE_LAYERS': ('adafisher_optax.linen', 'REFERENCE_LAYERS'),
+}
 
 
 def __getattr__(name: str):
-  if name == 'nnx':  # a submodule, imported lazily (see above)
-    return importlib.import_module('adafisher_optax.nnx')
+  if name in _LAZY:
+    module_name, attribute = _LAZY[name]
+    module = importlib.import_module(module_name)
+    return module if attribute is None else getattr(module, attribute)
+  if name == 'SUPPORTED_LAYERS':  # every registered linen layer class
+    return importlib.import_module('adafisher_optax.linen').supported_layers()
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
@@ -58,20 +77,30 @@ __all__ = [
   'AdaFisherState',
   'CaptureError',
   'Diagnostics',
-  'KroneckerFactors',
+  'Factors',
   'LayerDiagnostics',
   'LayerStatistics',
+  'LayerType',
   'MultiStepsState',
+  'PaperFactors',
+  'ReferenceFactors',
+  'StaleFactorsWarning',
   'TrainState',
   'UnpreconditionedParametersWarning',
+  'UnsupportedCall',
   'UnsupportedLayerWarning',
   'adafisher',
+  'adafisher_state',
   'adafisherw',
   'checkpoint',
   'curvature_layout',
   'diagnostics',
+  'linen',
   'multi_steps',
   'nnx',
+  'refresh_schedule',
+  'register_layer',
+  'rules',
   'scale_by_adafisher',
   'softmax_cross_entropy',
   'state_shardings',

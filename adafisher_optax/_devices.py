@@ -24,3 +24,13 @@ def to_varying(x: Any, axes: frozenset) -> Any:
   if hasattr(jax.lax, 'pcast'):
     return jax.tree.map(lambda v: jax.lax.pcast(v, axes, to='varying'), x)
   return jax.tree.map(lambda v: jax.lax.pvary(v, axes), x)
+
+
+def tracks_varying(axis_name: Any) -> bool:
+  """Whether values are typed as varying along ``axis_name`` here.
+
+  True inside ``shard_map`` (which then sums the cotangents of replicated
+  inputs itself), false under ``pmap``, where nothing says whether a value
+  differs between devices.
+  """
+  return axis_name in varying_axes(jax.lax.axis_index(axis_name))

@@ -1,8 +1,16 @@
-"""Small helpers for nested parameter dictionaries addressed by paths."""
+"""Nested parameter trees addressed by paths, with boxed leaves seen through.
+
+A *box* wraps one array with metadata: Flax linen's ``nn.Partitioned`` (and
+every ``flax.core.meta.AxisMetadata``) and Flax NNX's ``Variable`` in an
+``nnx.State``. Paths here name the boxed array, not the box's ``value``
+field, so ``params``, ``nnx.state(model, nnx.Param)`` and their gradients
+give the same paths as plain dicts. Duck-typed: importing this module does
+not import Flax.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -10,8 +18,35 @@ import jax
 Path = tuple[str, ...]
 
 
+def is_box(node: Any) -> bool:
+  """Whether ``node`` is a Flax box (linen axis metadata or an NNX Variable)."""
+  if hasattr(node, 'unbox') and hasattr(node, 'replace_boxed'):
+    return True
+  return hasattr(node, 'get_value') and hasattr(node, 'replace')
+
+
+def unbox(node: Any) -> Any:
+  """The array inside a box; anything else unchanged."""
+  if not is_box(node):
+    return node
+  return node.unbox() if hasattr(node, 'unbox') else node.get_value()
+
+
+def rebox(like: Any, value: Any) -> Any:
+  """``value`` in a box like ``like`` (same metadata), if ``like`` is one."""
+  if not is_box(like):
+    return value
+  if hasattr(like, 'replace_boxed'):
+    return like.replace_boxed(value)
+  return like.replace(value)
+
+
+def unbox_tree(tree: Any) -> Any:
+  return jax.tree.map(unbox, tree, is_leaf=is_box)
+
+
 def key_to_str(key: Any) -> str:
-  """Returns the plain name of one entry of a ``jax.tree_util`` key path."""
+  """The plain name of one entry of a ``jax.tree_util`` key path."""
   for attr in ('key', 'name', 'idx'):
     if hasattr(key, attr):
       return str(getattr(key, attr))
@@ -24,6 +59,30 @@ def keypath_to_path(keypath) -> Path:
 
 def format_path(path: Path) -> str:
   return '/'.join(str(key) for key in path) if path else '<root>'
+
+
+def leaves_with_paths(tree: Any, is_leaf=None) -> list[tuple[Path, Any]]:
+  """``[(path, leaf)]`` with boxes opened (``is_leaf`` may stop earlier)."""
+
+  def stop(node):
+    return is_box(node) or (is_leaf is not None and is_leaf(node))
+
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=stop)
+  return [(keypath_to_path(kp), unbox(leaf)) for kp, leaf in flat]
+
+
+def map_with_path(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
+  """``fn(path, leaf, *other_leaves)`` over ``tree`` with boxes opened.
+
+  Results are boxed like ``tree``'s leaves (logical axes and NNX variable
+  types kept).
+  """
+
+  def apply(keypath, leaf, *others):
+    value = fn(keypath_to_path(keypath), unbox(leaf), *map(unbox, others))
+    return rebox(leaf, value)
+
+  return jax.tree_util.tree_map_with_path(apply, tree, *rest, is_leaf=is_box)
 
 
 def get_node(tree: Any, path: Path) -> Any:
@@ -45,35 +104,6 @@ def get_node(tree: Any, path: Path) -> Any:
   return node
 
 
-def _rebuild(mapping: Mapping, entries: dict) -> Mapping:
-  return entries if isinstance(mapping, dict) else type(mapping)(entries)
-
-
-def set_node(tree: Mapping, path: Path, value: Any) -> Mapping:
-  """Returns a copy of ``tree`` with ``value`` stored at ``path``."""
-  entries = dict(tree)
-  if len(path) == 1:
-    entries[path[0]] = value
-  else:
-    entries[path[0]] = set_node(tree[path[0]], path[1:], value)
-  return _rebuild(tree, entries)
-
-
-def pop_node(tree: Mapping, path: Path) -> tuple[Mapping, Any]:
-  """Returns ``(tree without path, removed value)``, keeping mapping types."""
-  entries = dict(tree)
-  if len(path) == 1:
-    value = entries.pop(path[0])
-  else:
-    entries[path[0]], value = pop_node(tree[path[0]], path[1:])
-  return _rebuild(tree, entries), value
-
-
-def leaves_with_paths(tree: Any, is_leaf=None) -> list[tuple[Path, Any]]:
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
-  return [(keypath_to_path(kp), leaf) for kp, leaf in flat]
-
-
 def nest(flat: Mapping[Path, Any]) -> Any:
   """Builds nested dicts from ``{path: value}``; ``{(): v}`` gives ``v``."""
   if () in flat:
@@ -85,3 +115,13 @@ def nest(flat: Mapping[Path, Any]) -> Any:
       node = node.setdefault(key, {})
     node[path[-1]] = value
   return out
+
+
+def set_in(tree: Mapping, path: Path, value: Any) -> dict:
+  """A copy of the nested mapping ``tree`` (as dicts) with ``value`` at ``path``."""
+  entries = dict(tree)
+  if len(path) == 1:
+    entries[path[0]] = value
+  else:
+    entries[path[0]] = set_in(entries.get(path[0], {}), path[1:], value)
+  return entries

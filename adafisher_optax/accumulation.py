@@ -8,6 +8,7 @@ all micro-batches alongside the gradients, so ``k`` micro-batches of size
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -30,9 +31,23 @@ class MultiStepsState(NamedTuple):
   curvature: Any
 
 
+def _check_every_k(every_k_schedule: Any) -> None:
+  if callable(every_k_schedule):
+    return
+  if (
+    isinstance(every_k_schedule, bool)
+    or not isinstance(every_k_schedule, numbers.Integral)
+    or every_k_schedule < 1
+  ):
+    raise ValueError(
+      'every_k_schedule must be a positive integer (micro-batches per '
+      f'update) or a schedule, got {every_k_schedule!r}.'
+    )
+
+
 def multi_steps(
   tx: optax.GradientTransformation,
-  every_k_schedule: int | Any,
+  every_k_schedule: int | optax.Schedule,
   *,
   layout: Any,
   **multi_steps_kwargs: Any,
@@ -42,6 +57,8 @@ def multi_steps(
   Every micro-batch's ``curvature`` is added to a running sum; the inner
   optimizer sees the sum with the output gradients rescaled to the averaged
   objective, exactly as if one batch of all micro-batches had been captured.
+  Micro-batches without ``curvature`` (plain steps) accumulate gradients
+  only: capture either every micro-batch of an accumulation window or none.
 
   Args:
     tx: the optimizer (e.g. :func:`adafisher_optax.adafisher`).
@@ -56,6 +73,7 @@ def multi_steps(
     A :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes
     ``curvature=`` like AdaFisher's.
   """
+  _check_every_k(every_k_schedule)
   if layout is None or not statistics_lib.flatten(layout):
     raise ValueError(
       'multi_steps needs layout=adafisher_optax.curvature_layout(grad_fn, '
@@ -69,8 +87,16 @@ def multi_steps(
     return MultiStepsState(inner=inner.init(params), curvature=zeros)
 
   def update_fn(updates, state, params=None, *, curvature=None, **extra_args):
+    if not isinstance(state, MultiStepsState):
+      raise TypeError(
+        f'multi_steps: the state is a {type(state).__name__}, not the '
+        "MultiStepsState of this optimizer's init."
+      )
     if curvature is None:
-      raise TypeError('multi_steps: update needs the keyword `curvature`.')
+      new_updates, inner_state = inner.update(
+        updates, state.inner, params, **extra_args
+      )
+      return new_updates, state._replace(inner=inner_state)
     if jax.tree.structure(curvature) != structure:
       raise ValueError(
         'multi_steps: curvature does not match the layout given at '

@@ -1,24 +1,27 @@
 """What the preconditioner does to your model, layer by layer.
 
-The authors' constants make ``F~ = H (x) S + lambda`` damping-dominated almost
-everywhere in ``reference`` numerics; :func:`diagnostics` shows how much of
-that holds for a given model and optimizer state.
+Everything is read from the optimizer state (the numerics from the factors'
+type, the damping from the latest refresh) and the params' shapes, so the
+report cannot disagree with the optimizer. The authors' constants make
+``F~ = H (x) S + lambda`` damping-dominated almost everywhere in
+``reference`` numerics; :func:`diagnostics` shows how much of that holds
+for a given model.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adafisher_optax import _tree
+from adafisher_optax import _tree, rules
 from adafisher_optax import factors as factors_lib
-from adafisher_optax import layers as layers_lib
-from adafisher_optax import statistics as statistics_lib
-from adafisher_optax.transform import AdaFisherState
+from adafisher_optax.preconditioner import preconditioner
+from adafisher_optax.schedule import adafisher_state, overdue
+from adafisher_optax.transform import layer_factors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,41 +29,62 @@ class LayerDiagnostics:
   """The preconditioner of one layer.
 
   Attributes:
-    kind: the layer rule (``dense``, ``conv``, ``embed``, ``layer_norm``,
-      ``channel_norm``).
+    rule: the layer's rule (``dense``, ``conv``, ``embed``, ``norm``, ...).
     parameters: the parameters it preconditions.
-    f_min: smallest entry of ``F~`` over those parameters.
+    f_min: smallest entry of ``F~`` over those parameters (NaN before the
+      first refresh).
     f_max: largest entry of ``F~``.
-    damping_dominated: fraction of entries of ``F~`` where the damping is
-      larger than the curvature term (``F~ - lambda < lambda``).
+    damping_dominated: fraction of entries where the damping term is larger
+      than the curvature term ``K`` (``K < damping``, or ``K < a mean(K)``
+      under relative damping).
     refreshes: refreshes folded into the factors so far (the fewest over the
       slices of a stacked layer).
+    skipped: refreshes skipped because the statistics were not finite
+      (overflowing activations, a NaN batch).
   """
 
-  kind: str
+  rule: str
   parameters: tuple[str, ...]
   f_min: float
   f_max: float
   damping_dominated: float
   refreshes: int
+  skipped: int
 
 
 @dataclasses.dataclass(frozen=True)
 class Diagnostics:
-  """Per-layer :class:`LayerDiagnostics` and the unpreconditioned params."""
+  """Per-layer :class:`LayerDiagnostics` and the state of the refreshes.
+
+  Attributes:
+    layers: ``{layer path: LayerDiagnostics}``.
+    unpreconditioned: params with ``F~ = 1`` (no factors cover them).
+    numerics: the optimizer's numerics.
+    count: updates so far.
+    last_refresh: the update of the latest refresh (-1: none yet).
+    overdue: updates by which the next refresh is late (0: on time).
+  """
 
   layers: dict[str, LayerDiagnostics]
   unpreconditioned: list[str]
+  numerics: str
+  count: int
+  last_refresh: int
+  overdue: int
 
   def __str__(self) -> str:
     lines = [
-      '| layer | kind | F~ min | F~ max | damping-dominated | refreshes |',
-      '|---|---|---:|---:|---:|---:|',
+      f'{self.numerics} numerics, {self.count} updates, latest refresh at '
+      f'{self.last_refresh}'
+      + (f' ({self.overdue} updates overdue)' if self.overdue else ''),
+      '| layer | rule | F~ min | F~ max | damping-dominated | refreshes '
+      '| skipped |',
+      '|---|---|---:|---:|---:|---:|---:|',
     ]
     for path, d in self.layers.items():
       lines.append(
-        f'| {path} | {d.kind} | {d.f_min:.3g} | {d.f_max:.3g} | '
-        f'{100 * d.damping_dominated:.1f}% | {d.refreshes} |'
+        f'| {path} | {d.rule} | {d.f_min:.3g} | {d.f_max:.3g} | '
+        f'{100 * d.damping_dominated:.1f}% | {d.refreshes} | {d.skipped} |'
       )
     if self.unpreconditioned:
       lines.append(
@@ -69,85 +93,79 @@ class Diagnostics:
     return '\n'.join(lines)
 
 
-def _find_state(opt_state: Any) -> AdaFisherState:
-  found = [
-    node
-    for node in jax.tree.leaves(
-      opt_state, is_leaf=lambda n: isinstance(n, AdaFisherState)
-    )
-    if isinstance(node, AdaFisherState)
-  ]
-  if len(found) != 1:
-    raise ValueError(
-      'diagnostics: opt_state must contain exactly one AdaFisherState, found '
-      f'{len(found)}.'
-    )
-  return found[0]
-
-
-def diagnostics(
-  opt_state: Any,
-  params: Any,
-  curvature: Any,
-  *,
-  damping: float = 1e-3,
-  numerics: str = 'reference',
-) -> Diagnostics:
+def diagnostics(opt_state: Any, params: Any) -> Diagnostics:
   """Reports, per layer, the range of ``F~`` and how much damping dominates.
 
   Args:
-    opt_state: the optimizer state (a chain's state is searched for the one
-      :class:`AdaFisherState`).
-    params: the params (only their shapes are used).
-    curvature: the curvature of a step, or its layout
-      (:func:`adafisher_optax.curvature_layout`): it says which layer rule
-      applies where.
-    damping: the optimizer's ``damping``.
-    numerics: the optimizer's ``numerics``.
+    opt_state: the optimizer state (a chain's, an ``nnx.Optimizer``'s
+      ``opt_state``, ... is searched for its one ``AdaFisherState``).
+    params: the params, or their shapes: a dict, boxed params, or an
+      ``nnx.State`` (``nnx.state(model, nnx.Param)``).
 
   Returns:
     A :class:`Diagnostics`; ``str()`` of it is a Markdown table.
   """
-  state = _find_state(opt_state)
-  factors = dict(
-    _tree.leaves_with_paths(
-      state.factors,
-      is_leaf=lambda n: isinstance(n, factors_lib.KroneckerFactors),
-    )
-  )
-  report = {}
-  for path, stats in statistics_lib.flatten(curvature).items():
-    if path not in factors:
+  state = adafisher_state(opt_state)
+  shapes = {
+    path: tuple(np.shape(leaf))
+    for path, leaf in _tree.leaves_with_paths(params)
+  }
+  damping = float(state.damping)
+  relative = float(state.relative_damping)
+  refreshed = damping >= 0
+  report, covered = {}, set()
+  for path, factors in layer_factors(state.factors).items():
+    rule = rules.RULES[factors.rule]
+    numerics = factors_lib.numerics_of(factors)
+    names, values, dominated = [], [], []
+    for name, role in factors.roles().items():
+      shape = shapes.get(path + (name,))
+      if shape is None:
+        continue
+      covered.add(path + (name,))
+      names.append(name)
+      k = rule.curvature(factors.h, factors.s, numerics, role, shape)
+      f = preconditioner(
+        factors,
+        rule,
+        role,
+        shape,
+        damping=damping,
+        relative_damping=None if relative < 0 else relative,
+        ablation=None,
+        path=path,
+      )
+      n_stack = factors.h.ndim - 1
+      mean = factors.curvature_mean.reshape(
+        factors.curvature_mean.shape + (1,) * (len(shape) - n_stack)
+      )
+      term = damping if relative < 0 else relative * mean
+      values.append(jnp.ravel(f))
+      dominated.append(jnp.ravel(jnp.broadcast_to(k < term, shape)))
+    if not names:
       continue
-    ((h, s),) = factors_lib.for_preconditioning(
-      {path: factors[path]}, numerics
-    ).values()
-    names = [n for n in (stats.weight_name, stats.bias_name) if n is not None]
-    shapes = {
-      n: tuple(np.shape(_tree.get_node(params, path + (n,)))) for n in names
-    }
-    weight, bias = layers_lib.REGISTRY[stats.kind].preconditioner(
-      h,
-      s,
-      damping,
-      numerics,
-      shapes.get(stats.weight_name),
-      shapes.get(stats.bias_name),
-    )
-    values = jnp.concatenate(
-      [f.reshape(-1) for f in (weight, bias) if f is not None]
-    )
+    values = jnp.concatenate(values)
+    nan = math.nan
     report[_tree.format_path(path)] = LayerDiagnostics(
-      kind=stats.kind,
+      rule=factors.rule,
       parameters=tuple(names),
-      f_min=float(values.min()),
-      f_max=float(values.max()),
-      damping_dominated=float(jnp.mean(values - damping < damping)),
-      refreshes=int(jnp.min(factors[path].refreshes)),
+      f_min=float(values.min()) if refreshed else nan,
+      f_max=float(values.max()) if refreshed else nan,
+      damping_dominated=float(jnp.concatenate(dominated).mean())
+      if refreshed
+      else nan,
+      refreshes=int(jnp.min(factors.refreshes)),
+      skipped=int(jnp.max(factors.skipped)),
     )
+  numerics = next(
+    (factors_lib.numerics_of(f) for f in layer_factors(state.factors).values()),
+    'reference',
+  )
   return Diagnostics(
     layers=report,
-    unpreconditioned=statistics_lib.unpreconditioned_parameters(
-      params, curvature
-    ),
+    unpreconditioned=[_tree.format_path(p) for p in shapes if p not in covered],
+    numerics=numerics,
+    count=int(state.count),
+    last_refresh=int(state.last_refresh),
+    overdue=overdue(state),
   )

@@ -1,24 +1,29 @@
 """Kronecker-factor moving averages and their normalisation (spec section 2).
 
 ``reference`` numerics min-max normalise each new statistic with the authors'
-absolute epsilon and fold it in as ``0.1*gamma*old + 0.01*gamma*new``;
-``paper`` numerics keep a plain EMA of the raw statistics and min-max
-normalise (scale-free) when building the preconditioner.
+absolute epsilon and fold it in as ``0.1*gamma*old + 0.01*gamma*new``: the
+factors are used as they are. ``paper`` numerics keep a plain EMA of the raw
+statistics and min-max normalise it (scale-free) for ``F~``; the normalised
+vectors are computed at refresh time and kept, so a step that does not
+refresh reads them as they are.
 
 Every layer (and every slice of a stacked layer) is normalised on its own,
 but all of them are processed together: their vectors are concatenated and
-each min-max is a segment reduction, so a step costs a handful of kernels
+each min-max is a segment reduction, so a refresh costs a handful of kernels
 whatever the number of layers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from adafisher_optax.rules import Numerics
 
 #: Absolute epsilon of the authors' min-max normalisation.
 REFERENCE_MINMAX_EPS = 1e-6
@@ -28,18 +33,72 @@ PAPER_MINMAX_EPS = 1e-6
 Reduce = Callable[[Callable, jax.Array], jax.Array]
 
 
-class KroneckerFactors(NamedTuple):
-  """The factor vectors of one layer (``[*stack, len]`` each).
+@dataclasses.dataclass(frozen=True)
+class Factors:
+  """One layer's factor vectors (``[*stack, n]``) and refresh counters.
 
   Attributes:
-    input: ``H``, the input-side factor (with the bias entry last, if any).
-    output: ``S``, the output-gradient factor.
-    refreshes: how many refreshes folded statistics in (int32, ``[*stack]``).
+    h: ``H``, the input-side factor as ``F~`` uses it (with the bias entry
+      last, if any).
+    s: ``S``, the output-gradient factor as ``F~`` uses it.
+    curvature_mean: the mean of ``K = H (x) S`` over the layer's parameters
+      at the latest refresh (``[*stack]``; relative damping divides by it).
+    refreshes: refreshes that folded statistics in (int32, ``[*stack]``).
+    skipped: refreshes skipped because the statistics were not finite.
+    rule: the layer's rule (:data:`adafisher_optax.rules.RULES`; static).
+    weight: the name of the layer's weight parameter, or ``None`` (static).
+    bias: the name of the layer's bias parameter, or ``None`` (static).
   """
 
-  input: jax.Array
-  output: jax.Array
+  h: jax.Array
+  s: jax.Array
+  curvature_mean: jax.Array
   refreshes: jax.Array
+  skipped: jax.Array
+  rule: str = dataclasses.field(metadata=dict(static=True))
+  weight: str | None = dataclasses.field(metadata=dict(static=True))
+  bias: str | None = dataclasses.field(metadata=dict(static=True))
+
+  def roles(self) -> dict[str, str]:
+    """``{parameter name: 'weight' | 'bias'}``."""
+    names = {self.weight: 'weight', self.bias: 'bias'}
+    return {name: role for name, role in names.items() if name is not None}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ReferenceFactors(Factors):
+  """:class:`Factors` of ``reference`` numerics: ``h`` and ``s`` are the EMAs
+  of the min-max normalised statistics."""
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PaperFactors(Factors):
+  """:class:`Factors` of ``paper`` numerics: ``h = minmax(h_ema)`` and
+  ``s = minmax(s_ema)``, computed at refresh time.
+
+  Attributes:
+    h_ema: the EMA of ``H_hat``.
+    s_ema: the EMA of ``S_hat``.
+  """
+
+  h_ema: jax.Array = dataclasses.field(kw_only=True)
+  s_ema: jax.Array = dataclasses.field(kw_only=True)
+
+
+FACTOR_TYPES: dict[Numerics, type] = {
+  'reference': ReferenceFactors,
+  'paper': PaperFactors,
+}
+
+
+def is_factors(node: Any) -> bool:
+  return isinstance(node, Factors)
+
+
+def numerics_of(factors: Factors) -> Numerics:
+  return 'paper' if isinstance(factors, PaperFactors) else 'reference'
 
 
 def _last_axis(op, x):
@@ -69,13 +128,32 @@ def minmax_paper(x: jax.Array, reduce: Reduce = _last_axis) -> jax.Array:
   return (x - lo) / (hi - lo + PAPER_MINMAX_EPS * magnitude + tiny)
 
 
-def initial(shapes, dtype) -> KroneckerFactors:
-  """Initial factors: ones (the authors' initialisation), no refresh yet."""
-  h_shape, s_shape = shapes
-  return KroneckerFactors(
-    jnp.ones(h_shape, dtype),
-    jnp.ones(s_shape, dtype),
-    jnp.zeros(h_shape[:-1], jnp.int32),
+def initial(
+  h_shape: tuple[int, ...],
+  s_shape: tuple[int, ...],
+  numerics: Numerics,
+  dtype: Any,
+  *,
+  rule: str,
+  weight: str | None,
+  bias: str | None,
+) -> Factors:
+  """Factors before any refresh: ones (the authors' initialisation)."""
+  stack = h_shape[:-1]
+  common = dict(
+    h=jnp.ones(h_shape, dtype),
+    s=jnp.ones(s_shape, dtype),
+    curvature_mean=jnp.ones(stack, dtype),
+    refreshes=jnp.zeros(stack, jnp.int32),
+    skipped=jnp.zeros(stack, jnp.int32),
+    rule=rule,
+    weight=weight,
+    bias=bias,
+  )
+  if numerics == 'reference':
+    return ReferenceFactors(**common)
+  return PaperFactors(
+    h_ema=jnp.ones(h_shape, dtype), s_ema=jnp.ones(s_shape, dtype), **common
   )
 
 
@@ -132,46 +210,42 @@ class Segments:
 
 
 def refresh(
-  factors: Mapping[Any, KroneckerFactors],
+  factors: Mapping[Any, Factors],
   means: Mapping[Any, tuple[jax.Array, jax.Array]],
   rows: Mapping[Any, jax.Array],
   *,
   gamma: Any,
-  numerics: str,
-) -> dict[Any, KroneckerFactors]:
+) -> dict[Any, Factors]:
   """Folds one refresh step's statistics into the factors of every layer.
 
   The refresh of a layer (or of one slice of a stacked layer) is skipped, and
   its factors kept, when no rows reached it or when its statistics are not
-  finite: a bad batch never poisons the factors. In
-  ``paper`` numerics a layer's first refresh sets the factors to the
-  statistics.
+  finite (counted in ``skipped``): a bad batch never poisons the factors. In
+  ``paper`` numerics a layer's first refresh sets the EMAs to the statistics.
+  ``curvature_mean`` is left to the caller (it needs the parameter shapes).
 
   Args:
-    factors: the factors per layer.
+    factors: the factors per layer (all of one numerics).
     means: ``(H_hat, S_hat)`` per layer.
     rows: the rows behind the statistics per layer (``[*stack]``).
     gamma: the EMA decay.
-    numerics: ``"reference"`` or ``"paper"``.
 
   Returns:
     The new factors per layer.
   """
-  h_seg = Segments({p: f.input.shape for p, f in factors.items()})
-  s_seg = Segments({p: f.output.shape for p, f in factors.items()})
+  paper = any(isinstance(f, PaperFactors) for f in factors.values())
+  h_seg = Segments({p: f.h.shape for p, f in factors.items()})
+  s_seg = Segments({p: f.s.shape for p, f in factors.items()})
   h_hat = h_seg.flatten({p: m[0] for p, m in means.items()})
   s_hat = s_seg.flatten({p: m[1] for p, m in means.items()})
-  old_h = h_seg.flatten({p: f.input for p, f in factors.items()})
-  old_s = s_seg.flatten({p: f.output for p, f in factors.items()})
   refreshes = h_seg.per_segment({p: f.refreshes for p, f in factors.items()})
-  if numerics == 'reference':
-    new_h = 0.1 * gamma * old_h + 0.01 * gamma * minmax_reference(
-      h_hat, h_seg.reduce
-    )
-    new_s = 0.1 * gamma * old_s + 0.01 * gamma * minmax_reference(
-      s_hat, s_seg.reduce
-    )
-  else:
+  skipped = h_seg.per_segment({p: f.skipped for p, f in factors.items()})
+  finite = h_seg.all(jnp.isfinite(h_hat)) & s_seg.all(jnp.isfinite(s_hat))
+  reached = h_seg.per_segment(rows) > 0
+  ok = reached & finite
+  if paper:
+    old_h = h_seg.flatten({p: f.h_ema for p, f in factors.items()})
+    old_s = s_seg.flatten({p: f.s_ema for p, f in factors.items()})
     first = refreshes == 0
     new_h = jnp.where(
       first[h_seg.ids], h_hat, gamma * old_h + (1 - gamma) * h_hat
@@ -179,31 +253,44 @@ def refresh(
     new_s = jnp.where(
       first[s_seg.ids], s_hat, gamma * old_s + (1 - gamma) * s_hat
     )
-  finite = h_seg.all(jnp.isfinite(h_hat)) & s_seg.all(jnp.isfinite(s_hat))
-  ok = (h_seg.per_segment(rows) > 0) & finite
+  else:
+    old_h = h_seg.flatten({p: f.h for p, f in factors.items()})
+    old_s = s_seg.flatten({p: f.s for p, f in factors.items()})
+    new_h = 0.1 * gamma * old_h + 0.01 * gamma * minmax_reference(
+      h_hat, h_seg.reduce
+    )
+    new_s = 0.1 * gamma * old_s + 0.01 * gamma * minmax_reference(
+      s_hat, s_seg.reduce
+    )
   new_h = jnp.where(ok[h_seg.ids], new_h, old_h).astype(old_h.dtype)
   new_s = jnp.where(ok[s_seg.ids], new_s, old_s).astype(old_s.dtype)
+  counts = {
+    'refreshes': h_seg.unflatten_per_segment(refreshes + ok),
+    'skipped': h_seg.unflatten_per_segment(skipped + (reached & ~finite)),
+  }
   h, s = h_seg.unflatten(new_h), s_seg.unflatten(new_s)
-  counts = h_seg.unflatten_per_segment(refreshes + ok.astype(refreshes.dtype))
-  return {p: KroneckerFactors(h[p], s[p], counts[p]) for p in factors}
-
-
-def for_preconditioning(
-  factors: Mapping[Any, KroneckerFactors], numerics: str
-) -> dict[Any, tuple[jax.Array, jax.Array]]:
-  """The factor vectors ``(H, S)`` of every layer as ``F~`` uses them."""
-  if numerics == 'reference':
-    return {p: (f.input, f.output) for p, f in factors.items()}
-  h_seg = Segments({p: f.input.shape for p, f in factors.items()})
-  s_seg = Segments({p: f.output.shape for p, f in factors.items()})
-  h = h_seg.unflatten(
-    minmax_paper(
-      h_seg.flatten({p: f.input for p, f in factors.items()}), h_seg.reduce
+  if paper:
+    h_used = h_seg.unflatten(minmax_paper(new_h, h_seg.reduce))
+    s_used = s_seg.unflatten(minmax_paper(new_s, s_seg.reduce))
+    return {
+      p: dataclasses.replace(
+        f,
+        h=h_used[p],
+        s=s_used[p],
+        h_ema=h[p],
+        s_ema=s[p],
+        refreshes=counts['refreshes'][p],
+        skipped=counts['skipped'][p],
+      )
+      for p, f in factors.items()
+    }
+  return {
+    p: dataclasses.replace(
+      f,
+      h=h[p],
+      s=s[p],
+      refreshes=counts['refreshes'][p],
+      skipped=counts['skipped'][p],
     )
-  )
-  s = s_seg.unflatten(
-    minmax_paper(
-      s_seg.flatten({p: f.output for p, f in factors.items()}), s_seg.reduce
-    )
-  )
-  return {p: (h[p], s[p]) for p in factors}
+    for p, f in factors.items()
+  }

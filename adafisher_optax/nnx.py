@@ -1,7 +1,7 @@
-"""Curvature capture for Flax NNX models (``adafisher_optax.nnx``).
+"""The Flax NNX front end (``adafisher_optax.nnx``).
 
     model = MyModel(rngs=nnx.Rngs(0))  # unchanged model code
-    optimizer = nnx.Optimizer(model, afo.adafisher(1e-3), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, afo.adafisher(1e-5), wrt=nnx.Param)
     grad_fn = afo.nnx.value_and_grad_with_curvature(loss_fn)
 
 
@@ -15,14 +15,13 @@ There is no attach step and the model is never modified beyond what
 ``nnx.value_and_grad`` does (its variables updated: batch statistics, RNG
 counts). Like ``nnx.value_and_grad``, the capture splits the model and the
 other arguments into states and runs ``loss_fn`` on a copy merged inside its
-own traces. In that copy every supported layer (:data:`LAYERS`, subclasses
-included) gets a cached subclass whose layer methods tap their outputs through
-the current :class:`adafisher_optax.taps.Session`, a static attribute naming
-its path in the model, and a :class:`Probe` variable holding the zero probe
-of :mod:`adafisher_optax.taps`, stacked like the layer's parameters. NNX's
-lifted transforms therefore slice probes like parameters (``nnx.scan`` over
-layers stacked with ``nnx.vmap``), recompute them (``nnx.remat``) and sum the
-statistics of shared layers.
+own traces. In that copy every registered layer whose weight is an
+``nnx.Param`` gets a cached subclass whose methods report to the current
+capture session, a static attribute naming its path in the model, and a
+:class:`Probe` variable holding its probe, stacked like the layer's
+parameters. NNX's lifted transforms therefore slice probes like parameters
+(``nnx.scan`` over layers stacked with ``nnx.vmap``), recompute them
+(``nnx.remat``) and sum the statistics of shared layers.
 """
 
 from __future__ import annotations
@@ -33,34 +32,101 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from flax.linen.linear import canonicalize_padding
 
-from adafisher_optax import _tree, taps
-from adafisher_optax import layers as layers_lib
-from adafisher_optax.capture import FISHER, _sampled_cotangent
-from adafisher_optax.taps import PROBE, CaptureError, check_numerics
-
-#: The NNX layer types AdaFisher captures (subclasses included): the rule of
-#: :data:`adafisher_optax.layers.REGISTRY` each follows, and the methods that
-#: apply it. An application by a method the rule does not capture
-#: (``Embed.attend``) is reported, and the layer left unpreconditioned.
-LAYERS: dict[type, tuple[str, tuple[str, ...]]] = {
-  nnx.Linear: ('dense', ('__call__',)),
-  nnx.LinearGeneral: ('dense', ('__call__',)),
-  nnx.Conv: ('conv', ('__call__',)),
-  nnx.Embed: ('embed', ('__call__', 'attend')),
-  nnx.LayerNorm: ('layer_norm', ('__call__',)),
-  nnx.RMSNorm: ('layer_norm', ('__call__',)),
-  nnx.BatchNorm: ('channel_norm', ('__call__',)),
-  nnx.GroupNorm: ('channel_norm', ('__call__',)),
-}
-
-#: Every NNX layer type with a rule.
-SUPPORTED_LAYERS: tuple[type, ...] = tuple(LAYERS)
+from adafisher_optax import _tree, layers, rules
+from adafisher_optax import capture as capture_lib
 
 #: Static attribute naming a tapped layer's path in the model.
 _PATH = '__adafisher_path__'
+
+
+# ---------------------------------------------------------------------------
+# Adapters: NNX layers as rule configurations.
+# ---------------------------------------------------------------------------
+
+
+def _linear(layer: nnx.Linear, x, kwargs) -> rules.Dense:
+  return rules.Dense(use_bias=layer.use_bias)
+
+
+def _linear_general(layer: nnx.LinearGeneral, x, kwargs) -> rules.Dense:
+  if layer.batch_axis:
+    raise layers.UnsupportedCall('LinearGeneral with batch_axis')
+  return rules.Dense(
+    in_axes=tuple(int(a) for a in np.atleast_1d(layer.axis)),
+    out_ndim=len(np.atleast_1d(layer.out_features)),
+    use_bias=layer.use_bias,
+  )
+
+
+def _conv(layer: nnx.Conv, x, kwargs) -> rules.Conv:
+  kernel_size = tuple(np.atleast_1d(layer.kernel_size))
+  n = len(kernel_size)
+  padding = canonicalize_padding(layer.padding, n)
+  return rules.Conv(
+    kernel_size=kernel_size,
+    strides=rules.per_dim(layer.strides, n, 'strides'),
+    padding=padding if isinstance(padding, str) else tuple(map(tuple, padding)),
+    input_dilation=rules.per_dim(layer.input_dilation, n, 'input_dilation'),
+    kernel_dilation=rules.per_dim(layer.kernel_dilation, n, 'kernel_dilation'),
+    groups=layer.feature_group_count,
+    use_bias=layer.use_bias,
+  )
+
+
+def _embed(layer: nnx.Embed, x, kwargs) -> rules.Embed:
+  return rules.Embed(layer.num_embeddings)
+
+
+def _norm(layer, x, kwargs, axes, surrogate) -> rules.Norm:
+  if kwargs.get('mask') is not None:
+    raise layers.UnsupportedCall(f'{type(layer).__name__} called with a mask')
+  if x.ndim < 2:
+    raise layers.UnsupportedCall('input without a batch axis')
+  axes = tuple(sorted({int(a) % x.ndim for a in np.atleast_1d(axes)}))
+  return rules.Norm(
+    feature_axes=axes,
+    surrogate_axis=surrogate,
+    use_scale=layer.use_scale,
+    use_bias=getattr(layer, 'use_bias', False),
+  )
+
+
+def _token_norm(layer, x, kwargs) -> rules.Norm:
+  """LayerNorm and RMSNorm; the reference surrogate axis is axis 1."""
+  return _norm(layer, x, kwargs, layer.feature_axes, 1)
+
+
+def _channel_norm(layer, x, kwargs) -> rules.Norm:
+  """BatchNorm (feature ``axis``) and GroupNorm (the last axis)."""
+  axis = x.ndim - 1 if isinstance(layer, nnx.GroupNorm) else layer.axis
+  axes = np.atleast_1d(axis)
+  if len(axes) != 1:
+    raise layers.UnsupportedCall('more than one feature axis')
+  if int(axes[0]) % x.ndim == 0:
+    raise layers.UnsupportedCall('input without a batch axis')
+  return _norm(layer, x, kwargs, axes, int(axes[0]) % x.ndim)
+
+
+for _cls, _rule, _adapter, _names in (
+  (nnx.Linear, rules.DENSE, _linear, ('kernel', 'bias')),
+  (nnx.LinearGeneral, rules.DENSE, _linear_general, ('kernel', 'bias')),
+  (nnx.Conv, rules.CONV, _conv, ('kernel', 'bias')),
+  (nnx.Embed, rules.EMBED, _embed, ('embedding', None)),
+  (nnx.LayerNorm, rules.NORM, _token_norm, ('scale', 'bias')),
+  (nnx.RMSNorm, rules.NORM, _token_norm, ('scale', None)),
+  (nnx.BatchNorm, rules.NORM, _channel_norm, ('scale', 'bias')),
+  (nnx.GroupNorm, rules.NORM, _channel_norm, ('scale', 'bias')),
+):
+  layers.register_layer(_cls, _rule, _adapter, weight=_names[0], bias=_names[1])
+
+
+def supported_layers() -> tuple[type, ...]:
+  """Every registered NNX layer class."""
+  return tuple(c for c in layers.registered() if issubclass(c, nnx.Module))
 
 
 class Probe(nnx.Variable):
@@ -81,20 +147,19 @@ def _model_params(path: tuple, value: Any) -> bool:
 _UPDATED = nnx.All(nnx.Variable, nnx.Not(Probe), nnx.Not(_model_params))
 
 
-def _tapped_method(base: type, name: str, kind: str) -> Callable[..., Any]:
-  """``base.name`` followed by the current session's tap.
+def _tapped_method(base: type, name: str) -> Callable[..., Any]:
+  """``base.name`` followed by a report to the current session.
 
-  The rule sees the first argument positionally and the others by name
+  The adapter sees the first argument as the input and the others by name
   (``RMSNorm(x, mask)`` takes its mask positionally).
   """
   original = getattr(base, name)
-  rule = layers_lib.REGISTRY[kind]
   names = list(inspect.signature(original).parameters)[2:]
 
   @functools.wraps(original)
   def method(self, *args, **kwargs):
     outputs = original(self, *args, **kwargs)
-    session = taps.current()
+    session = capture_lib.current()
     path = getattr(self, _PATH, None)
     if session is None or path is None:
       return outputs
@@ -102,7 +167,7 @@ def _tapped_method(base: type, name: str, kind: str) -> Callable[..., Any]:
     by_name = {**dict(zip(names, args[1:])), **kwargs}
     return session.apply(
       path,
-      rule,
+      layers.lookup_class(base)[1],
       name,
       self,
       args[:1],
@@ -120,19 +185,22 @@ _TAPPED: dict[type, type] = {}
 
 
 def _tapped_class(cls: type) -> type:
-  """The cached tapping subclass of a supported layer class.
+  """The cached reporting subclass of a registered layer class.
 
-  For a user subclass the tapping class of its supported base comes right
-  after it in the MRO: the base methods are tapped, also when the subclass
-  wraps them, so the statistics belong to the layer's true inputs and
-  outputs (as for linen).
+  For a user subclass the reporting class of its registered base comes right
+  after it in the MRO: the base methods report, also when the subclass wraps
+  them, so the statistics belong to the layer's true inputs and outputs (as
+  for linen).
   """
   tapped = _TAPPED.get(cls)
   if tapped is None:
-    base = next(c for c in cls.__mro__ if c in LAYERS)
-    kind, methods = LAYERS[base]
+    base, layer_type = layers.lookup_class(cls)
     if cls is base:
-      namespace = {name: _tapped_method(base, name, kind) for name in methods}
+      # Also report the other layer-applying methods (Embed.attend).
+      names = layer_type.methods + tuple(
+        m for m in ('attend',) if hasattr(base, m)
+      )
+      namespace = {name: _tapped_method(base, name) for name in names}
       bases = (cls,)
     else:
       namespace, bases = {}, (cls, _tapped_class(base))
@@ -142,50 +210,53 @@ def _tapped_class(cls: type) -> type:
   return tapped
 
 
-def _probe(layer: nnx.Module, plan_layer: taps.Layer, path: tuple) -> Any:
+def _probe(
+  layer: nnx.Module, record: capture_lib.LayerRecord, path: tuple
+) -> Any:
   """The value of ``layer``'s probe, checked against what the capture added."""
   where = _tree.format_path(path)
-  probe = getattr(layer, PROBE, None)
+  probe = getattr(layer, capture_lib.PROBE, None)
   if probe is None:
-    raise CaptureError(
-      f'Layer {where!r}: its adafisher_optax.nnx.Probe variable did not '
-      'reach the layer; a transform inside `loss_fn` dropped it.'
-    )
+    return None
   value = probe.get_value()
-  if tuple(value['input'].shape) != plan_layer.input_shape:
-    raise CaptureError(
-      f'Layer {where!r}: its probe has shape {value["input"].shape} where the '
-      f'layer needs {plan_layer.input_shape}: a transform inside `loss_fn` '
-      "did not slice it like the layer's parameters. Give "
-      'adafisher_optax.nnx.Probe the axes of nnx.Param, e.g. '
-      'nnx.StateAxes({(nnx.Param, afo.nnx.Probe): 0, ...: None}).'
+  if tuple(value['rows'].shape) != ():
+    raise capture_lib.CaptureError(
+      f'Layer {where!r}: its probe has stack shape {value["rows"].shape} '
+      'where the layer needs (): a transform inside `loss_fn` did not slice it '
+      "like the layer's parameters. Give adafisher_optax.nnx.Probe the axes "
+      'of nnx.Param, e.g. nnx.StateAxes({(nnx.Param, afo.nnx.Probe): 0, '
+      '...: None}).'
     )
   return value
 
 
-def _supported_layers(model: Any) -> dict[tuple, nnx.Module]:
-  """``{path: layer}`` for every supported layer of ``model``'s graph."""
-  return {
-    tuple(path): node
-    for path, node in nnx.iter_graph(model)
-    if isinstance(node, SUPPORTED_LAYERS)
-  }
+def _registered_layers(model: Any) -> dict[tuple, nnx.Module]:
+  """``{path: layer}`` of the registered layers whose weight is a Param."""
+  found = {}
+  for path, node in nnx.iter_graph(model):
+    entry = layers.lookup(node)
+    if entry is None:
+      continue
+    weight = getattr(node, entry[1].weight or '', None)
+    bias = getattr(node, entry[1].bias or '', None)
+    if isinstance(weight, nnx.Param) or isinstance(bias, nnx.Param):
+      found[tuple(path)] = node
+  return found
 
 
-def _tap(model: nnx.Module, probes: dict[tuple, Any] | None) -> None:
-  """Makes the supported layers of a model copy tap through the session."""
-  for path, layer in _supported_layers(model).items():
+def _tap(model: nnx.Module, probes: dict[tuple, Any]) -> None:
+  """Makes the registered layers of a model copy report to the session."""
+  for path, layer in _registered_layers(model).items():
     object.__setattr__(layer, '__class__', _tapped_class(type(layer)))
     setattr(layer, _PATH, path)
-    if probes is not None and path in probes:
-      setattr(layer, PROBE, Probe(probes[path]))
+    if path in probes:
+      setattr(layer, capture_lib.PROBE, Probe(probes[path]))
 
 
 def value_and_grad_with_curvature(
   loss_fn: Callable[..., Any],
   *,
   has_aux: bool = False,
-  numerics: str = 'reference',
   fisher: str = 'empirical',
 ) -> Callable[..., tuple[Any, Any, Any]]:
   """Like ``nnx.value_and_grad(loss_fn)``, also returning AdaFisher's statistics.
@@ -196,111 +267,93 @@ def value_and_grad_with_curvature(
   ``nnx.jit`` (``loss_fn`` is traced twice: once abstractly, to find the
   layers). Variables that ``loss_fn`` updates (batch statistics, RNG counts,
   in the model or in other arguments) are updated as by
-  ``nnx.value_and_grad``. Layers of :data:`LAYERS` (and subclasses) are
-  captured; other parameters get ``F~ = 1``.
+  ``nnx.value_and_grad``. Registered layers (and subclasses) whose weight is
+  an ``nnx.Param`` are captured; other parameters get ``F~ = 1``. With
+  ``capture=False`` (a static bool) it is ``nnx.value_and_grad(loss_fn)``
+  and the curvature is ``None``.
 
   Args:
     loss_fn: the loss; its first argument is the model.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``; ``value`` is then
       ``(loss, aux)``.
-    numerics: ``"reference"`` or ``"paper"``, as for the optimizer.
     fisher: ``"empirical"`` or ``"sampled"`` (then ``loss_fn`` computes its
       loss with :func:`adafisher_optax.softmax_cross_entropy` and the returned
       function takes a keyword argument ``fisher_key``), as in
       :func:`adafisher_optax.value_and_grad_with_curvature`.
 
   Returns:
-    A function with the signature of ``loss_fn`` returning ``(value, grads,
-    curvature)``: ``grads`` is the ``nnx.State`` of the ``nnx.Param``
-    gradients (as ``nnx.value_and_grad`` returns it) and ``curvature`` nested
-    dicts keyed like its paths (list items by integers) whose leaves are
+    A function with the signature of ``loss_fn`` (plus ``capture=`` and
+    ``fisher_key=``) returning ``(value, grads, curvature)``: ``grads`` is
+    the ``nnx.State`` of the ``nnx.Param`` gradients (as
+    ``nnx.value_and_grad`` returns it) and ``curvature`` nested dicts keyed
+    like its paths (list items by integers) whose leaves are
     :class:`adafisher_optax.LayerStatistics`, for
     ``optimizer.update(model, grads, curvature=curvature)``.
   """
-  check_numerics(numerics)
-  if fisher not in FISHER:
-    raise ValueError(f'fisher must be one of {FISHER}, got {fisher!r}.')
+  capture_lib.check_fisher(fisher)
 
   @functools.wraps(loss_fn)
-  def value_grads_curvature(model, *args, fisher_key=None, **kwargs):
-    if not isinstance(model, nnx.Module):
-      raise TypeError(
-        'adafisher_optax.nnx.value_and_grad_with_curvature: the first '
-        f'argument of `loss_fn` must be an nnx.Module, got '
-        f'{type(model).__name__}.'
+  def value_grads_curvature(
+    model, *args, capture=True, fisher_key=None, **kwargs
+  ):
+    _check_model(model)
+    capture_lib.check_call(capture, fisher, fisher_key)
+    if not capture:
+      value, grads = nnx.value_and_grad(loss_fn, has_aux=has_aux)(
+        model, *args, **kwargs
       )
-    if (fisher == 'sampled') != (fisher_key is not None):
-      raise TypeError(
-        'fisher_key: pass a jax.random key exactly when fisher="sampled" '
-        f'(fisher={fisher!r}).'
-      )
-    layers = _supported_layers(model)
-    if not layers:
-      names = ', '.join(f'nnx.{t.__name__}' for t in SUPPORTED_LAYERS)
-      raise CaptureError(
+      return value, grads, None
+    registered = _registered_layers(model)
+    if not registered:
+      names = ', '.join(f'nnx.{t.__name__}' for t in supported_layers())
+      raise capture_lib.CaptureError(
         f'{type(model).__name__} contains no layer AdaFisher can capture '
-        f'(supported: {names} and their subclasses).'
+        f'(supported: {names}, their subclasses and layers registered with '
+        'adafisher_optax.register_layer).'
       )
     graphdef, params, rest = nnx.split(
       (model, args, kwargs), _model_params, ...
     )
 
-    def run(session, params, probes):
+    def run(session, params):
       # New Variable objects, which loss_fn may update inside this trace.
       copy = nnx.merge(graphdef, params, jax.tree.map(lambda v: v, rest))
-      _tap(copy[0], probes)
+      _tap(copy[0], session.probes)
       with session:
         out = loss_fn(copy[0], *copy[1], **copy[2])
-      loss, aux = out if has_aux else (out, None)
-      return (loss, session.outputs[:1]), (aux, nnx.state(copy, _UPDATED))
+      return out, nnx.state(copy, _UPDATED)
 
-    plan = _discover(run, params, layers, numerics, fisher)
-    paths = [path for path, layer in plan.items() if layer.unsupported is None]
-    for path in paths:
-      layer = plan[path]
-      outer = {name: getattr(layers[path], name) for name in layer.inner_shapes}
-      layer.stack = taps.stack_shape(path, layer, outer)
-    taps.warn_unsupported(plan)
-
-    def forward(params, probes):
-      return run(taps.Session(numerics, plan), params, dict(zip(paths, probes)))
-
-    (loss, logits), backward, (aux, updates) = jax.vjp(
-      forward, params, [plan[path].probe() for path in paths], has_aux=True
+    found = ', '.join(_tree.format_path(path) for path in registered)
+    value, grads, curvature, updates = capture_lib.drive(
+      run,
+      params,
+      has_aux=has_aux,
+      fisher=fisher,
+      fisher_key=fisher_key,
+      name='loss_fn',
+      on_nothing_applied=lambda: capture_lib.CaptureError(
+        'adafisher_optax.nnx.value_and_grad_with_curvature: `loss_fn` '
+        f"applied none of the model's registered layers ({found}) while it "
+        'was traced. Apply the model `loss_fn` receives as its first argument '
+        '(not one it closes over), and do not call it through an nnx.jit or '
+        'jax.jit created outside `loss_fn`: a cached compilation skips the '
+        'capture.'
+      ),
+      layer_params=lambda path: _tree.get_node(params, (0, *path)),
     )
-    zeros = jax.tree.map(jnp.zeros_like, logits)
-    grads, probes = backward((jnp.ones_like(loss), zeros))
-    if fisher == 'sampled':
-      _, probes = backward(
-        (jnp.zeros_like(loss), [_sampled_cotangent(logits[0], fisher_key)])
-      )
     nnx.update((model, args, kwargs), updates)
-    curvature = {
-      path: plan[path].statistics(cotangent, numerics)
-      for path, cotangent in zip(paths, probes)
-    }
     grads = grads[0] if 0 in grads else nnx.State({})
-    value = (loss, aux) if has_aux else loss
-    return value, grads, _tree.nest(curvature)
+    return value, grads, curvature
 
   return value_grads_curvature
 
 
-def _discover(run, params, layers, numerics, fisher) -> dict[tuple, taps.Layer]:
-  """Traces ``loss_fn`` abstractly once; returns ``{path: taps.Layer}``."""
-  session = taps.Session(numerics)
-  jax.eval_shape(lambda p: run(session, p, None), params)
-  if session.calls == 0:
-    found = ', '.join(_tree.format_path(path) for path in layers)
-    raise CaptureError(
-      'adafisher_optax.nnx.value_and_grad_with_curvature: `loss_fn` applied '
-      f"none of the model's supported layers ({found}) while it was traced. "
-      'Apply the model `loss_fn` receives as its first argument (not one it '
-      'closes over), and do not call it through an nnx.jit or jax.jit created '
-      'outside `loss_fn`: a cached compilation skips the capture.'
+def _check_model(model: Any) -> None:
+  if not isinstance(model, nnx.Module):
+    raise TypeError(
+      'adafisher_optax.nnx.value_and_grad_with_curvature: the first argument '
+      f'of `loss_fn` must be an nnx.Module, got {type(model).__name__}.'
     )
-  session.check_sampled_loss(fisher, 'loss_fn')
-  return session.plan
 
 
 def curvature_layout(
@@ -308,10 +361,9 @@ def curvature_layout(
 ) -> Any:
   """The shapes of the curvature a capture function returns, without FLOPs.
 
-  Pass the result as ``layout=`` to the optimizer when its factor sizes cannot
-  be read from parameter names (layers stacked with ``nnx.vmap``, bias-free
-  ``LinearGeneral`` layers with several output axes). ``model`` and the other
-  arguments are not changed.
+  Pass the result as ``layout=`` to the optimizer (layers stacked with
+  ``nnx.vmap``, bias-free ``LinearGeneral`` layers with several output axes
+  need it). ``model`` and the other arguments are not changed.
 
   Args:
     value_grads_curvature: a function from :func:`value_and_grad_with_curvature`.
@@ -332,9 +384,8 @@ def curvature_layout(
 
 
 __all__ = [
-  'LAYERS',
-  'SUPPORTED_LAYERS',
   'Probe',
   'curvature_layout',
+  'supported_layers',
   'value_and_grad_with_curvature',
 ]

@@ -1,8 +1,9 @@
-"""Per-layer curvature statistics: what the capture hands to the optimizer.
+"""Per-layer curvature statistics: what a capture hands to the optimizer.
 
 A layer's statistics are *sums over rows* plus the number of rows, so that
-several applications of one module, several scan iterations or several devices
-combine exactly by addition before the optimizer divides (spec section 1, 4).
+several applications of one module, several scan iterations, micro-batches or
+devices combine exactly by addition before the optimizer divides (spec
+sections 1 and 4). They hold what both numerics need; the optimizer picks.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from adafisher_optax import _tree, layers
+from adafisher_optax import _tree, rules
 
 
 @jax.tree_util.register_dataclass
@@ -22,41 +23,42 @@ class LayerStatistics:
   """Instantaneous statistics of one layer for one step.
 
   Attributes:
-    input: sum over rows of the input-side statistic, shape
-      ``[*stack, len]``; ``stack`` are leading axes of stacked parameters
+    input_sums: forward-pass sums over rows (the ``H`` side), each of shape
+      ``[*stack, n]``; ``stack`` are the leading axes of stacked parameters
       (``nn.scan``/``nn.vmap`` over layers).
-    output: sum over rows of the output-gradient statistic, shape
-      ``[*stack, len_S]``.
-    rows: number of rows behind the sums, shape ``[*stack]``.
-    kind: name of the layer rule in :data:`adafisher_optax.layers.REGISTRY`.
-    variant: the numerics the statistics were captured for, or ``None`` when
-      the rule's statistics are the same for both numerics.
+    output_sums: backward-pass sums over rows (the ``S`` side).
+    rows: the number of rows behind the sums, shape ``[*stack]``.
+    rule: the name of the layer's rule in
+      :data:`adafisher_optax.rules.RULES`.
     weight_name: the layer's weight parameter (``kernel``, ``embedding``,
       ``scale``) or ``None``.
-    bias_name: the layer's bias/shift parameter or ``None``.
-    summed_over: ``shard_map`` mesh axes over which JAX already summed the
-      statistics in the backward pass (as it sums replicated gradients).
+    bias_name: the layer's bias (shift) parameter or ``None``.
   """
 
-  input: jax.Array
-  output: jax.Array
+  input_sums: tuple[jax.Array, ...]
+  output_sums: tuple[jax.Array, ...]
   rows: jax.Array
-  kind: str = dataclasses.field(metadata=dict(static=True))
-  variant: str | None = dataclasses.field(metadata=dict(static=True))
+  rule: str = dataclasses.field(metadata=dict(static=True))
   weight_name: str | None = dataclasses.field(metadata=dict(static=True))
   bias_name: str | None = dataclasses.field(metadata=dict(static=True))
-  summed_over: tuple[str, ...] = dataclasses.field(
-    default=(), metadata=dict(static=True)
-  )
 
-  def means(self) -> tuple[jax.Array, jax.Array]:
-    """Returns ``(H_hat, S_hat)`` from the sums, as the layer's rule says.
+  @property
+  def layer_rule(self) -> rules.Rule:
+    return rules.RULES[self.rule]
+
+  def parameter_names(self) -> dict[str, str]:
+    """``{parameter name: 'weight' | 'bias'}`` of the layer."""
+    names = {self.weight_name: 'weight', self.bias_name: 'bias'}
+    return {name: role for name, role in names.items() if name is not None}
+
+  def means(self, numerics: rules.Numerics = 'reference'):
+    """``(H_hat, S_hat)`` of the given numerics (only norms depend on it).
 
     Layers whose rows are zero (never reached by the backward pass) give
     zeros; the optimizer skips their refresh.
     """
-    return layers.REGISTRY[self.kind].normalize(
-      self.input, self.output, self.rows, self.variant
+    return self.layer_rule.means(
+      self.input_sums, self.output_sums, self.rows, numerics
     )
 
   def average_of(self, parts: Any) -> LayerStatistics:
@@ -66,15 +68,20 @@ class LayerStatistics:
     of each part's own loss; the averaged objective's output gradients are
     ``1 / parts`` times those.
     """
-    degree = layers.REGISTRY[self.kind].output_degree(self.variant)
-    factor = 1 / jnp.asarray(parts, self.output.dtype)
-    return dataclasses.replace(self, output=self.output * factor**degree)
+    degrees = self.layer_rule.output_degrees
+    outputs = tuple(
+      s * (1 / jnp.asarray(parts, s.dtype)) ** d
+      for s, d in zip(self.output_sums, degrees)
+    )
+    return dataclasses.replace(self, output_sums=outputs)
 
   def psum(self, axis_name: Any) -> LayerStatistics:
     """Sums the statistics over a mapped axis (exact global-batch sums)."""
-    summed = jax.lax.psum((self.input, self.output, self.rows), axis_name)
+    inputs, outputs, rows = jax.lax.psum(
+      (self.input_sums, self.output_sums, self.rows), axis_name
+    )
     return dataclasses.replace(
-      self, input=summed[0], output=summed[1], rows=summed[2]
+      self, input_sums=inputs, output_sums=outputs, rows=rows
     )
 
 
@@ -86,9 +93,12 @@ def flatten(curvature: Any) -> dict[_tree.Path, LayerStatistics]:
   """Returns ``{layer path: LayerStatistics}`` of a curvature tree."""
   if curvature is None:
     return {}
-  flat = _tree.leaves_with_paths(curvature, is_leaf=is_layer_statistics)
+  flat = jax.tree_util.tree_flatten_with_path(
+    curvature, is_leaf=is_layer_statistics
+  )[0]
   out = {}
-  for path, node in flat:
+  for keypath, node in flat:
+    path = _tree.keypath_to_path(keypath)
     if not isinstance(node, LayerStatistics):
       raise TypeError(
         'curvature must be the tree returned by value_and_grad_with_curvature'
@@ -99,12 +109,15 @@ def flatten(curvature: Any) -> dict[_tree.Path, LayerStatistics]:
 
 
 def unpreconditioned_parameters(params: Any, curvature: Any) -> list[str]:
-  """Paths of the parameters that get ``F~ = 1`` (no statistics cover them)."""
+  """Paths of the parameters that get ``F~ = 1`` (no statistics cover them).
+
+  ``params`` may be a params dict, boxed params (``nn.Partitioned``), or an
+  ``nnx.State`` (``nnx.state(model, nnx.Param)``, NNX gradients).
+  """
   covered = {
     path + (name,)
     for path, stats in flatten(curvature).items()
-    for name in (stats.weight_name, stats.bias_name)
-    if name is not None
+    for name in stats.parameter_names()
   }
   return [
     _tree.format_path(path)

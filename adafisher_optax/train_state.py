@@ -14,18 +14,21 @@ class TrainState(train_state.TrainState):
   Drop-in: create it with ``TrainState.create(apply_fn=..., params=...,
   tx=adafisher_optax.adafisher(...))``, then::
 
-    loss, grads, curvature = grad_fn(state.params, batch)
+    loss, grads, curvature = grad_fn(state.params, batch, capture=refresh)
     state = state.apply_gradients(grads=grads, curvature=curvature)
   """
 
-  def apply_gradients(self, *, grads: Any, curvature: Any, **kwargs: Any):
+  def apply_gradients(
+    self, *, grads: Any, curvature: Any = None, **kwargs: Any
+  ):
     """One optimizer step.
 
     Args:
       grads: gradients with respect to ``params``.
       curvature: the statistics from
         :func:`adafisher_optax.value_and_grad_with_curvature` (or
-        ``adafisher_optax.nnx``) for the same step.
+        ``adafisher_optax.nnx``) for this step; ``None`` (a plain step)
+        preconditions with the stored factors.
       **kwargs: other fields of the state to replace, e.g. ``batch_stats``.
 
     Returns:

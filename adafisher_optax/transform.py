@@ -1,34 +1,35 @@
 """``scale_by_adafisher``: the AdaFisher step as an optax transformation.
 
-Data path of one update: curvature statistics (from
-:func:`adafisher_optax.value_and_grad_with_curvature`) -> factor EMA
-(:mod:`adafisher_optax.factors`) -> per-parameter preconditioner ``F~``
-(:mod:`adafisher_optax.layers`) -> ``m_hat / F~**p``.
+One update: (on a step that brings ``curvature``) fold the statistics into
+the factor EMAs (:mod:`~adafisher_optax.factors`) if a refresh is due; then,
+per parameter, momentum and bias correction as in ``optax.scale_by_adam``,
+divided by ``F~`` (:mod:`~adafisher_optax.preconditioner`), which is built on
+the fly from the layer's factor vectors. A step without ``curvature`` is a
+plain step: no statistics, no refresh, the stored factors.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import numbers
 import warnings
-import zlib
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from optax import tree as otu
 
-from adafisher_optax import _devices, _tree
+from adafisher_optax import _devices, _tree, rules
 from adafisher_optax import factors as factors_lib
-from adafisher_optax import layers as layers_lib
+from adafisher_optax import hyperparameters as hp
 from adafisher_optax import statistics as statistics_lib
-from adafisher_optax.taps import check_numerics
-
-#: ``T_cov`` (steps between factor refreshes) by numerics.
-DEFAULT_T_COV = {'reference': 100, 'paper': 1}
+from adafisher_optax.preconditioner import (
+  Ablation,
+  curvature_mean,
+  preconditioner,
+)
 
 
 class UnpreconditionedParametersWarning(UserWarning):
@@ -41,53 +42,130 @@ class AdaFisherState(NamedTuple):
   Attributes:
     count: number of updates so far (int32).
     mu: first moment of the gradients, like the params.
-    factors: :class:`adafisher_optax.KroneckerFactors` per layer, in nested
-      dicts keyed like the params (one entry per layer path).
+    factors: the :class:`adafisher_optax.factors.Factors` of every
+      preconditioned layer, in nested dicts keyed like the params (one entry
+      per layer path). Their type says the numerics (``ReferenceFactors`` or
+      ``PaperFactors``), so a checkpoint of the other numerics does not fit.
+    last_refresh: the ``count`` of the latest refresh (int32; -1 before the
+      first).
+    t_cov: the updates between refreshes (int32), as the latest refresh (or
+      ``init``) saw it; :func:`adafisher_optax.refresh_schedule` reads it.
+    damping: ``damping`` at the latest refresh (-1 before the first).
+    relative_damping: ``relative_damping`` at the latest refresh (-1 when
+      the absolute ``damping`` is used).
   """
 
   count: jax.Array
   mu: optax.Updates
   factors: Any
+  last_refresh: jax.Array
+  t_cov: jax.Array
+  damping: jax.Array
+  relative_damping: jax.Array
 
 
-def _check_hyperparameter(name: str, value: Any, ok, requirement: str) -> None:
-  """Raises when a concrete hyperparameter breaks its requirement.
+def layer_factors(factors: Any) -> dict[_tree.Path, factors_lib.Factors]:
+  """``{layer path: Factors}`` of a state's ``factors`` tree."""
+  flat = jax.tree_util.tree_flatten_with_path(
+    factors, is_leaf=factors_lib.is_factors
+  )[0]
+  return {_tree.keypath_to_path(kp): f for kp, f in flat}
 
-  Traced values (``optax.inject_hyperparams``) and schedules are not checked.
+
+def _check_parameters(tree: Any, what: str) -> None:
+  for path, leaf in _tree.leaves_with_paths(tree):
+    dtype = getattr(leaf, 'dtype', None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(
+        f'AdaFisher: {what} {_tree.format_path(path)!r} has dtype {dtype}; '
+        'only floating-point parameters can be optimised (freeze others '
+        'with optax.masked or keep them out of the params).'
+      )
+
+
+def _check_state(state: Any, numerics: str) -> None:
+  if not isinstance(state, AdaFisherState):
+    raise TypeError(
+      'scale_by_adafisher: the state is a '
+      f'{type(state).__name__}, not an AdaFisherState: pass the state that '
+      "this optimizer's init returned (a multi_steps state goes to the "
+      'multi_steps optimizer).'
+    )
+  wanted = factors_lib.FACTOR_TYPES[numerics]
+  for path, factors in layer_factors(state.factors).items():
+    if type(factors) is not wanted:
+      raise ValueError(
+        f'AdaFisher state: the factors of {_tree.format_path(path)!r} are for '
+        f'numerics={factors_lib.numerics_of(factors)!r}, the optimizer uses '
+        f'numerics={numerics!r} (a checkpoint of another configuration?).'
+      )
+
+
+def _kronecker_shapes(params: Mapping[str, Any]):
+  """Factor shapes and parameter names of a ``kernel`` (+ ``bias``) layer.
+
+  Leading axes shared by kernel and bias beyond the bias's own are a stack
+  (``nn.scan`` over layers); without a bias the kernel's last axis is the
+  output, as it is for a bias masked out by ``optax.masked``.
   """
-  if value is None or callable(value):
-    return
-  try:
-    number = np.asarray(value)
-  except (
-    jax.errors.ConcretizationTypeError,
-    jax.errors.TracerArrayConversionError,
-  ):
-    return
-  if (
-    number.dtype.kind not in 'biuf'
-    or not np.all(np.isfinite(number))
-    or (not ok(number))
-  ):
-    raise ValueError(f'{name} must be {requirement}, got {value!r}.')
+  kernel = tuple(params['kernel'].shape)
+  bias = params.get('bias')
+  if bias is not None:
+    bias = tuple(getattr(bias, 'shape', kernel[-1:]))
+  if bias is not None:
+    for n_stack in range(len(bias)):
+      out = bias[n_stack:]
+      fits = (
+        bias[:n_stack] == kernel[:n_stack]
+        and len(kernel) - n_stack - len(out) >= 1
+        and kernel[len(kernel) - len(out) :] == out
+      )
+      if fits:
+        d_in = math.prod(kernel[n_stack : len(kernel) - len(out)])
+        stack = kernel[:n_stack]
+        return (stack + (d_in + 1,), stack + (math.prod(out),)), 'bias'
+  return ((math.prod(kernel[:-1]),), (kernel[-1],)), None
 
 
-def check_hyperparameters(**values: Any) -> None:
-  """Validates AdaFisher hyperparameters that are concrete numbers."""
-  rules = {
-    'b1': (lambda v: np.all((v >= 0) & (v < 1)), 'in [0, 1)'),
-    'damping': (lambda v: np.all(v > 0), 'positive'),
-    'gamma': (lambda v: np.all((v >= 0) & (v <= 1)), 'in [0, 1]'),
-    'fisher_power': (lambda v: np.all(v > 0), 'positive'),
-    'weight_decay': (lambda v: np.all(v >= 0), 'non-negative'),
-    'learning_rate': (lambda v: np.all(v >= 0), 'non-negative'),
-    't_cov': (
-      lambda v: np.all((v >= 1) & (v == np.round(v))),
-      'a positive integer (or None for the numerics default)',
-    ),
+def conventional_factors(
+  layer_params: Mapping[str, Any], numerics: rules.Numerics, dtype: Any
+) -> factors_lib.Factors | None:
+  """Factors sized from Flax parameter names and shapes, or ``None``.
+
+  ``kernel`` (+ ``bias``): a Dense-like layer (stacked when kernel and bias
+  share leading axes); ``embedding`` ``[V, D]``: an embedding; ``scale``
+  and/or ``bias`` alone: a normalisation layer. Layers stacked without a
+  bias, bias-free ``DenseGeneral`` layers with several output axes and
+  stacked normalisation layers cannot be read from shapes: pass a ``layout``.
+  """
+  shapes = {
+    name: getattr(value, 'shape', None) for name, value in layer_params.items()
   }
-  for name, value in values.items():
-    _check_hyperparameter(name, value, *rules[name])
+  kernel = shapes.get('kernel')
+  if kernel is not None and len(kernel) >= 2:
+    (h, s), bias = _kronecker_shapes(layer_params)
+    rule, weight = 'dense', 'kernel'
+  elif shapes.get('embedding') is not None and len(shapes['embedding']) == 2:
+    (h, s), rule, weight, bias = (
+      (shapes['embedding'][:1], shapes['embedding'][1:]),
+      'embed',
+      'embedding',
+      None,
+    )
+  elif 'kernel' not in shapes and 'embedding' not in shapes:
+    per_feature = shapes.get('scale') or shapes.get('bias')
+    if per_feature is None:
+      return None
+    n = math.prod(per_feature)
+    h, s = ((2,) if numerics == 'reference' else (n,)), (n,)
+    rule = 'norm'
+    weight = 'scale' if 'scale' in shapes else None
+    bias = 'bias' if 'bias' in shapes else None
+  else:
+    return None
+  return factors_lib.initial(
+    h, s, numerics, dtype, rule=rule, weight=weight, bias=bias
+  )
 
 
 def _layer_dicts(params: Any):
@@ -101,71 +179,57 @@ def _layer_dicts(params: Any):
     for key, value in node.items():
       yield from visit(value, path + (str(key),))
 
-  yield from visit(params, ())
+  yield from visit(_tree.unbox_tree(params), ())
 
 
-def _check_params(tree: Any, what: str = 'parameter') -> None:
-  for path, leaf in _tree.leaves_with_paths(tree):
-    dtype = getattr(leaf, 'dtype', None)
-    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-      raise TypeError(
-        f'AdaFisher: {what} {_tree.format_path(path)!r} has dtype {dtype}; '
-        'only floating-point parameters can be optimised (freeze others '
-        'with optax.masked or keep them out of the params).'
-      )
-
-
-def _factor_shapes(stats: statistics_lib.LayerStatistics):
-  return layers_lib.REGISTRY[stats.kind].factor_shapes(
-    tuple(stats.input.shape), tuple(stats.output.shape), stats.variant
-  )
-
-
-def _initial_factors(params: Any, layout: Any, numerics: str) -> dict:
-  dtype = layers_lib.statistics_dtype()
+def initial_factors(params: Any, layout: Any, numerics: rules.Numerics) -> Any:
+  """The ``factors`` tree of a new state (see :func:`scale_by_adafisher`)."""
+  dtype = rules.statistics_dtype()
+  found = {}
   if layout is not None:
-    shapes = {
-      path: _factor_shapes(stats)
-      for path, stats in statistics_lib.flatten(layout).items()
-    }
-  else:
-    shapes = {}
-    for path, node in _layer_dicts(params):
-      found = layers_lib.conventional_factor_shapes(node, numerics)
-      if found is not None:
-        shapes[path] = found
-  return _tree.nest(
-    {path: factors_lib.initial(s, dtype) for path, s in shapes.items()}
-  )
-
-
-def _leaf_shape(updates: Any, path: _tree.Path, name: str | None):
-  if name is None:
-    return None
-  leaf = _tree.get_node(updates, path + (name,))
-  return (
-    None
-    if leaf is None or isinstance(leaf, optax.MaskedNode)
-    else tuple(leaf.shape)
-  )
-
-
-def _check_layer(path, stats, factors, weight_shape, bias_shape, numerics):
-  where = _tree.format_path(path)
-  for field in ('input', 'output', 'rows'):
-    dtype = getattr(stats, field).dtype
-    if not jnp.issubdtype(dtype, jnp.floating):
-      raise TypeError(
-        f'curvature[{where!r}].{field} has dtype {dtype}; statistics are '
-        'floating-point (pass the curvature of value_and_grad_with_curvature '
-        'unchanged).'
+    for path, stats in statistics_lib.flatten(layout).items():
+      h, s = stats.layer_rule.factor_shapes(
+        [tuple(a.shape) for a in stats.input_sums],
+        [tuple(a.shape) for a in stats.output_sums],
+        numerics,
       )
-  if stats.variant is not None and stats.variant != numerics:
-    raise ValueError(
-      f'curvature[{where!r}] was captured with numerics={stats.variant!r} '
-      f'but the optimizer uses numerics={numerics!r}: pass '
-      f'numerics={numerics!r} to value_and_grad_with_curvature.'
-    )
+      found[path] = factors_lib.initial(
+        h,
+        s,
+        numerics,
+        dtype,
+        rule=stats.rule,
+        weight=stats.weight_name,
+        bias=stats.bias_name,
+      )
+  else:
+    for path, node in _layer_dicts(params):
+      factors = conventional_factors(node, numerics, dtype)
+      if factors is not None:
+        found[path] = factors
+  return _tree.nest(found)
+
+
+def _parameter_shapes(updates, path, names: Mapping[str, str]):
+  """``{role: shape}`` of a layer's parameters present in ``updates``."""
+  shapes = {}
+  for name, role in names.items():
+    leaf = _tree.unbox(_tree.get_node(updates, path + (name,)))
+    if leaf is not None and hasattr(leaf, 'shape'):
+      shapes[role] = tuple(leaf.shape)
+  return shapes
+
+
+def _check_layer(path, stats, factors, shapes, numerics):
+  where = _tree.format_path(path)
+  for field in ('input_sums', 'output_sums', 'rows'):
+    for value in jax.tree.leaves(getattr(stats, field)):
+      if not jnp.issubdtype(value.dtype, jnp.floating):
+        raise TypeError(
+          f'curvature[{where!r}].{field} has dtype {value.dtype}; '
+          'statistics are floating-point (pass the curvature of '
+          'value_and_grad_with_curvature unchanged).'
+        )
   if factors is None:
     raise ValueError(
       f'curvature has statistics for layer {where!r} but the optimizer state '
@@ -174,8 +238,28 @@ def _check_layer(path, stats, factors, weight_shape, bias_shape, numerics):
       'masked out (then build the optimizer with '
       'layout=adafisher_optax.curvature_layout(grad_fn, params, *batch)).'
     )
-  want = (tuple(factors.input.shape), tuple(factors.output.shape))
-  got = _factor_shapes(stats)
+  rule = stats.layer_rule
+  if type(rule).curvature is not type(rules.RULES[factors.rule]).curvature or (
+    stats.weight_name,
+    stats.bias_name,
+  ) != (
+    factors.weight,
+    factors.bias,
+  ):
+    raise ValueError(
+      f'Layer {where!r}: the state holds factors of a {factors.rule!r} layer '
+      f'with parameters {sorted(factors.roles())}, the curvature is of a '
+      f'{stats.rule!r} layer with parameters {sorted(stats.parameter_names())}'
+      ': the curvature comes from another model, or the state was sized '
+      'without a layout (build the optimizer with '
+      'layout=adafisher_optax.curvature_layout(grad_fn, params, *batch)).'
+    )
+  want = (tuple(factors.h.shape), tuple(factors.s.shape))
+  got = rule.factor_shapes(
+    [tuple(a.shape) for a in stats.input_sums],
+    [tuple(a.shape) for a in stats.output_sums],
+    numerics,
+  )
   if want != got:
     raise ValueError(
       f'Layer {where!r}: the optimizer state holds factors of shapes {want} '
@@ -185,29 +269,18 @@ def _check_layer(path, stats, factors, weight_shape, bias_shape, numerics):
       'with several output axes): build the optimizer with '
       'layout=adafisher_optax.curvature_layout(grad_fn, params, *batch).'
     )
-  n_stack = stats.input.ndim - 1
-  stack = stats.input.shape[:-1]
-  d_out = stats.output.shape[-1]
-  for name, shape in (
-    (stats.weight_name, weight_shape),
-    (stats.bias_name, bias_shape),
-  ):
-    if shape is None:
-      continue
-    ok = tuple(shape[:n_stack]) == tuple(stack) and (
+  n_stack = len(want[0]) - 1
+  d_out = want[1][-1]
+  for role, shape in shapes.items():
+    ok = tuple(shape[:n_stack]) == want[0][:-1] and (
       math.prod(shape[n_stack:]) % d_out == 0
     )
     if not ok:
       raise ValueError(
-        f'Parameter {where}/{name} has shape {shape}, which does not fit '
-        f'statistics of shapes {got}: the curvature comes from another '
+        f'The {role} of layer {where!r} has shape {shape}, which does not '
+        f'fit statistics of shapes {got}: the curvature comes from another '
         'model.'
       )
-
-
-def _all_finite(tree: Any) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
 def _axis_names(axis_name: Any) -> tuple:
@@ -222,12 +295,12 @@ def _over_devices(stats, axis_name):
   """Global-batch statistics: raw sums added over devices (spec section 4).
 
   Statistics combine across devices as JAX combines the gradients of
-  replicated parameters. Inside ``shard_map`` JAX sums them in the backward
-  pass (the probes are replicated inputs; ``summed_over``), so nothing is
-  left to do. Under ``pmap`` each device's loss is the mean over its own
-  batch and the user averages gradients with ``pmean``; then ``axis_name``
-  sums the statistics here (the caller runs this on refresh steps only) and
-  rescales them to the averaged objective.
+  replicated parameters: inside ``shard_map`` JAX has already summed them in
+  the backward pass (they flow back through replicated probes), so they no
+  longer vary along the mesh axes. Under ``pmap`` each device's loss is the
+  mean over its own batch and the user averages gradients with ``pmean``;
+  there the statistics still differ between devices, ``axis_name`` sums them
+  and they are rescaled to the averaged objective.
 
   Args:
     stats: ``{layer path: LayerStatistics}``.
@@ -239,7 +312,8 @@ def _over_devices(stats, axis_name):
   names = _axis_names(axis_name)
   combined = {}
   for path, layer in stats.items():
-    stray = _devices.varying_axes(layer.input) - set(names)
+    varying = _devices.varying_axes(layer.rows)
+    stray = varying - set(names)
     if stray:
       raise ValueError(
         f'curvature[{_tree.format_path(path)!r}] differs between devices '
@@ -248,208 +322,159 @@ def _over_devices(stats, axis_name):
         'every device preconditions with its own statistics and the '
         'replicas drift apart.'
       )
-    axes = tuple(n for n in names if n not in layer.summed_over)
+    axes = tuple(
+      n for n in names if n in varying or not _devices.tracks_varying(n)
+    )
     if axes:
       layer = layer.psum(axes).average_of(jax.lax.psum(1, axes))
     combined[path] = layer
   return combined
 
 
-ABLATIONS = (None, 'layer_mean', 'permuted')
-
-
-def _per_slice_mean(arrays, n_stack):
-  """Mean over every entry of ``arrays`` but their ``n_stack`` leading axes."""
-  total = sum(jnp.sum(a, axis=tuple(range(n_stack, a.ndim))) for a in arrays)
-  count = sum(math.prod(a.shape[n_stack:]) for a in arrays)
-  return total / count
-
-
-def _permuted(x, path, salt):
-  """``x`` with its last axis shuffled by a permutation fixed by ``path``."""
-  seed = zlib.crc32(repr((path, salt)).encode())
-  order = np.random.default_rng(seed).permutation(x.shape[-1])
-  return x[..., order]
-
-
-def _damped_preconditioner(
-  rule, h, s, numerics, shapes, damping, relative_damping, ablation, path
-):
-  """``F~`` of a layer's weight and bias (``None`` where absent).
-
-  Absolute damping: ``K + damping``; relative damping ``a``:
-  ``(K + a * mean(K)) / ((1 + a) * mean(K))``, ``1`` where ``mean(K) = 0``
-  (spec section 3a). Ablations (benchmark controls): ``'permuted'`` shuffles
-  the factor vectors within the layer; ``'layer_mean'`` replaces ``F~`` by
-  its mean over the layer.
-  """
-  if ablation == 'permuted':
-    h, s = _permuted(h, path, 'h'), _permuted(s, path, 's')
-  n_stack = h.ndim - 1
-  if relative_damping is None:
-    parts = rule.preconditioner(h, s, damping, numerics, *shapes)
-  else:
-    k = rule.preconditioner(h, s, 0.0, numerics, *shapes)
-    present = [a for a in k if a is not None]
-    mean = _per_slice_mean(present, n_stack)
-    a = relative_damping
-
-    def damp(part):
-      if part is None:
-        return None
-      m = mean.reshape(mean.shape + (1,) * (part.ndim - n_stack))
-      if isinstance(a, numbers.Number) and math.isinf(a):
-        return jnp.ones_like(part)
-      safe = jnp.where(m > 0, m, 1.0)
-      return jnp.where(m > 0, (part + a * safe) / ((1 + a) * safe), 1.0)
-
-    parts = tuple(damp(part) for part in k)
-  if ablation == 'layer_mean':
-    present = [a for a in parts if a is not None]
-    mean = _per_slice_mean(present, n_stack)
-    parts = tuple(
-      None
-      if part is None
-      else jnp.broadcast_to(
-        mean.reshape(mean.shape + (1,) * (part.ndim - n_stack)), part.shape
-      )
-      for part in parts
-    )
-  return parts
-
-
-def _refresh_factors(
+def _refresh(
+  state,
   updates,
-  factors,
   curvature,
   *,
-  due,
+  t_cov,
   gamma,
   damping,
   relative_damping,
-  ablation,
   numerics,
   axis_name,
 ):
-  """Refreshes the factors of every layer in ``curvature``.
+  """``state`` with the factors refreshed from ``curvature`` when one is due.
 
-  Returns:
-    ``(new factors tree, {parameter path: F~}, whether every statistic of
-    this device was finite)``.
+  A refresh is due when none happened yet or ``t_cov`` updates have passed
+  since the latest one; a step whose statistics come later than that
+  refreshes late rather than never.
   """
-  old = dict(
-    _tree.leaves_with_paths(
-      factors, is_leaf=lambda x: isinstance(x, factors_lib.KroneckerFactors)
-    )
-  )
-  layers, shapes = {}, {}
-  for path, stats in statistics_lib.flatten(curvature).items():
+  current = layer_factors(state.factors)
+  stats = {}
+  for path, layer in statistics_lib.flatten(curvature).items():
     if not isinstance(_tree.get_node(updates, path), Mapping):
       raise ValueError(
         f'curvature has statistics for layer {_tree.format_path(path)!r} '
         'but the updates have no such layer: the curvature comes from '
         'another model.'
       )
-    weight_shape = _leaf_shape(updates, path, stats.weight_name)
-    bias_shape = _leaf_shape(updates, path, stats.bias_name)
-    if weight_shape is None and bias_shape is None:
+    shapes = _parameter_shapes(updates, path, layer.parameter_names())
+    if not shapes:
       continue  # every parameter of the layer is masked out
-    _check_layer(path, stats, old.get(path), weight_shape, bias_shape, numerics)
-    layers[path] = stats
-    shapes[path] = (weight_shape, bias_shape)
-  if not layers:
-    return factors, {}, jnp.asarray(True)
-  finite = _all_finite(
-    jnp.concatenate(
-      [jnp.ravel(a) for st in layers.values() for a in (st.input, st.output)]
+    _check_layer(path, layer, current.get(path), shapes, numerics)
+    stats[path] = (layer, shapes)
+  silent = [
+    _tree.format_path(path + (name,))
+    for path in sorted(set(current) - set(stats))
+    for name in current[path].roles()
+    if _tree.get_node(updates, path + (name,)) is not None
+  ]
+  if silent:
+    warnings.warn(
+      'AdaFisher: the curvature has no statistics for these parameters, '
+      'which keep F~ = 1 (bias-corrected momentum) until statistics reach '
+      'their layer: ' + ', '.join(silent),
+      UnpreconditionedParametersWarning,
+      stacklevel=4,
     )
+  if not stats:
+    return state
+  due = (state.last_refresh < 0) | (
+    state.count - state.last_refresh >= jnp.asarray(t_cov, state.count.dtype)
   )
+  old = {path: current[path] for path in stats}
 
-  current = {p: old[p] for p in layers}
-
-  def refresh(current):
-    combined = _over_devices(layers, axis_name)
-    return factors_lib.refresh(
-      current,
-      {p: s.means() for p, s in combined.items()},
+  def refresh(old):
+    combined = _over_devices({p: s for p, (s, _) in stats.items()}, axis_name)
+    new = factors_lib.refresh(
+      old,
+      {p: s.means(numerics) for p, s in combined.items()},
       {p: s.rows for p, s in combined.items()},
       gamma=gamma,
-      numerics=numerics,
     )
+    return {
+      path: dataclasses.replace(
+        f,
+        curvature_mean=curvature_mean(
+          rules.RULES[f.rule], f.h, f.s, numerics, stats[path][1]
+        ).astype(f.curvature_mean.dtype),
+      )
+      for path, f in new.items()
+    }
 
-  if _axis_names(axis_name):
-    # Collectives on refresh steps only.
-    refreshed = jax.lax.cond(due, refresh, lambda c: c, current)
-  else:
-    # A few small kernels, cheaper than a conditional on accelerators.
-    refreshed = otu.where(due, refresh(current), current)
-  preconditioners = {}
-  normalized = factors_lib.for_preconditioning(refreshed, numerics)
-  for path, (h, s) in normalized.items():
-    stats = layers[path]
-    f_weight, f_bias = _damped_preconditioner(
-      layers_lib.REGISTRY[stats.kind],
-      h,
-      s,
-      numerics,
-      shapes[path],
-      damping,
-      relative_damping,
-      ablation,
-      path,
-    )
-    for name, f in ((stats.weight_name, f_weight), (stats.bias_name, f_bias)):
-      if f is not None:
-        preconditioners[path + (name,)] = f
-  return _tree.nest({**old, **refreshed}), preconditioners, finite
+  if _axis_names(axis_name):  # collectives on due steps only
+    new = jax.lax.cond(due, refresh, lambda old: old, old)
+  else:  # a few small kernels, cheaper than a conditional on accelerators
+    new = otu.where(due, refresh(old), old)
+  record = lambda value, old: jnp.where(due, jnp.asarray(value, old.dtype), old)  # noqa: E731
+  return state._replace(
+    factors=_tree.nest({**current, **new}),
+    last_refresh=jnp.where(due, state.count, state.last_refresh),
+    t_cov=jnp.asarray(t_cov, state.t_cov.dtype),
+    damping=record(damping, state.damping),
+    relative_damping=record(
+      -1.0 if relative_damping is None else relative_damping,
+      state.relative_damping,
+    ),
+  )
 
 
 def scale_by_adafisher(
-  b1: Any = 0.9,
-  damping: Any = 1e-3,
-  gamma: Any = 0.8,
-  t_cov: Any = None,
-  numerics: str = 'reference',
-  fisher_power: Any = 1.0,
-  axis_name: Any = None,
+  b1: jax.typing.ArrayLike = 0.9,
+  damping: jax.typing.ArrayLike = 1e-3,
+  gamma: jax.typing.ArrayLike = 0.8,
+  t_cov: int | None = None,
+  numerics: rules.Numerics = 'reference',
+  fisher_power: jax.typing.ArrayLike = 1.0,
   *,
+  relative_damping: jax.typing.ArrayLike | None = None,
+  axis_name: Any = None,
   mu_dtype: Any = None,
   layout: Any = None,
-  relative_damping: Any = None,
-  ablation: str | None = None,
+  ablation: Ablation = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates by AdaFisher's diagonal Kronecker-factored Fisher.
 
   Per parameter: ``m <- b1 m + (1 - b1) g``; ``m_hat = m / (1 - b1**t)``;
   update ``m_hat / F~**fisher_power`` where ``F~ = H (x) S + damping`` is
-  built from the layer's factor EMAs. Parameters without statistics get
-  ``F~ = 1`` and are listed once in an
-  :class:`UnpreconditionedParametersWarning`. ``update`` needs the keyword
-  argument ``curvature`` from
-  :func:`adafisher_optax.value_and_grad_with_curvature`.
+  built from the layer's factor vectors. ``update`` takes the keyword
+  argument ``curvature`` (from
+  :func:`adafisher_optax.value_and_grad_with_curvature`) on the steps that
+  may refresh the factors: the factors are refreshed when a step brings
+  ``curvature`` and none was refreshed in the last ``t_cov`` updates. A step
+  without ``curvature`` preconditions with the stored factors.
+
+  Parameters of layers without factors get ``F~ = 1`` (bias-corrected
+  momentum) and are listed once in an
+  :class:`UnpreconditionedParametersWarning`. A gradient entry that is not
+  finite keeps its momentum and gets a zero update; wrap the optimizer in
+  ``optax.apply_if_finite`` to skip whole steps instead. Updates are
+  float32 (or wider) whatever the parameter dtype, so ``m_hat / F~`` does
+  not overflow in float16; ``optax.apply_updates`` casts back.
 
   Args:
     b1: momentum decay.
-    damping: ``lambda``, added to the Kronecker product.
+    damping: ``lambda``, added to ``K = H (x) S``.
     gamma: factor EMA decay (see ``numerics``).
-    t_cov: refresh the factors on steps whose 0-based count is a multiple of
-      ``t_cov``; ``None`` means 100 for ``reference``, 1 for ``paper``.
+    t_cov: the number of updates between factor refreshes; ``None`` means
+      100 for ``reference``, 1 for ``paper``.
     numerics: ``"reference"`` (the authors' code: min-max with absolute
       epsilon folded in as ``0.08*old + 0.008*new`` at ``gamma=0.8``) or
       ``"paper"`` (plain EMA, scale-free min-max when preconditioning).
     fisher_power: ``p``; 0.5 gives the square-root variant.
-    axis_name: name of a mapped axis (``pmap``/``shard_map``) over which raw
-      statistics are summed on refresh steps, giving global-batch factors.
+    relative_damping: ``a >= 0`` (``math.inf`` allowed) replaces ``damping``:
+      ``F~ = (K + a mean(K)) / ((1 + a) mean(K))`` per layer, so ``F~`` has
+      mean 1 (spec section 3a); ``math.inf`` is bias-corrected momentum.
+    axis_name: the ``pmap`` axis (or axes) over which raw statistics are
+      summed on refresh steps, giving global-batch factors. Not needed in
+      ``shard_map`` or a sharded ``jit``.
     mu_dtype: optional dtype of the momentum.
     layout: the curvature's shapes, from
       :func:`adafisher_optax.curvature_layout`, to size the factors exactly;
-      by default they are inferred from parameter names and shapes.
-    relative_damping: ``a >= 0`` (``math.inf`` allowed) replaces the absolute
-      ``damping``: ``F~ = (K + a mean(K)) / ((1 + a) mean(K))`` per layer with
-      ``K = H (x) S`` (spec section 3a); ``None`` keeps ``K + damping``.
-    ablation: a benchmark control, ``None`` (the method), ``'layer_mean'``
-      (``F~`` replaced by its layer mean) or ``'permuted'`` (the factor
-      vectors shuffled within each layer).
+      without it they are inferred from parameter names and shapes.
+    ablation: a benchmark control: ``'layer_mean'`` (``F~`` replaced by its
+      layer mean) or ``'permuted'`` (``H`` and ``S`` shuffled within each
+      layer); ``None`` is the method.
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs`.
@@ -458,74 +483,79 @@ def scale_by_adafisher(
     Gomes et al., `AdaFisher: Adaptive Second Order Optimization via Fisher
     Information <https://arxiv.org/abs/2405.16397>`_, ICLR 2025.
   """
-  numerics = check_numerics(numerics)
-  check_hyperparameters(
-    b1=b1, damping=damping, gamma=gamma, t_cov=t_cov, fisher_power=fisher_power
-  )
-  t_cov = DEFAULT_T_COV[numerics] if t_cov is None else t_cov
-  if relative_damping is not None and not (
-    isinstance(relative_damping, numbers.Number)
-    and relative_damping == math.inf
-  ):
-    _check_hyperparameter(
-      'relative_damping',
-      relative_damping,
-      lambda v: np.all(v >= 0),
-      'non-negative (math.inf allowed) or None',
-    )
-  if ablation not in ABLATIONS:
-    raise ValueError(f'ablation must be one of {ABLATIONS}, got {ablation!r}.')
-  if mu_dtype is not None:
-    mu_dtype = jax.dtypes.canonicalize_dtype(mu_dtype)
+  numerics = hp.check_numerics(numerics)
+  for name, value in dict(
+    b1=b1, damping=damping, gamma=gamma, fisher_power=fisher_power
+  ).items():
+    hp.check(name, value)
+  t_cov = hp.check_t_cov(t_cov, numerics)
+  relative_damping = hp.check_relative_damping(relative_damping)
+  ablation = hp.check_ablation(ablation)
+  mu_dtype = hp.check_mu_dtype(mu_dtype)
+  if layout is not None:
+    statistics_lib.flatten(layout)  # a clear error for a wrong layout
 
   def init_fn(params):
-    _check_params(params)
+    _check_parameters(params, 'parameter')
+    minus_one = jnp.asarray(-1, rules.statistics_dtype())
     return AdaFisherState(
       count=jnp.zeros([], jnp.int32),
       mu=otu.zeros_like(params, dtype=mu_dtype),
-      factors=_initial_factors(params, layout, numerics),
+      factors=initial_factors(params, layout, numerics),
+      last_refresh=jnp.asarray(-1, jnp.int32),
+      t_cov=jnp.asarray(t_cov, jnp.int32),
+      damping=minus_one,
+      relative_damping=minus_one,
     )
 
   def update_fn(updates, state, params=None, *, curvature=None, **extra_args):
     del params, extra_args
-    if curvature is None:
-      raise TypeError(
-        'AdaFisher update needs the keyword argument `curvature`: '
-        'tx.update(grads, opt_state, params, curvature=curvature) with the '
-        'curvature returned by value_and_grad_with_curvature.'
+    _check_state(state, numerics)
+    _check_parameters(updates, 'gradient')
+    if curvature is not None:
+      state = _refresh(
+        state,
+        updates,
+        curvature,
+        t_cov=t_cov,
+        gamma=gamma,
+        damping=damping,
+        relative_damping=relative_damping,
+        numerics=numerics,
+        axis_name=axis_name,
       )
-    _check_params(updates, what='gradient')
-    due = (state.count % jnp.asarray(t_cov, state.count.dtype)) == 0
-    factors, preconditioners, finite = _refresh_factors(
-      updates,
-      state.factors,
-      curvature,
-      due=due,
-      gamma=gamma,
-      damping=damping,
-      relative_damping=relative_damping,
-      ablation=ablation,
-      numerics=numerics,
-      axis_name=axis_name,
-    )
-    mu = otu.update_moment(updates, state.mu, b1, 1)
+    layers = layer_factors(state.factors)
     count_inc = optax.safe_increment(state.count)
-    mu_hat = otu.bias_correction(mu, b1, count_inc)
+    correction = 1 - b1**count_inc
     unpreconditioned = []
 
-    def precondition(keypath, m, g):
-      path = _tree.keypath_to_path(keypath)
-      f = preconditioners.get(path)
-      if f is None:
-        unpreconditioned.append(_tree.format_path(path))
-        return m.astype(g.dtype)
-      if not (isinstance(fisher_power, numbers.Number) and fisher_power == 1):
-        f = f**fisher_power
-      return (m / f).astype(g.dtype)
+    def moment(path, g, m):
+      return jnp.where(jnp.isfinite(g), (1 - b1) * g + b1 * m, m)
 
-    new_updates = jax.tree_util.tree_map_with_path(
-      precondition, mu_hat, updates
-    )
+    def step(path, g, m):
+      m_hat = m / correction.astype(m.dtype)
+      m_hat = m_hat.astype(jnp.promote_types(m_hat.dtype, jnp.float32))
+      factors = layers.get(path[:-1])
+      role = None if factors is None else factors.roles().get(path[-1])
+      if role is None:
+        unpreconditioned.append(_tree.format_path(path))
+        u = m_hat
+      else:
+        f = preconditioner(
+          factors,
+          rules.RULES[factors.rule],
+          role,
+          m.shape,
+          damping=damping,
+          relative_damping=relative_damping,
+          ablation=ablation,
+          path=path[:-1],
+        )
+        u = m_hat / (f if _is_one(fisher_power) else f**fisher_power)
+      return jnp.where(jnp.isfinite(g), u, 0)
+
+    mu = _tree.map_with_path(moment, updates, state.mu)
+    new_updates = _tree.map_with_path(step, updates, mu)
     if unpreconditioned:
       warnings.warn(
         'AdaFisher: no curvature statistics for these parameters; they are '
@@ -534,23 +564,12 @@ def scale_by_adafisher(
         UnpreconditionedParametersWarning,
         stacklevel=3,
       )
-    new_state = AdaFisherState(
-      count=count_inc, mu=otu.cast(mu, mu_dtype), factors=factors
+    return new_updates, state._replace(
+      count=count_inc, mu=otu.cast(mu, mu_dtype)
     )
-    # A step with non-finite gradients changes nothing and moves nothing. A
-    # captured layer's gradients are sums of products of its inputs and
-    # output gradients, whose squares its statistics sum: they are finite
-    # when its statistics are, and only the other gradients need a look.
-    # Under pmap the statistics are this device's while the gradients are
-    # averaged over all: there, every gradient is checked.
-    unchecked = [
-      g
-      for path, g in _tree.leaves_with_paths(updates)
-      if _axis_names(axis_name) or path not in preconditioners
-    ]
-    finite &= _all_finite(unchecked)
-    new_state = otu.where(finite, new_state, state)
-    new_updates = otu.where(finite, new_updates, otu.zeros_like(new_updates))
-    return new_updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _is_one(value: Any) -> bool:
+  return isinstance(value, (int, float)) and value == 1

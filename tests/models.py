@@ -47,10 +47,8 @@ def loss_fn(model):
   return loss
 
 
-def make_step(model, tx, numerics='reference', layers=None):
-  grad_fn = afo.value_and_grad_with_curvature(
-    loss_fn(model), numerics=numerics, layers=layers
-  )
+def make_step(model, tx, layers=None):
+  grad_fn = afo.value_and_grad_with_curvature(loss_fn(model), layers=layers)
 
   def step(params, opt_state, x, y):
     loss, grads, curvature = grad_fn(params, x, y)
@@ -62,8 +60,8 @@ def make_step(model, tx, numerics='reference', layers=None):
   return step
 
 
-def run(model, tx, params, batches, numerics='reference'):
-  step = jax.jit(make_step(model, tx, numerics))
+def run(model, tx, params, batches):
+  step = jax.jit(make_step(model, tx))
   opt_state = tx.init(params)
   for x, y in batches:
     params, opt_state, _ = step(params, opt_state, x, y)

@@ -61,7 +61,7 @@ def test_reference_numerics_match_authors_code(name):
     before = params
     params, opt_state, loss, curvature, updates = step(params, opt_state, x, y)
     np.testing.assert_allclose(loss, data['loss'][t], rtol=1e-12)
-    inner = opt_state[0]
+    inner = afo.adafisher_state(opt_state)
     for layer in layers:
       kernel_shape = params[layer]['kernel'].shape
       h_hat, s_hat = curvature[layer].means()
@@ -71,11 +71,11 @@ def test_reference_numerics_match_authors_code(name):
       assert _rel(h_hat, data[f'{layer}_H_raw'][t]) < RTOL, (layer, t)
       assert _rel(s_hat, data[f'{layer}_S_raw'][t]) < RTOL, (layer, t)
       factors = inner.factors[layer]
-      h_d = np.asarray(factors.input)
+      h_d = np.asarray(factors.h)
       if name == 'cnn' and layer.startswith('conv'):
         h_d = pm.conv_h_to_torch_order(h_d, kernel_shape)
       assert _rel(h_d, data[f'{layer}_H_D'][t]) < RTOL, (layer, t)
-      assert _rel(factors.output, data[f'{layer}_S_D'][t]) < RTOL, (layer, t)
+      assert _rel(factors.s, data[f'{layer}_S_D'][t]) < RTOL, (layer, t)
       torch_w = data[f'{layer}_W'][0].shape
       momentum = inner.mu[layer]
       assert (

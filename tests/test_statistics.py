@@ -48,7 +48,7 @@ def capture_layer(layer, x, *, numerics='reference', mutable=(), **call_kwargs):
   y = forward(variables['params'], x)
   readout = _readout(y)
   grad_fn = afo.value_and_grad_with_curvature(
-    lambda p, x: readout(forward(p, x)), numerics=numerics
+    lambda p, x: readout(forward(p, x))
   )
   loss, grads, curvature = jax.jit(grad_fn)(variables['params'], x)
   np.testing.assert_allclose(loss, readout(y), rtol=1e-12)
@@ -59,7 +59,7 @@ def capture_layer(layer, x, *, numerics='reference', mutable=(), **call_kwargs):
   (stats,) = jax.tree.leaves(
     curvature, is_leaf=lambda n: isinstance(n, afo.LayerStatistics)
   )
-  h, s = stats.means()
+  h, s = stats.means(numerics)
   assert h.dtype == s.dtype == jnp.float64
   return np.asarray(h), np.asarray(s), y, jax.grad(readout)(y), variables
 
@@ -408,7 +408,9 @@ def test_low_precision_activations_give_float32_statistics():
     )
     _, grads, curvature = jax.jit(grad_fn)(params, x)
     stats = curvature
-    assert stats.input.dtype == stats.output.dtype == jnp.float32
+    assert (
+      stats.input_sums[0].dtype == stats.output_sums[0].dtype == jnp.float32
+    )
     assert grads['kernel'].dtype == jnp.float32
     x32 = np.asarray(x.astype(jnp.float32))
     np.testing.assert_allclose(
@@ -483,10 +485,9 @@ def test_shared_norm_combines_like_a_concatenated_batch(numerics):
   g, inputs = jax.grad(loss, has_aux=True)([jnp.zeros_like(x)] * 2)
   grad_fn = afo.value_and_grad_with_curvature(
     lambda p, x: jnp.sum(jnp.sin(model.apply({'params': p}, x)) * r),
-    numerics=numerics,
   )
   _, _, curvature = jax.jit(grad_fn)(params, x)
-  h, s = curvature['ln'].means()
+  h, s = curvature['ln'].means(numerics)
   stacked_x = np.concatenate([np.asarray(v) for v in inputs])
   stacked_g = np.concatenate([np.asarray(v) for v in g])
   if numerics == 'reference':
