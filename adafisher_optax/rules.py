@@ -262,12 +262,12 @@ class DenseRule(KroneckerRule):
     )
 
 
-def conv_input_padding(config: Conv, squares: jax.Array):
-  """Pads ``squares`` (``[*spatial, c_in]``) as the convolution pads its input.
+def conv_input_padding(config: Conv, x: jax.Array):
+  """Pads ``x`` (``[batch, *spatial, c_in]``) as the convolution pads it.
 
   Returns:
-    ``(squares, pads)``: the input after circular, reflective or causal
-    padding, and the remaining explicit ``(low, high)`` zero padding.
+    ``(x, pads)``: the input after circular, reflective or causal padding,
+    and the remaining explicit ``(low, high)`` zero padding per spatial axis.
   """
   n = len(config.kernel_size)
   dilated_kernel = [
@@ -275,27 +275,53 @@ def conv_input_padding(config: Conv, squares: jax.Array):
   ]
   padding = config.padding
   if padding in ('CIRCULAR', 'REFLECT'):
-    pads = [((k - 1) // 2, k // 2) for k in dilated_kernel] + [(0, 0)]
+    pads = [((k - 1) // 2, k // 2) for k in dilated_kernel]
     mode = {'CIRCULAR': 'wrap', 'REFLECT': 'reflect'}[padding]
-    return jnp.pad(squares, pads, mode=mode), [(0, 0)] * n
+    return jnp.pad(x, [(0, 0), *pads, (0, 0)], mode=mode), [(0, 0)] * n
   if padding == 'CAUSAL':
-    squares = jnp.pad(squares, [(dilated_kernel[0] - 1, 0), (0, 0)])
-    return squares, [(0, 0)] * n
+    x = jnp.pad(x, [(0, 0), (dilated_kernel[0] - 1, 0), (0, 0)])
+    return x, [(0, 0)] * n
   if isinstance(padding, str):  # as lax.conv_general_dilated: undilated input
-    return squares, jax.lax.padtype_to_pads(
-      squares.shape[:n], dilated_kernel, config.strides, padding
+    return x, jax.lax.padtype_to_pads(
+      x.shape[1 : n + 1], dilated_kernel, config.strides, padding
     )
-  return squares, [tuple(p) for p in padding]
+  return x, [tuple(p) for p in padding]
+
+
+def _window_matrix(
+  size: int,
+  low_pad: int,
+  input_dilation: int,
+  kernel_size: int,
+  kernel_dilation: int,
+  stride: int,
+  out_size: int,
+) -> np.ndarray:
+  """``M[j, o] = 1`` when input position ``j`` meets kernel offset ``o``.
+
+  Along one spatial axis, input ``j`` sits at ``low_pad + j *
+  input_dilation`` of the padded, dilated input, and kernel offset ``o``
+  reads positions ``o * kernel_dilation + p * stride`` for every output
+  position ``p``; padding zeros contribute nothing.
+  """
+  matrix = np.zeros((size, kernel_size))
+  for j in range(size):
+    for o in range(kernel_size):
+      q = low_pad + j * input_dilation - o * kernel_dilation
+      if q >= 0 and q % stride == 0 and q // stride < out_size:
+        matrix[j, o] = 1.0
+  return matrix
 
 
 class ConvRule(KroneckerRule):
   """:class:`Conv` (any spatial rank, strides, padding, dilations, groups).
 
-  ``H`` sums squared im2col patch entries without building patches: the sum
-  at kernel offset ``k`` is a strided window sum of ``x**2``, per example,
-  then summed over the batch (so a sharded batch all-reduces a kernel-sized
-  vector). Groups fold into rows; the divisor ``D = prod(kernel) * c_in / G``
-  is the authors' (spec section 1).
+  ``H`` sums squared im2col patch entries without building patches: along
+  each spatial axis the input positions that meet kernel offset ``k`` form a
+  fixed 0/1 matrix, so ``H = einsum(x**2, M_1, ..., M_n)`` contracted over
+  the batch and every position (a few small matmuls; a sharded batch
+  all-reduces only the kernel-sized result). Groups fold into rows; the
+  divisor ``D = prod(kernel) * c_in / G`` is the authors' (spec section 1).
   """
 
   name = 'conv'
@@ -305,24 +331,32 @@ class ConvRule(KroneckerRule):
     n_spatial = len(config.kernel_size)
     n_batch = x.ndim - n_spatial - 1
     batch = _count(x.shape[:n_batch])
-    out_spatial = outputs.shape[n_batch : n_batch + n_spatial]
-
-    def window_sums(squares):  # [*spatial, c_in] -> [*kernel_size, c_in]
-      squares, pads = conv_input_padding(config, squares)
-      windows = jax.lax.reduce_window(
-        squares,
-        jnp.zeros((), squares.dtype),
-        jax.lax.add,
-        window_dimensions=tuple(out_spatial) + (1,),
-        window_strides=tuple(config.kernel_dilation) + (1,),
-        padding=tuple(pads) + ((0, 0),),
-        base_dilation=tuple(config.input_dilation) + (1,),
-        window_dilation=tuple(config.strides) + (1,),
-      )
-      return windows[tuple(slice(0, k) for k in config.kernel_size)]
-
+    out_spatial = tuple(outputs.shape[n_batch : n_batch + n_spatial])
     x = x.astype(statistics_dtype()).reshape((-1,) + x.shape[n_batch:])
-    windows = jnp.sum(jax.vmap(window_sums)(x * x), axis=0)
+    squares, pads = conv_input_padding(config, x * x)
+    matrices = [
+      jnp.asarray(_window_matrix(*args), squares.dtype)
+      for args in zip(
+        squares.shape[1:-1],
+        [low for low, _ in pads],
+        config.input_dilation,
+        config.kernel_size,
+        config.kernel_dilation,
+        config.strides,
+        out_spatial,
+      )
+    ]
+    # One spatial axis at a time, batch kept: matmuls, and a sharded batch
+    # sums only the kernel-sized result across devices.
+    windows, current = squares, 'b' + 'hwd'[:n_spatial] + 'c'
+    for axis in reversed(range(n_spatial)):
+      position, offset = 'hwd'[axis], 'xyz'[axis]
+      result = current.replace(position, offset)
+      windows = jnp.einsum(
+        f'{current},{position}{offset}->{result}', windows, matrices[axis]
+      )
+      current = result
+    windows = jnp.sum(windows, axis=0)
     c_in = x.shape[-1]
     groups = config.groups
     windows = windows.reshape(
@@ -330,7 +364,7 @@ class ConvRule(KroneckerRule):
     ).sum(-2)
     patch_len = windows.size
     h = windows.reshape(-1) / patch_len
-    rows = batch * _count(tuple(out_spatial))
+    rows = batch * _count(out_spatial)
     if config.use_bias:
       h = jnp.append(h, jnp.asarray(rows * groups / patch_len, h.dtype))
     return Application((h,), rows, _sum_of_squares_over_leading(1))
