@@ -305,7 +305,15 @@ class Session:
         raise layers.UnsupportedCall(f'method {method!r} is not captured')
       if not args:
         raise layers.UnsupportedCall('called without a positional input')
-      config = layer_type.adapter(layer, args[0], kwargs)
+      try:
+        config = layer_type.adapter(layer, args[0], kwargs)
+      except layers.UnsupportedCall:
+        raise
+      except Exception as error:
+        raise CaptureError(
+          f'Layer {_tree.format_path(path)!r} ({description}): its adapter '
+          f'raised {type(error).__name__}: {error}'
+        ) from error
       weight, bias = layer_type.parameter_names(config)
       if weight is None and bias is None:
         raise layers.UnsupportedCall('the layer has no parameters to capture')
@@ -346,6 +354,11 @@ def stack_shape(
       name, boxed or not).
   """
   where = _tree.format_path(path)
+  if outer is None:
+    raise CaptureError(
+      f'Layer {where!r} ({record.description}): the first argument has no '
+      'params at this path (a tags op given a name= that is not its path?).'
+    )
   stacks = set()
   for name, inner in record.param_shapes.items():
     value = _tree.unbox(_tree.get_node(outer, (name,)))
@@ -646,6 +659,8 @@ def value_and_grad_with_curvature(
     is a nested dict keyed like ``params`` whose leaves are
     :class:`adafisher_optax.LayerStatistics`.
   """
+  if not callable(fun):
+    raise TypeError(f'fun must be callable, got {type(fun).__name__}.')
   _linen_front_end()
   allowed = _check_layers(layers)
   check_fisher(fisher)

@@ -63,6 +63,11 @@ def _record(
   def probe():
     value = session.probes.get(path)
     record = session.plan[path]
+    if index is not None and not record.stack:
+      raise capture.CaptureError(
+        f'{kind} {"/".join(path)!r}: index= was given but its params are not '
+        'stacked.'
+      )
     if value is None or not record.stack:
       return value
     if index is None:

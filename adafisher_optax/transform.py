@@ -83,6 +83,30 @@ def _check_parameters(tree: Any, what: str) -> None:
       )
 
 
+def _check_gradients(updates: Any, mu: Any) -> None:
+  """Gradients must have the params' structure and shapes (those of ``mu``)."""
+  _check_parameters(updates, 'gradient')
+  grads = dict(_tree.leaves_with_paths(updates))
+  moments = dict(_tree.leaves_with_paths(mu))
+  for path in sorted(set(grads) | set(moments)):
+    where = _tree.format_path(path)
+    if path not in moments:
+      raise ValueError(
+        f'AdaFisher: gradient {where!r} has no momentum in the state: the '
+        'gradients are not of the params the state was initialised for.'
+      )
+    if path not in grads:
+      raise ValueError(
+        f'AdaFisher: no gradient for {where!r}, which the state has: the '
+        'gradients are not of the params the state was initialised for.'
+      )
+    if tuple(grads[path].shape) != tuple(moments[path].shape):
+      raise ValueError(
+        f'AdaFisher: gradient {where!r} has shape {grads[path].shape}, the '
+        f'params (momentum) {moments[path].shape}.'
+      )
+
+
 def _check_state(state: Any, numerics: str) -> None:
   if not isinstance(state, AdaFisherState):
     raise TypeError(
@@ -511,7 +535,7 @@ def scale_by_adafisher(
   def update_fn(updates, state, params=None, *, curvature=None, **extra_args):
     del params, extra_args
     _check_state(state, numerics)
-    _check_parameters(updates, 'gradient')
+    _check_gradients(updates, state.mu)
     if curvature is not None:
       state = _refresh(
         state,

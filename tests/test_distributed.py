@@ -3,6 +3,7 @@
 Runs on the 8 virtual CPU devices set up in conftest.py.
 """
 
+import functools
 import re
 
 import flax.linen as nn
@@ -295,3 +296,105 @@ def test_fsdp_sharded_params_and_state():
   kernel_size = params['fc2']['kernel'].size
   big = lambda sizes: [n for n in sizes if n >= kernel_size // 4]  # noqa: E731
   assert len(big(ours)) <= len(big(theirs)), (ours, theirs)
+
+
+class Boxed(nn.Module):
+  """Kernels annotated with logical axes (``nn.with_logical_partitioning``)."""
+
+  @nn.compact
+  def __call__(self, x):
+    def dense(features, axes, name):
+      init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes)
+      return nn.Dense(features, kernel_init=init, name=name)
+
+    x = nn.relu(dense(64, ('embed', 'mlp'), 'fc1')(x))
+    return dense(4, ('mlp', 'vocab'), 'head')(x)
+
+
+def test_boxed_params_end_to_end():
+  """Capture, init, update and state shardings keep nn.Partitioned boxes."""
+  model = Boxed()
+  keys = jax.random.split(jax.random.key(5), 3)
+  xs = jax.random.normal(keys[0], (STEPS, 16, 32), jnp.float64)
+  ys = jax.random.randint(keys[1], (STEPS, 16), 0, 4)
+  boxed = jax.tree.map(
+    lambda p: p.astype(jnp.float64),
+    model.init(keys[2], xs[0])['params'],
+  )
+  assert isinstance(boxed['fc1']['kernel'], nn.Partitioned)
+  tx = afo.adafisher(0.05, t_cov=2)
+  want = _single_device(model, nn.unbox(boxed), xs, ys, tx)
+
+  mesh = jax.make_mesh(
+    (4, 2), ('data', 'model'), axis_types=(jax.sharding.AxisType.Auto,) * 2
+  )
+  rules = (('embed', None), ('mlp', 'model'), ('vocab', None))
+  specs = nn.get_partition_spec(boxed)
+  params_shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+  state_shardings = afo.state_shardings(tx, boxed, params_shardings)
+  p = jax.device_put(boxed, params_shardings)
+  s = jax.jit(tx.init, out_shardings=state_shardings)(p)
+  mu = afo.adafisher_state(s).mu['fc1']['kernel']
+  assert isinstance(mu, nn.Partitioned) and mu.names == ('embed', 'mlp')
+  assert mu.value.sharding.spec == P(None, 'model')
+  grad_fn = afo.value_and_grad_with_curvature(_loss(model))
+
+  @functools.partial(
+    jax.jit, out_shardings=(params_shardings, state_shardings)
+  )
+  def step(params, state, x, y):
+    _, grads, curvature = grad_fn(params, x, y)
+    assert isinstance(grads['fc1']['kernel'], nn.Partitioned)
+    updates, state = tx.update(grads, state, params, curvature=curvature)
+    assert isinstance(updates['fc1']['kernel'], nn.Partitioned)
+    return optax.apply_updates(params, updates), state
+
+  batch = NamedSharding(mesh, P('data'))
+  for x, y in zip(xs, ys):
+    p, s = step(p, s, jax.device_put(x, batch), jax.device_put(y, batch))
+  assert p['fc1']['kernel'].value.sharding.spec == P(None, 'model')
+  _assert_close(nn.unbox(p), want)
+
+
+def test_multi_steps_inside_shard_map_with_a_layout_traced_outside():
+  """The layout does not record where it was traced (issue 12)."""
+  model, params, xs, ys = _problem()
+  base = _loss(model)
+  inner = afo.adafisher(0.05, t_cov=1)
+  layout = afo.curvature_layout(
+    afo.value_and_grad_with_curvature(base), params, xs[0], ys[0]
+  )
+  tx = afo.multi_steps(inner, 2, layout=layout, accumulator_dtype=jnp.float64)
+
+  def make_step(grad_fn):
+    def step(params, state, x, y):
+      _, grads, curvature = grad_fn(params, x, y)
+      updates, state = tx.update(grads, state, params, curvature=curvature)
+      return optax.apply_updates(params, updates), state
+
+    return step
+
+  one = jax.jit(make_step(afo.value_and_grad_with_curvature(base)))
+  mesh = jax.make_mesh((DEVICES,), ('batch',), devices=jax.devices()[:DEVICES])
+  sharded = jax.jit(
+    jax.shard_map(
+      make_step(
+        afo.value_and_grad_with_curvature(
+          lambda p, x, y: base(p, x, y) / DEVICES
+        )
+      ),
+      mesh=mesh,
+      in_specs=(P(), P(), P('batch'), P('batch')),
+      out_specs=(P(), P()),
+    )
+  )
+  replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P('batch'))
+  want, want_state = params, tx.init(params)
+  got = jax.device_put(params, replicated)
+  got_state = jax.device_put(tx.init(params), replicated)
+  for x, y in zip(xs[:4], ys[:4]):
+    want, want_state = one(want, want_state, x, y)
+    got, got_state = sharded(
+      got, got_state, jax.device_put(x, batch), jax.device_put(y, batch)
+    )
+  _assert_close(got, want)

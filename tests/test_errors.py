@@ -349,3 +349,334 @@ def test_sampled_fisher_without_the_library_loss(setup):
   grad_fn = afo.value_and_grad_with_curvature(loss_fn(model), fisher='sampled')
   with pytest.raises(afo.CaptureError, match=r'`fun`.*exactly once'):
     grad_fn(params, x, y, fisher_key=jax.random.key(0))
+
+
+# --- issue 12: unreadable errors made readable --------------------------------
+
+
+@pytest.mark.parametrize('argument', ['damping', 'b1', 'gamma', 'fisher_power'])
+def test_schedule_for_a_hyperparameter_other_than_the_learning_rate(argument):
+  with pytest.raises(TypeError, match=f'{argument}.*inject_hyperparams'):
+    afo.adafisher(1e-3, **{argument: optax.constant_schedule(0.5)})
+
+
+@pytest.mark.parametrize(
+  'value', [optax.constant_schedule(10), 2**40, True, '10', 0.5, -3]
+)
+def test_bad_t_cov(value):
+  with pytest.raises((TypeError, ValueError), match='t_cov'):
+    afo.adafisher(1e-3, t_cov=value)
+
+
+def test_none_learning_rate():
+  with pytest.raises(TypeError, match='learning_rate'):
+    afo.adafisher(None)
+
+
+@pytest.mark.parametrize('mu_dtype', [jnp.int32, 'int8', 'not a dtype'])
+def test_bad_mu_dtype(mu_dtype):
+  with pytest.raises(TypeError, match='mu_dtype'):
+    afo.adafisher(1e-3, mu_dtype=mu_dtype)
+
+
+@pytest.mark.parametrize('every_k', [0, -1, 2.5, True])
+def test_bad_accumulation_count(setup, every_k):
+  model, params, _, _, (x, y) = setup
+  layout = afo.curvature_layout(
+    afo.value_and_grad_with_curvature(loss_fn(model)), params, x, y
+  )
+  with pytest.raises(ValueError, match='every_k_schedule'):
+    afo.multi_steps(afo.adafisher(1e-3), every_k, layout=layout)
+
+
+def test_restore_from_a_directory_that_does_not_exist(setup, tmp_path):
+  _, params, _, _, _ = setup
+  target = {'opt_state': afo.adafisher(1e-3).init(params)}
+  with pytest.raises(FileNotFoundError, match='does not exist'):
+    afo.checkpoint.restore(tmp_path / 'nothing', target)
+
+
+def test_checkpoint_of_the_other_numerics(setup, tmp_path):
+  import orbax.checkpoint as ocp
+
+  _, params, _, _, _ = setup
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(
+      tmp_path / 'ckpt', {'opt_state': afo.adafisher(1e-3).init(params)}
+    )
+    checkpointer.wait_until_finished()
+  paper = {'opt_state': afo.adafisher(1e-3, numerics='paper').init(params)}
+  with pytest.raises(ValueError, match="numerics='reference'.*'paper'"):
+    afo.checkpoint.restore(tmp_path / 'ckpt', paper)
+
+
+@pytest.mark.parametrize('has_aux', [False, True])
+def test_loss_checks_match_jax_value_and_grad(setup, has_aux):
+  model, params, _, _, (x, y) = setup
+
+  def per_example(p, x, y):
+    logits = model.apply({'params': p}, x)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    return (loss, None) if has_aux else loss
+
+  def integer(p, x, y):
+    loss = loss_fn(model)(p, x, y).astype(jnp.int32)
+    return (loss, None) if has_aux else loss
+
+  checks = {per_example: 'scalar', integer: 'int32'}
+  for fun, message in checks.items():
+    grad_fn = afo.value_and_grad_with_curvature(fun, has_aux=has_aux)
+    with pytest.raises(TypeError, match=message):
+      grad_fn(params, x, y)
+
+
+def test_aux_without_has_aux_and_has_aux_without_aux(setup):
+  model, params, _, _, (x, y) = setup
+
+  def with_aux(p, x, y):
+    return loss_fn(model)(p, x, y), {'note': 1.0}
+
+  with pytest.raises(TypeError, match='has_aux=True'):
+    afo.value_and_grad_with_curvature(with_aux)(params, x, y)
+  with pytest.raises(TypeError, match=r'pair \(loss, aux\)'):
+    afo.value_and_grad_with_curvature(loss_fn(model), has_aux=True)(
+      params, x, y
+    )
+
+
+def test_nnx_loss_checks():
+  from flax import nnx
+
+  model = nnx.Linear(5, 3, rngs=nnx.Rngs(0))
+  x = jnp.ones((4, 5))
+  with pytest.raises(TypeError, match='scalar'):
+    afo.nnx.value_and_grad_with_curvature(lambda m, x: m(x))(model, x)
+  with pytest.raises(TypeError, match='has_aux=True'):
+    afo.nnx.value_and_grad_with_curvature(lambda m, x: (m(x).sum(), 1.0))(
+      model, x
+    )
+  with pytest.raises(TypeError, match='capture'):
+    afo.nnx.value_and_grad_with_curvature(lambda m, x: m(x).sum())(
+      model, x, capture=jnp.bool_(True)
+    )
+
+
+def test_empty_batch_with_normalisation_layers():
+  """Batch 0 with LayerNorm: no statistics (rows 0), no refresh, no crash."""
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3, name='head')(nn.LayerNorm(name='ln')(x)).sum()
+
+  model = Model()
+  params = model.init(jax.random.key(0), jnp.ones((2, 4)))['params']
+  grad_fn = afo.value_and_grad_with_curvature(
+    lambda p, x: model.apply({'params': p}, x)
+  )
+  _, grads, curvature = grad_fn(params, jnp.ones((0, 4)))
+  assert float(curvature['ln'].rows) == 0
+  tx = afo.adafisher(1e-3, t_cov=1)
+  _, state = tx.update(grads, tx.init(params), params, curvature=curvature)
+  assert int(afo.adafisher_state(state).factors['ln'].refreshes) == 0
+
+
+# --- issue 12: fragile places pinned ------------------------------------------
+
+
+def test_flax_interceptor_hands_over_the_original_method():
+  """The linen front end recognises layer calls by this Flax behaviour."""
+  import functools
+
+  seen = []
+
+  def interceptor(next_fun, args, kwargs, context):
+    seen.append(context.orig_method)
+    return next_fun(*args, **kwargs)
+
+  layer = nn.Dense(2)
+  variables = layer.init(jax.random.key(0), jnp.ones((1, 3)))
+  with nn.intercept_methods(interceptor):
+    layer.apply(variables, jnp.ones((1, 3)))
+  assert isinstance(seen[0], functools.partial)
+  assert getattr(seen[0].func, '__wrapped__', seen[0].func) is getattr(
+    nn.Dense.__call__, '__wrapped__', nn.Dense.__call__
+  ) or seen[0].func.__qualname__ == 'Dense.__call__'
+
+
+class _Overriding(nn.Dense):
+  """A subclass whose __call__ never calls nn.Dense.__call__."""
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', nn.initializers.ones, (x.shape[-1], 2))
+    return x @ kernel
+
+
+def test_registered_layer_that_ran_but_was_not_captured_is_an_error():
+  model = _Overriding(2)
+  x = jnp.ones((3, 4))
+  params = model.init(jax.random.key(0), x)['params']
+  grad_fn = afo.value_and_grad_with_curvature(
+    lambda p, x: model.apply({'params': p}, x).sum()
+  )
+  with pytest.raises(afo.CaptureError, match=r'ran but was not captured'):
+    grad_fn(params, x)
+
+
+def test_sessions_are_per_thread(setup):
+  """Captures traced in two threads at once do not see each other's layers."""
+  import concurrent.futures
+
+  model, params, _, curvature, (x, y) = setup
+  grad_fn = afo.value_and_grad_with_curvature(loss_fn(model))
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    results = list(pool.map(lambda _: grad_fn(params, x, y)[2], range(8)))
+  for got in results:
+    chex.assert_trees_all_close(got, curvature)
+
+
+# --- a battery of further malformed uses ---------------------------------------
+
+
+def test_capture_flag_must_be_a_python_bool(setup):
+  model, params, _, _, (x, y) = setup
+  grad_fn = afo.value_and_grad_with_curvature(loss_fn(model))
+  for flag in ('yes', 1, jnp.bool_(True)):
+    with pytest.raises(TypeError, match='capture must be a Python bool'):
+      grad_fn(params, x, y, capture=flag)
+
+
+def test_fun_must_be_callable():
+  with pytest.raises(TypeError, match='fun must be callable'):
+    afo.value_and_grad_with_curvature('loss')
+
+
+def test_integer_leaf_in_the_captured_params(setup):
+  model, params, _, _, (x, y) = setup
+  bad = {**params, 'step': jnp.zeros((), jnp.int32)}
+  with pytest.raises(TypeError, match="'step'"):
+    afo.value_and_grad_with_curvature(
+      lambda p, x, y: loss_fn(model)({k: v for k, v in p.items() if k != 'step'}, x, y)
+    )(bad, x, y)
+
+
+@pytest.mark.parametrize(
+  'kwargs,match',
+  [
+    (dict(relative_damping=-0.1), 'relative_damping'),
+    (dict(relative_damping=float('nan')), 'relative_damping'),
+    (dict(relative_damping=optax.constant_schedule(1.0)), 'relative_damping'),
+    (dict(ablation='shuffled'), 'ablation'),
+    (dict(weight_decay=float('nan')), 'weight_decay'),
+    (dict(damping=float('inf')), 'damping'),
+    (dict(b1='0.9'), 'b1'),
+  ],
+)
+def test_more_bad_hyperparameters(kwargs, match):
+  with pytest.raises((TypeError, ValueError), match=match):
+    afo.adafisher(1e-3, **kwargs)
+
+
+def test_infinite_learning_rate():
+  with pytest.raises(ValueError, match='learning_rate'):
+    afo.adafisher(float('inf'))
+
+
+def test_layout_that_is_not_a_curvature_tree(setup):
+  _, params, _, _, _ = setup
+  with pytest.raises(TypeError, match='curvature must be the tree'):
+    afo.adafisher(1e-3, layout={'head': jnp.ones(3)})
+
+
+def test_gradients_of_other_params(setup):
+  _, params, grads, curvature, _ = setup
+  tx = afo.adafisher(1e-3)
+  state = tx.init(params)
+  extra = {**grads, 'extra': {'kernel': jnp.ones((2, 2))}}
+  with pytest.raises(ValueError, match="'extra/kernel'"):
+    tx.update(extra, state, params)
+  transposed = {**grads, 'head': {**grads['head'], 'kernel': grads['head']['kernel'].T}}
+  with pytest.raises(ValueError, match="'head/kernel' has shape"):
+    tx.update(transposed, state, params)
+
+
+def test_refresh_schedule_needs_one_adafisher_state(setup):
+  _, params, _, _, _ = setup
+  with pytest.raises(ValueError, match='exactly one AdaFisherState'):
+    afo.refresh_schedule(optax.adam(1e-3).init(params))
+  two = optax.chain(afo.adafisher(1e-3), afo.adafisher(1e-3))
+  with pytest.raises(ValueError, match='found 2'):
+    afo.refresh_schedule(two.init(params))
+
+
+def test_state_shardings_with_too_few_shardings(setup):
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  _, params, _, _, _ = setup
+  mesh = jax.make_mesh((1,), ('x',))
+  shardings = {'head': {'kernel': NamedSharding(mesh, P())}}
+  with pytest.raises(ValueError, match='one sharding per parameter'):
+    afo.state_shardings(afo.adafisher(1e-3), params, shardings)
+
+
+def test_register_layer_checks_its_arguments():
+  with pytest.raises(TypeError, match='layer_class'):
+    afo.register_layer(nn.Dense(3), afo.rules.DENSE, lambda m, x, k: None)
+  with pytest.raises(TypeError, match='rule'):
+    afo.register_layer(_Overriding, 'dense', lambda m, x, k: None)
+  with pytest.raises(TypeError, match='adapter'):
+    afo.register_layer(_Overriding, afo.rules.DENSE, None)
+  with pytest.raises(TypeError, match='methods'):
+    afo.register_layer(
+      _Overriding, afo.rules.DENSE, lambda m, x, k: None, methods='__call__'
+    )
+
+  class Impostor(afo.rules.DenseRule):
+    pass
+
+  with pytest.raises(ValueError, match="rule named 'dense'"):
+    afo.register_layer(_Overriding, Impostor(), lambda m, x, k: None)
+
+
+class _Faulty(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', nn.initializers.ones, (x.shape[-1], 2))
+    return x @ kernel
+
+
+def test_adapter_failures_name_the_layer():
+  def adapter(layer, x, kwargs):
+    raise KeyError('features')
+
+  afo.register_layer(_Faulty, afo.rules.DENSE, adapter)
+  model = _Faulty()
+  x = jnp.ones((3, 4))
+  params = model.init(jax.random.key(0), x)['params']
+  grad_fn = afo.value_and_grad_with_curvature(
+    lambda p, x: model.apply({'params': p}, x).sum()
+  )
+  with pytest.raises(afo.CaptureError, match=r"'<root>' \(_Faulty\).*KeyError"):
+    grad_fn(params, x)
+
+
+def test_tags_index_on_params_that_are_not_stacked():
+  params = {'fc': {'kernel': jnp.ones((3, 2)), 'bias': jnp.zeros(2)}}
+
+  def loss(p, x):
+    return afo.tags.dense(x, p['fc'], index=0).sum()
+
+  with pytest.raises(afo.CaptureError, match='index= was given'):
+    afo.value_and_grad_with_curvature(loss)(params, jnp.ones((4, 3)))
+
+
+def test_tags_name_that_is_not_a_path_of_the_params():
+  params = {'fc': {'kernel': jnp.ones((3, 2)), 'bias': jnp.zeros(2)}}
+
+  def loss(p, x):
+    return afo.tags.dense(x, p['fc'], name='nowhere').sum()
+
+  with pytest.raises(afo.CaptureError, match="'nowhere'.*no params"):
+    afo.value_and_grad_with_curvature(loss)(params, jnp.ones((4, 3)))

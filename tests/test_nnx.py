@@ -660,3 +660,63 @@ def test_import_does_not_load_flax_nnx():
     "assert 'flax.nnx' in sys.modules"
   )
   subprocess.run([sys.executable, '-c', code], check=True)
+
+
+def test_helpers_accept_what_nnx_hands_out():
+  """nnx.state(model, nnx.Param), NNX grads and an nnx.Optimizer's state."""
+  model = _init(lambda: NNXConvNet(2, nnx.Rngs(0)))
+  x, y = _batch(0, (4, 6, 6, 2))
+  optimizer = nnx.Optimizer(model, afo.adafisher(0.05), wrt=nnx.Param)
+  grad_fn = afo.nnx.value_and_grad_with_curvature(_nnx_loss)
+
+  @nnx.jit
+  def train_step(model, optimizer, x, y):
+    _, grads, curvature = grad_fn(model, x, y)
+    optimizer.update(model, grads, curvature=curvature)
+    return grads, curvature
+
+  grads, curvature = train_step(model, optimizer, x, y)
+  state = nnx.state(model, nnx.Param)
+  pure = nnx.to_pure_dict(state)
+  assert afo.unpreconditioned_parameters(state, curvature) == []
+  assert afo.unpreconditioned_parameters(grads, curvature) == []
+  assert afo.unpreconditioned_parameters(pure, curvature) == []
+  report = afo.diagnostics(optimizer.opt_state, state)
+  want = afo.diagnostics(optimizer.opt_state, pure)
+  assert report == want
+  assert sorted(report.layers) == ['conv', 'gn', 'head', 'ln']
+  assert report.unpreconditioned == [] and report.count == 1
+
+
+class NNXProjection(nnx.Module):
+  """A user's own NNX layer: ``x @ w + b`` with its own parameter names."""
+
+  def __init__(self, d_in, d_out, rngs):
+    self.w = nnx.Param(jax.random.normal(rngs.params(), (d_in, d_out)))
+    self.b = nnx.Param(jnp.zeros(d_out))
+
+  def __call__(self, x):
+    return x @ self.w[...] + self.b[...]
+
+
+afo.register_layer(
+  NNXProjection,
+  afo.rules.DENSE,
+  lambda layer, x, kwargs: afo.rules.Dense(),
+  weight='w',
+  bias='b',
+)
+
+
+def test_registered_nnx_layer_type_gives_brute_force_statistics():
+  layer = _init(lambda: NNXProjection(5, 4, nnx.Rngs(0)))
+  x = _x(3, 6, 5)
+  y = layer(x)
+  readout = _readout(y.shape)
+  _, _, curvature = afo.nnx.value_and_grad_with_curvature(
+    lambda m, x: readout(m(x))
+  )(layer, x)
+  h, s = curvature.means()
+  want_h, want_s = bf.dense(x, jax.grad(readout)(y), [2], 1, True)
+  np.testing.assert_allclose(h, want_h, **TOL)
+  np.testing.assert_allclose(s, want_s, **TOL)

@@ -497,3 +497,235 @@ def test_shared_norm_combines_like_a_concatenated_batch(numerics):
     want_h, want_s = bf.norm_paper(x_hat, stacked_g, (2,))
   np.testing.assert_allclose(h, want_h, **TOL)
   np.testing.assert_allclose(s, want_s, **TOL)
+
+
+# --- what the loss sees, and which layers are the model's (issue 12) ---------
+
+
+def _mlp_problem():
+  from models import MLP, batch
+
+  model = MLP()
+  x, y = batch(jax.random.key(0), (6, 5))
+  x = x.astype(jnp.float64)
+  params = jax.tree.map(
+    lambda p: p.astype(jnp.float64), model.init(jax.random.key(1), x)['params']
+  )
+  return model, params, x, y
+
+
+def _cross_entropy(logits, y):
+  return -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1).mean()
+
+
+def test_loss_sees_exactly_the_params_it_was_given():
+  """An L2-SP regulariser and a parameter count inside the loss."""
+  model, params, x, y = _mlp_problem()
+  anchor = jax.tree.map(lambda p: p + 0.1, params)
+
+  def loss(p, x, y):
+    drift = jax.tree.map(lambda u, v: u - v, p, anchor)
+    count = sum(v.size for v in jax.tree.leaves(p))
+    penalty = sum(jnp.sum(d * d) for d in jax.tree.leaves(drift)) / count
+    return _cross_entropy(model.apply({'params': p}, x), y) + penalty
+
+  value, grads, curvature = afo.value_and_grad_with_curvature(loss)(
+    params, x, y
+  )
+  want_value, want_grads = jax.value_and_grad(loss)(params, x, y)
+  np.testing.assert_allclose(value, want_value, rtol=1e-12)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, **TOL), grads, want_grads
+  )
+  assert sorted(curvature) == ['dense0', 'dense1', 'head']
+
+
+@pytest.mark.parametrize('wider', [False, True])
+def test_teacher_network_in_the_loss_is_not_captured(wider):
+  """Distillation: only the layers on the first argument's arrays count."""
+  from models import MLP
+
+  model, params, x, y = _mlp_problem()
+  teacher = MLP(widths=(32, 8)) if wider else model
+  teacher_params = jax.tree.map(
+    lambda p: p.astype(jnp.float64),
+    teacher.init(jax.random.key(9), x)['params'],
+  )
+
+  def distillation(p, teacher_params, x, y):
+    logits = model.apply({'params': p}, x)
+    target = jax.nn.softmax(teacher.apply({'params': teacher_params}, x))
+    return _cross_entropy(logits, y) - jnp.mean(
+      jnp.sum(target * jax.nn.log_softmax(logits), -1)
+    )
+
+  _, _, got = afo.value_and_grad_with_curvature(distillation)(
+    params, teacher_params, x, y
+  )
+  target = jax.nn.softmax(teacher.apply({'params': teacher_params}, x))
+
+  def student_only(p, x, y):
+    logits = model.apply({'params': p}, x)
+    return _cross_entropy(logits, y) - jnp.mean(
+      jnp.sum(target * jax.nn.log_softmax(logits), -1)
+    )
+
+  _, _, want = afo.value_and_grad_with_curvature(student_only)(params, x, y)
+  assert sorted(got) == ['dense0', 'dense1', 'head']
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), got, want)
+
+
+def test_frozen_dict_params_give_the_dict_statistics():
+  from flax.core import freeze, unfreeze
+
+  model, params, x, y = _mlp_problem()
+
+  def loss(p, x, y):
+    return _cross_entropy(model.apply({'params': p}, x), y)
+
+  grad_fn = afo.value_and_grad_with_curvature(loss)
+  _, grads, got = grad_fn(freeze(params), x, y)
+  _, want_grads, want = grad_fn(params, x, y)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), got, want)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, **TOL),
+    unfreeze(grads),
+    want_grads,
+  )
+
+
+def test_params_cast_inside_the_loss_fall_back_to_paths():
+  """No array of the first argument reaches the model: matched by path."""
+  model, params, x, y = _mlp_problem()
+
+  def loss(p, x, y):
+    p = jax.tree.map(lambda v: v.astype(jnp.float32), p)
+    return _cross_entropy(model.apply({'params': p}, x.astype(jnp.float32)), y)
+
+  _, _, got = afo.value_and_grad_with_curvature(loss)(params, x, y)
+  _, _, want = afo.value_and_grad_with_curvature(
+    lambda p, x, y: _cross_entropy(model.apply({'params': p}, x), y)
+  )(params, x, y)
+  assert sorted(got) == ['dense0', 'dense1', 'head']
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), got, want
+  )
+
+
+def test_rows_count_examples_of_a_vmapped_model():
+  """A loss that jax.vmaps the model per example: rows over the mapped axis."""
+  model, params, x, y = _mlp_problem()
+
+  def batched(p, x, y):
+    return _cross_entropy(model.apply({'params': p}, x), y)
+
+  def per_example(p, x, y):
+    logits = jax.vmap(lambda xi: model.apply({'params': p}, xi))(x)
+    return _cross_entropy(logits, y)
+
+  _, _, want = afo.value_and_grad_with_curvature(batched)(params, x, y)
+  _, _, got = afo.value_and_grad_with_curvature(per_example)(params, x, y)
+  for name in want:
+    assert float(got[name].rows) == float(want[name].rows) == 6
+    for a, b in zip(got[name].means(), want[name].means()):
+      np.testing.assert_allclose(a, b, **TOL)
+
+
+class _SharedVmap(nn.Module):
+  """``nn.vmap`` over a leading axis with shared params."""
+
+  @nn.compact
+  def __call__(self, x):
+    layer = nn.vmap(
+      nn.Dense,
+      variable_axes={'params': None},
+      split_rngs={'params': False},
+      in_axes=0,
+    )(4, name='dense')
+    return layer(x)
+
+
+def test_rows_count_the_axis_of_nn_vmap_with_shared_params():
+  model = _SharedVmap()
+  x = _x(3, 5, 6)  # vmapped over 3, rows 5 each
+  params = model.init(jax.random.key(0), x)['params']
+  r = jax.random.normal(jax.random.key(7), (3, 5, 4), jnp.float64)
+
+  def loss(p, x):
+    return jnp.sum(jnp.sin(model.apply({'params': p}, x)) * r)
+
+  _, _, curvature = afo.value_and_grad_with_curvature(loss)(params, x)
+  stats = curvature['dense']
+  assert float(stats.rows) == 15
+  g = jax.grad(lambda out: jnp.sum(jnp.sin(out) * r))(model.apply({'params': params}, x))
+  want_h, want_s = bf.dense(x.reshape(15, 6), g.reshape(15, 4), [1], 1, True)
+  h, s = stats.means()
+  np.testing.assert_allclose(h, want_h, **TOL)
+  np.testing.assert_allclose(s, want_s, **TOL)
+
+
+def test_embed_ids_are_counted_where_their_gradient_goes():
+  """``-V <= id < 0`` wraps (as jnp.take does); ids out of range reach no row."""
+  ids = jnp.array([[0, -1, 3, -7], [6, 3, 9, -8]])  # V = 7
+  layer = nn.Embed(7, 4)
+  h, _, _, _, variables = capture_layer(layer, ids)
+  table = variables['params']['embedding']
+  grad = jax.grad(lambda t: jnp.sum(layer.apply({'params': {'embedding': t}}, ids)[ids < 7].sum()))(table)
+  reached = np.asarray(jnp.abs(grad).sum(-1) > 0)
+  wrapped = np.where(np.asarray(ids) < 0, np.asarray(ids) + 7, np.asarray(ids))
+  counts = np.bincount(wrapped[(wrapped >= 0) & (wrapped < 7)], minlength=7)
+  np.testing.assert_allclose(h * ids.size, counts, **TOL)
+  assert np.array_equal(counts > 0, reached)
+
+
+# --- a layer type registered by the user (issue 10) --------------------------
+
+
+class Projection(nn.Module):
+  """A user's own layer: ``x @ w + b`` with its own parameter names."""
+
+  features: int
+
+  @nn.compact
+  def __call__(self, x):
+    w = self.param('w', nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+    b = self.param('b', nn.initializers.normal(), (self.features,))
+    return x @ w + b
+
+
+afo.register_layer(
+  Projection,
+  afo.rules.DENSE,
+  lambda layer, x, kwargs: afo.rules.Dense(),
+  weight='w',
+  bias='b',
+)
+
+
+def test_registered_layer_type_gives_brute_force_statistics():
+  x = _x(3, 4, 5)
+  h, s, _, g, _ = capture_layer(Projection(6), x)
+  want_h, want_s = bf.dense(x, g, [2], 1, True)
+  np.testing.assert_allclose(h, want_h, **TOL)
+  np.testing.assert_allclose(s, want_s, **TOL)
+
+
+def test_registered_layer_type_is_preconditioned():
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return Projection(3, name='proj')(jnp.tanh(Projection(4, name='hidden')(x)))
+
+  model = Model()
+  x = _x(6, 5)
+  params = model.init(jax.random.key(0), x)['params']
+  grad_fn = afo.value_and_grad_with_curvature(
+    lambda p, x: jnp.sum(model.apply({'params': p}, x) ** 2)
+  )
+  _, grads, curvature = grad_fn(params, x)
+  tx = afo.adafisher(1e-3, layout=afo.curvature_layout(grad_fn, params, x))
+  state = tx.init(params)
+  updates, state = tx.update(grads, state, params, curvature=curvature)
+  report = afo.diagnostics(state, params)
+  assert report.unpreconditioned == []
+  assert report.layers['proj'].parameters == ('w', 'b')

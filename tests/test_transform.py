@@ -1,5 +1,6 @@
 """scale_by_adafisher / adafisher / adafisherw: maths and optax integration."""
 
+import functools
 import itertools
 import warnings
 
@@ -413,3 +414,202 @@ def test_relative_damping_matches_a_direct_computation(x64, a):
     np.testing.assert_allclose(
       updates[name]['bias'], grads[name]['bias'] / f[len(s) :], **TOL
     )
+
+
+# --- two programs: capture on refresh steps only -----------------------------
+
+
+def _single_and_two_program_runs(model, tx, params, batches):
+  grad_fn = afo.value_and_grad_with_curvature(loss_fn(model))
+
+  @functools.partial(jax.jit, static_argnames='refresh')
+  def step(params, state, x, y, refresh):
+    _, grads, curvature = grad_fn(params, x, y, capture=refresh)
+    updates, state = tx.update(grads, state, params, curvature=curvature)
+    return optax.apply_updates(params, updates), state
+
+  single = two = (params, tx.init(params))
+  schedule = afo.refresh_schedule(two[1])
+  flags = []
+  for x, y in batches:
+    single = step(*single, x, y, refresh=True)
+    flags.append(next(schedule))
+    two = step(*two, x, y, refresh=flags[-1])
+  return single, two, flags
+
+
+@pytest.mark.parametrize('numerics', ['reference', 'paper'])
+def test_two_programs_equal_one_program_bit_for_bit(numerics):
+  model, params, _ = _setup(ConvNet(), shape=(4, 6, 6, 2))
+  batches = [batch(jax.random.key(60 + i), (4, 6, 6, 2)) for i in range(7)]
+  tx = afo.adafisher(0.05, t_cov=3, numerics=numerics)
+  single, two, flags = _single_and_two_program_runs(model, tx, params, batches)
+  assert flags == [True, False, False, True, False, False, True]
+  chex.assert_trees_all_equal(two, single)
+
+
+def test_plain_step_uses_the_stored_factors():
+  """No curvature: momentum divided by F~ of the factors as they are."""
+  model, params, batches = _setup()
+  grad_fn = afo.value_and_grad_with_curvature(loss_fn(model))
+  tx = afo.scale_by_adafisher(b1=0.5, damping=1e-2)
+  _, grads, curvature = grad_fn(params, *batches[0])
+  _, state = tx.update(grads, tx.init(params), curvature=curvature)
+  updates, new_state = tx.update(grads, state)
+  assert int(new_state.last_refresh) == 0 and int(new_state.count) == 2
+  chex.assert_trees_all_equal(new_state.factors, state.factors)
+  for name in params:
+    f = state.factors[name]
+    m_hat = np.asarray(new_state.mu[name]['kernel']) / (1 - 0.5**2)
+    want = m_hat / (np.asarray(f.h)[:-1, None] * np.asarray(f.s)[None] + 1e-2)
+    np.testing.assert_allclose(updates[name]['kernel'], want, rtol=1e-6)
+
+
+def test_curvature_on_a_step_that_is_not_due_does_not_refresh():
+  """Refresh when t_cov updates passed since the last one, late if need be."""
+  model, params, batches = _setup()
+  grad_fn = afo.value_and_grad_with_curvature(loss_fn(model))
+  tx = afo.scale_by_adafisher(t_cov=3)
+  state = tx.init(params)
+  last = []
+  for t, (x, y) in enumerate(batches):
+    _, grads, curvature = grad_fn(params, x, y)
+    bring = t in (0, 1, 4)  # 1: not due; 4: one step late (due at 3)
+    state = tx.update(grads, state, curvature=curvature if bring else None)[1]
+    last.append(int(state.last_refresh))
+  assert last == [0, 0, 0, 0, 4]
+
+
+def test_refresh_schedule_resumes_from_a_restored_state():
+  model, params, batches = _setup()
+  tx = afo.adafisher(1e-2, t_cov=4)
+  step = jax.jit(make_step(model, tx))
+  state = tx.init(params)
+  for x, y in batches[:2]:
+    params, state, _ = step(params, state, x, y)
+  schedule = afo.refresh_schedule(state)  # count 2, last refresh at 0
+  assert [next(schedule) for _ in range(7)] == [
+    False,
+    False,
+    True,
+    False,
+    False,
+    False,
+    True,
+  ]
+
+
+def test_refresh_schedule_reports_overdue_factors():
+  model, params, batches = _setup()
+  tx = afo.adafisher(1e-2, t_cov=2)
+  grad_fn = afo.value_and_grad_with_curvature(loss_fn(model))
+  state = tx.init(params)
+  for x, y in batches[:4]:  # plain steps only: never refreshed
+    _, grads, _ = grad_fn(params, x, y, capture=False)
+    state = tx.update(grads, state, params)[1]
+  with pytest.warns(afo.StaleFactorsWarning, match='4 updates overdue'):
+    schedule = afo.refresh_schedule(state)
+  assert next(schedule) is True
+  assert afo.diagnostics(state, params).overdue == 4
+
+
+# --- non-finite values and low precision (issue 12) --------------------------
+
+
+class _BiasNorm(nn.Module):
+  """A loss that also reads a bias directly (a norm penalty on it)."""
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3, bias_init=nn.initializers.zeros, name='head')(x)
+
+
+def test_non_finite_gradient_of_a_captured_layer_is_guarded():
+  """sqrt(sum(b**2)) at b = 0 has a NaN gradient: those entries stay put."""
+  model = _BiasNorm()
+  x, y = batch(jax.random.key(0), (8, 5))
+  params = model.init(jax.random.key(1), x)['params']
+
+  def loss(p, x, y):
+    logits = model.apply({'params': p}, x)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return ce + jnp.sqrt(jnp.sum(p['head']['bias'] ** 2))
+
+  _, grads, curvature = afo.value_and_grad_with_curvature(loss)(params, x, y)
+  assert not np.all(np.isfinite(grads['head']['bias']))
+  assert np.all(np.isfinite(grads['head']['kernel']))
+  tx = afo.adafisher(0.1)
+  state = tx.init(params)
+  updates, new_state = tx.update(grads, state, params, curvature=curvature)
+  np.testing.assert_array_equal(updates['head']['bias'], 0.0)
+  inner = afo.adafisher_state(new_state)
+  np.testing.assert_array_equal(inner.mu['head']['bias'], 0.0)
+  assert np.all(np.isfinite(updates['head']['kernel']))
+  assert np.any(updates['head']['kernel'] != 0)
+  assert int(inner.count) == 1
+
+
+def test_overflowing_statistics_skip_the_refresh_visibly():
+  """Inputs ~1e20: x**2 overflows float32 while the gradients do not."""
+  model = MLP()
+  x, y = batch(jax.random.key(0), (8, 5))
+  params = model.init(jax.random.key(1), x)['params']
+  tx = afo.adafisher(1e-3, t_cov=1)
+  step = jax.jit(make_step(model, tx))
+  state, p = tx.init(params), params
+  for _ in range(3):
+    p, state, loss = step(p, state, 1e20 * x, y)
+  inner = afo.adafisher_state(state)
+  assert int(inner.count) == 3 and np.isfinite(loss)
+  assert not np.array_equal(p['head']['kernel'], params['head']['kernel'])
+  report = afo.diagnostics(state, p)
+  assert report.layers['dense0'].skipped == 3  # its inputs overflow
+  assert report.layers['dense0'].refreshes == 0
+  assert report.layers['head'].refreshes == 3  # tanh saturates: finite
+  assert '| dense0 | dense |' in str(report) and '| 3 |' in str(report)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float16, jnp.bfloat16])
+def test_low_precision_params_get_full_precision_updates(dtype):
+  """m_hat / F~ with F~ ~ damping exceeds float16's range; lr brings it back."""
+  model, params, _ = _setup()
+  params = jax.tree.map(lambda p: p.astype(dtype), params)
+  x, y = batch(jax.random.key(3), (8, 5))
+  grad_fn = afo.value_and_grad_with_curvature(loss_fn(model))
+  _, grads, curvature = grad_fn(params, x.astype(dtype), y)
+  grads = jax.tree.map(lambda g: (100 * g).astype(dtype), grads)
+  tx = afo.adafisher(1e-4)
+  updates, _ = tx.update(grads, tx.init(params), params, curvature=curvature)
+  for u in jax.tree.leaves(updates):
+    assert u.dtype == jnp.float32 and np.all(np.isfinite(u))
+  assert max(float(jnp.max(jnp.abs(u))) for u in jax.tree.leaves(updates)) > 0
+  new = optax.apply_updates(params, updates)
+  assert all(
+    v.dtype == dtype and np.all(np.isfinite(v.astype(jnp.float32)))
+    for v in jax.tree.leaves(new)
+  )
+
+
+def test_state_structure_does_not_depend_on_the_weight_decay_value():
+  _, params, _ = _setup()
+  for alias in (afo.adafisher, afo.adafisherw):
+    zero = jax.tree.structure(alias(1e-3, weight_decay=0.0).init(params))
+    some = jax.tree.structure(alias(1e-3, weight_decay=1e-4).init(params))
+    assert zero == some
+
+
+def test_one_curvature_serves_both_numerics():
+  """Statistics carry what both numerics need; the optimizer picks."""
+  model, params, _ = _setup(ConvNet(), shape=(4, 6, 6, 2))
+  x, y = batch(jax.random.key(4), (4, 6, 6, 2))
+  _, grads, curvature = afo.value_and_grad_with_curvature(loss_fn(model))(
+    params, x, y
+  )
+  for numerics in ('reference', 'paper'):
+    tx = afo.adafisher(1e-3, numerics=numerics)
+    updates, state = tx.update(
+      grads, tx.init(params), params, curvature=curvature
+    )
+    factors = afo.adafisher_state(state).factors['ln']
+    assert factors.h.shape == ((2,) if numerics == 'reference' else (4,))
+    assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
