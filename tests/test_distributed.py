@@ -339,9 +339,7 @@ def test_boxed_params_end_to_end():
   assert mu.value.sharding.spec == P(None, 'model')
   grad_fn = afo.value_and_grad_with_curvature(_loss(model))
 
-  @functools.partial(
-    jax.jit, out_shardings=(params_shardings, state_shardings)
-  )
+  @functools.partial(jax.jit, out_shardings=(params_shardings, state_shardings))
   def step(params, state, x, y):
     _, grads, curvature = grad_fn(params, x, y)
     assert isinstance(grads['fc1']['kernel'], nn.Partitioned)

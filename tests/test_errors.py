@@ -406,7 +406,7 @@ def test_checkpoint_of_the_other_numerics(setup, tmp_path):
     )
     checkpointer.wait_until_finished()
   paper = {'opt_state': afo.adafisher(1e-3, numerics='paper').init(params)}
-  with pytest.raises(ValueError, match="numerics='reference'.*'paper'"):
+  with pytest.raises(ValueError, match=r"numerics='reference'.*'paper'"):
     afo.checkpoint.restore(tmp_path / 'ckpt', paper)
 
 
@@ -499,9 +499,11 @@ def test_flax_interceptor_hands_over_the_original_method():
   with nn.intercept_methods(interceptor):
     layer.apply(variables, jnp.ones((1, 3)))
   assert isinstance(seen[0], functools.partial)
-  assert getattr(seen[0].func, '__wrapped__', seen[0].func) is getattr(
-    nn.Dense.__call__, '__wrapped__', nn.Dense.__call__
-  ) or seen[0].func.__qualname__ == 'Dense.__call__'
+  assert (
+    getattr(seen[0].func, '__wrapped__', seen[0].func)
+    is getattr(nn.Dense.__call__, '__wrapped__', nn.Dense.__call__)
+    or seen[0].func.__qualname__ == 'Dense.__call__'
+  )
 
 
 class _Overriding(nn.Dense):
@@ -557,7 +559,9 @@ def test_integer_leaf_in_the_captured_params(setup):
   bad = {**params, 'step': jnp.zeros((), jnp.int32)}
   with pytest.raises(TypeError, match="'step'"):
     afo.value_and_grad_with_curvature(
-      lambda p, x, y: loss_fn(model)({k: v for k, v in p.items() if k != 'step'}, x, y)
+      lambda p, x, y: loss_fn(model)(
+        {k: v for k, v in p.items() if k != 'step'}, x, y
+      )
     )(bad, x, y)
 
 
@@ -583,20 +587,22 @@ def test_infinite_learning_rate():
     afo.adafisher(float('inf'))
 
 
-def test_layout_that_is_not_a_curvature_tree(setup):
-  _, params, _, _, _ = setup
+def test_layout_that_is_not_a_curvature_tree():
   with pytest.raises(TypeError, match='curvature must be the tree'):
     afo.adafisher(1e-3, layout={'head': jnp.ones(3)})
 
 
 def test_gradients_of_other_params(setup):
-  _, params, grads, curvature, _ = setup
+  _, params, grads, _, _ = setup
   tx = afo.adafisher(1e-3)
   state = tx.init(params)
   extra = {**grads, 'extra': {'kernel': jnp.ones((2, 2))}}
   with pytest.raises(ValueError, match="'extra/kernel'"):
     tx.update(extra, state, params)
-  transposed = {**grads, 'head': {**grads['head'], 'kernel': grads['head']['kernel'].T}}
+  transposed = {
+    **grads,
+    'head': {**grads['head'], 'kernel': grads['head']['kernel'].T},
+  }
   with pytest.raises(ValueError, match="'head/kernel' has shape"):
     tx.update(transposed, state, params)
 
@@ -678,5 +684,5 @@ def test_tags_name_that_is_not_a_path_of_the_params():
   def loss(p, x):
     return afo.tags.dense(x, p['fc'], name='nowhere').sum()
 
-  with pytest.raises(afo.CaptureError, match="'nowhere'.*no params"):
+  with pytest.raises(afo.CaptureError, match=r"'nowhere'.*no params"):
     afo.value_and_grad_with_curvature(loss)(params, jnp.ones((4, 3)))

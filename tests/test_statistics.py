@@ -657,7 +657,9 @@ def test_rows_count_the_axis_of_nn_vmap_with_shared_params():
   _, _, curvature = afo.value_and_grad_with_curvature(loss)(params, x)
   stats = curvature['dense']
   assert float(stats.rows) == 15
-  g = jax.grad(lambda out: jnp.sum(jnp.sin(out) * r))(model.apply({'params': params}, x))
+  g = jax.grad(lambda out: jnp.sum(jnp.sin(out) * r))(
+    model.apply({'params': params}, x)
+  )
   want_h, want_s = bf.dense(x.reshape(15, 6), g.reshape(15, 4), [1], 1, True)
   h, s = stats.means()
   np.testing.assert_allclose(h, want_h, **TOL)
@@ -670,7 +672,11 @@ def test_embed_ids_are_counted_where_their_gradient_goes():
   layer = nn.Embed(7, 4)
   h, _, _, _, variables = capture_layer(layer, ids)
   table = variables['params']['embedding']
-  grad = jax.grad(lambda t: jnp.sum(layer.apply({'params': {'embedding': t}}, ids)[ids < 7].sum()))(table)
+  grad = jax.grad(
+    lambda t: jnp.sum(
+      layer.apply({'params': {'embedding': t}}, ids)[ids < 7].sum()
+    )
+  )(table)
   reached = np.asarray(jnp.abs(grad).sum(-1) > 0)
   wrapped = np.where(np.asarray(ids) < 0, np.asarray(ids) + 7, np.asarray(ids))
   counts = np.bincount(wrapped[(wrapped >= 0) & (wrapped < 7)], minlength=7)
@@ -688,7 +694,9 @@ class Projection(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    w = self.param('w', nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+    w = self.param(
+      'w', nn.initializers.lecun_normal(), (x.shape[-1], self.features)
+    )
     b = self.param('b', nn.initializers.normal(), (self.features,))
     return x @ w + b
 
@@ -714,7 +722,9 @@ def test_registered_layer_type_is_preconditioned():
   class Model(nn.Module):
     @nn.compact
     def __call__(self, x):
-      return Projection(3, name='proj')(jnp.tanh(Projection(4, name='hidden')(x)))
+      return Projection(3, name='proj')(
+        jnp.tanh(Projection(4, name='hidden')(x))
+      )
 
   model = Model()
   x = _x(6, 5)
@@ -725,7 +735,7 @@ def test_registered_layer_type_is_preconditioned():
   _, grads, curvature = grad_fn(params, x)
   tx = afo.adafisher(1e-3, layout=afo.curvature_layout(grad_fn, params, x))
   state = tx.init(params)
-  updates, state = tx.update(grads, state, params, curvature=curvature)
+  _, state = tx.update(grads, state, params, curvature=curvature)
   report = afo.diagnostics(state, params)
   assert report.unpreconditioned == []
   assert report.layers['proj'].parameters == ('w', 'b')
