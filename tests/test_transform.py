@@ -2,6 +2,8 @@
 
 import functools
 import itertools
+import subprocess
+import sys
 import warnings
 
 import chex
@@ -613,3 +615,40 @@ def test_one_curvature_serves_both_numerics():
     factors = afo.adafisher_state(state).factors['ln']
     assert factors.h.shape == ((2,) if numerics == 'reference' else (4,))
     assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
+
+
+def test_optimizer_core_imports_and_runs_without_flax_or_orbax():
+  """transform, factors, rules (and pure-JAX tags) need neither package."""
+  code = """
+import sys
+
+
+class Block:
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] in ('flax', 'orbax'):
+      raise ImportError(f'{name} is blocked')
+
+
+sys.meta_path.insert(0, Block())
+import jax, jax.numpy as jnp, optax
+import adafisher_optax as afo
+from adafisher_optax import factors, rules, transform
+
+params = {'fc': {'kernel': jnp.ones((3, 2)), 'bias': jnp.zeros(2)}}
+
+
+def loss(p, x):
+  return jnp.sum(afo.tags.dense(x, p['fc']) ** 2)
+
+
+_, grads, curvature = afo.value_and_grad_with_curvature(loss)(params, jnp.ones((4, 3)))
+tx = afo.adafisher(1e-3)
+updates, state = tx.update(grads, tx.init(params), params, curvature=curvature)
+assert not any(m.split('.')[0] in ('flax', 'orbax') for m in sys.modules)
+print('ok')
+"""
+  result = subprocess.run(
+    [sys.executable, '-c', code], capture_output=True, text=True, check=False
+  )
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.strip() == 'ok'
