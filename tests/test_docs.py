@@ -70,7 +70,7 @@ def test_readme_first_example_trains_a_transformer():
   with warnings.catch_warnings():
     warnings.simplefilter('error', afo.UnpreconditionedParametersWarning)
     warnings.simplefilter('error', afo.UnsupportedLayerWarning)
-    exec(snippets('README.md')[0], namespace)  # noqa: S102
+    exec(snippets('README.md')[0], namespace)
   params, opt_state = namespace['params'], namespace['opt_state']
   report = afo.diagnostics(opt_state, params)
   assert report.unpreconditioned == []
@@ -88,5 +88,5 @@ def test_readme_first_example_trains_a_transformer():
 def test_page_snippets_run(page):
   namespace = _transformer_namespace() if page == 'README.md' else {}
   for snippet in snippets(page):
-    exec(snippet, namespace)  # noqa: S102
+    exec(snippet, namespace)
   jax.effects_barrier()
