@@ -125,3 +125,15 @@ def set_in(tree: Mapping, path: Path, value: Any) -> dict:
   else:
     entries[path[0]] = set_in(entries.get(path[0], {}), path[1:], value)
   return entries
+
+
+def first_leaf_not_of(tree: Any, kind: Any) -> tuple[Path, Any] | None:
+  """``(path, dtype)`` of the first leaf whose dtype is not a ``kind``
+  (``jnp.floating``, ``jnp.inexact``), or ``None``."""
+  import jax.numpy as jnp
+
+  for path, leaf in leaves_with_paths(tree):
+    dtype = getattr(leaf, 'dtype', None)
+    if dtype is None or not jnp.issubdtype(dtype, kind):
+      return path, dtype
+  return None

@@ -54,6 +54,7 @@ def _build(
   mask: Any,
   **adafisher_kwargs: Any,
 ) -> optax.GradientTransformationExtraArgs:
+  """The chain of both aliases: the decay before (coupled) or after AdaFisher."""
   hp.check('learning_rate', learning_rate)
   hp.check('weight_decay', weight_decay)
   decay = optax.add_decayed_weights(weight_decay, mask)
@@ -116,23 +117,7 @@ def adafisher(
     updates, opt_state = tx.update(grads, opt_state, params,
                                    curvature=curvature)
   """
-  return _build(
-    False,
-    learning_rate,
-    weight_decay,
-    mask,
-    b1=b1,
-    damping=damping,
-    gamma=gamma,
-    t_cov=t_cov,
-    numerics=numerics,
-    fisher_power=fisher_power,
-    relative_damping=relative_damping,
-    axis_name=axis_name,
-    mu_dtype=mu_dtype,
-    layout=layout,
-    ablation=ablation,
-  )
+  return _build(False, **locals())
 
 
 def adafisherw(
@@ -158,23 +143,7 @@ def adafisherw(
   ``-learning_rate`` (as :func:`optax.adamw` decouples Adam's decay). The
   paper's ViT and language-model recipes use ``weight_decay`` 0.01 to 0.1.
   """
-  return _build(
-    True,
-    learning_rate,
-    weight_decay,
-    mask,
-    b1=b1,
-    damping=damping,
-    gamma=gamma,
-    t_cov=t_cov,
-    numerics=numerics,
-    fisher_power=fisher_power,
-    relative_damping=relative_damping,
-    axis_name=axis_name,
-    mu_dtype=mu_dtype,
-    layout=layout,
-    ablation=ablation,
-  )
+  return _build(True, **locals())
 
 
 adafisher.__doc__ += _ARGS_DOC.format(

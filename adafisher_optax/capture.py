@@ -434,14 +434,13 @@ def split_output(out: Any, has_aux: bool, name: str) -> tuple[Any, Any]:
 
 
 def check_differentiable(params: Any, name: str) -> None:
-  for path, leaf in _tree.leaves_with_paths(params):
-    dtype = getattr(leaf, 'dtype', None)
-    if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
-      raise TypeError(
-        f'The first argument of `{name}` must hold floating-point arrays; '
-        f'{_tree.format_path(path)!r} has dtype {dtype} (move integer state '
-        'out of the differentiated params).'
-      )
+  found = _tree.first_leaf_not_of(params, jnp.inexact)
+  if found is not None:
+    raise TypeError(
+      f'The first argument of `{name}` must hold floating-point arrays; '
+      f'{_tree.format_path(found[0])!r} has dtype {found[1]} (move integer '
+      'state out of the differentiated params).'
+    )
 
 
 def _sampled_cotangent(logits: jax.Array, key: jax.Array) -> jax.Array:

@@ -54,7 +54,8 @@ def _dense_general(module: nn.DenseGeneral, x, kwargs) -> rules.Dense:
   )
 
 
-def _conv(module: nn.Conv, x, kwargs) -> rules.Conv:
+def conv_config(module, x, kwargs) -> rules.Conv:
+  """``nn.Conv`` and ``nnx.Conv`` (the same attribute names)."""
   kernel_size = tuple(np.atleast_1d(module.kernel_size))
   n = len(kernel_size)
   padding = canonicalize_padding(module.padding, n)
@@ -69,7 +70,7 @@ def _conv(module: nn.Conv, x, kwargs) -> rules.Conv:
   )
 
 
-def _embed(module: nn.Embed, x, kwargs) -> rules.Embed:
+def embed_config(module, x, kwargs) -> rules.Embed:
   return rules.Embed(module.num_embeddings)
 
 
@@ -84,10 +85,10 @@ def _check_norm_call(module, x, kwargs) -> None:
     raise layers.UnsupportedCall('input without a batch axis')
 
 
-def _token_norm(module, x, kwargs) -> rules.Norm:
-  """LayerNorm and RMSNorm: the reference surrogate axis is axis 1 of the
-  input as given (the token axis of ``[B, T, D]``), as the authors' hooks see
-  a batch-first tensor."""
+def token_norm_config(module, x, kwargs) -> rules.Norm:
+  """LayerNorm and RMSNorm (linen or NNX): the reference surrogate axis is
+  axis 1 of the input as given (the token axis of ``[B, T, D]``), as the
+  authors' hooks see a batch-first tensor."""
   _check_norm_call(module, x, kwargs)
   return rules.Norm(
     feature_axes=_norm_axes(module.feature_axes, x.ndim),
@@ -97,13 +98,14 @@ def _token_norm(module, x, kwargs) -> rules.Norm:
   )
 
 
-def _channel_norm(module, x, kwargs) -> rules.Norm:
-  """BatchNorm and GroupNorm: the reference surrogate axis is the channel
-  axis, which PyTorch's NCHW layout puts at axis 1."""
+def channel_norm_config(module, x, kwargs) -> rules.Norm:
+  """BatchNorm (its ``axis``) and GroupNorm (the last axis), linen or NNX:
+  the reference surrogate axis is the channel axis, which PyTorch's NCHW
+  layout puts at axis 1."""
   _check_norm_call(module, x, kwargs)
   axes = (
     (x.ndim - 1,)
-    if isinstance(module, nn.GroupNorm)
+    if hasattr(module, 'num_groups')
     else _norm_axes(module.axis, x.ndim)
   )
   if len(axes) != 1:
@@ -121,12 +123,12 @@ def _channel_norm(module, x, kwargs) -> rules.Norm:
 for _cls, _rule, _adapter, _names in (
   (nn.Dense, rules.DENSE, _dense, ('kernel', 'bias')),
   (nn.DenseGeneral, rules.DENSE, _dense_general, ('kernel', 'bias')),
-  (nn.Conv, rules.CONV, _conv, ('kernel', 'bias')),
-  (nn.Embed, rules.EMBED, _embed, ('embedding', None)),
-  (nn.LayerNorm, rules.NORM, _token_norm, ('scale', 'bias')),
-  (nn.RMSNorm, rules.NORM, _token_norm, ('scale', None)),
-  (nn.BatchNorm, rules.NORM, _channel_norm, ('scale', 'bias')),
-  (nn.GroupNorm, rules.NORM, _channel_norm, ('scale', 'bias')),
+  (nn.Conv, rules.CONV, conv_config, ('kernel', 'bias')),
+  (nn.Embed, rules.EMBED, embed_config, ('embedding', None)),
+  (nn.LayerNorm, rules.NORM, token_norm_config, ('scale', 'bias')),
+  (nn.RMSNorm, rules.NORM, token_norm_config, ('scale', None)),
+  (nn.BatchNorm, rules.NORM, channel_norm_config, ('scale', 'bias')),
+  (nn.GroupNorm, rules.NORM, channel_norm_config, ('scale', 'bias')),
 ):
   layers.register_layer(_cls, _rule, _adapter, weight=_names[0], bias=_names[1])
 

@@ -34,10 +34,15 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from flax.linen.linear import canonicalize_padding
 
 from adafisher_optax import _tree, layers, rules
 from adafisher_optax import capture as capture_lib
+from adafisher_optax.linen import (
+  channel_norm_config,
+  conv_config,
+  embed_config,
+  token_norm_config,
+)
 
 #: Static attribute naming a tapped layer's path in the model.
 _PATH = '__adafisher_path__'
@@ -62,64 +67,15 @@ def _linear_general(layer: nnx.LinearGeneral, x, kwargs) -> rules.Dense:
   )
 
 
-def _conv(layer: nnx.Conv, x, kwargs) -> rules.Conv:
-  kernel_size = tuple(np.atleast_1d(layer.kernel_size))
-  n = len(kernel_size)
-  padding = canonicalize_padding(layer.padding, n)
-  return rules.Conv(
-    kernel_size=kernel_size,
-    strides=rules.per_dim(layer.strides, n, 'strides'),
-    padding=padding if isinstance(padding, str) else tuple(map(tuple, padding)),
-    input_dilation=rules.per_dim(layer.input_dilation, n, 'input_dilation'),
-    kernel_dilation=rules.per_dim(layer.kernel_dilation, n, 'kernel_dilation'),
-    groups=layer.feature_group_count,
-    use_bias=layer.use_bias,
-  )
-
-
-def _embed(layer: nnx.Embed, x, kwargs) -> rules.Embed:
-  return rules.Embed(layer.num_embeddings)
-
-
-def _norm(layer, x, kwargs, axes, surrogate) -> rules.Norm:
-  if kwargs.get('mask') is not None:
-    raise layers.UnsupportedCall(f'{type(layer).__name__} called with a mask')
-  if x.ndim < 2:
-    raise layers.UnsupportedCall('input without a batch axis')
-  axes = tuple(sorted({int(a) % x.ndim for a in np.atleast_1d(axes)}))
-  return rules.Norm(
-    feature_axes=axes,
-    surrogate_axis=surrogate,
-    use_scale=layer.use_scale,
-    use_bias=getattr(layer, 'use_bias', False),
-  )
-
-
-def _token_norm(layer, x, kwargs) -> rules.Norm:
-  """LayerNorm and RMSNorm; the reference surrogate axis is axis 1."""
-  return _norm(layer, x, kwargs, layer.feature_axes, 1)
-
-
-def _channel_norm(layer, x, kwargs) -> rules.Norm:
-  """BatchNorm (feature ``axis``) and GroupNorm (the last axis)."""
-  axis = x.ndim - 1 if isinstance(layer, nnx.GroupNorm) else layer.axis
-  axes = np.atleast_1d(axis)
-  if len(axes) != 1:
-    raise layers.UnsupportedCall('more than one feature axis')
-  if int(axes[0]) % x.ndim == 0:
-    raise layers.UnsupportedCall('input without a batch axis')
-  return _norm(layer, x, kwargs, axes, int(axes[0]) % x.ndim)
-
-
 for _cls, _rule, _adapter, _names in (
   (nnx.Linear, rules.DENSE, _linear, ('kernel', 'bias')),
   (nnx.LinearGeneral, rules.DENSE, _linear_general, ('kernel', 'bias')),
-  (nnx.Conv, rules.CONV, _conv, ('kernel', 'bias')),
-  (nnx.Embed, rules.EMBED, _embed, ('embedding', None)),
-  (nnx.LayerNorm, rules.NORM, _token_norm, ('scale', 'bias')),
-  (nnx.RMSNorm, rules.NORM, _token_norm, ('scale', None)),
-  (nnx.BatchNorm, rules.NORM, _channel_norm, ('scale', 'bias')),
-  (nnx.GroupNorm, rules.NORM, _channel_norm, ('scale', 'bias')),
+  (nnx.Conv, rules.CONV, conv_config, ('kernel', 'bias')),
+  (nnx.Embed, rules.EMBED, embed_config, ('embedding', None)),
+  (nnx.LayerNorm, rules.NORM, token_norm_config, ('scale', 'bias')),
+  (nnx.RMSNorm, rules.NORM, token_norm_config, ('scale', None)),
+  (nnx.BatchNorm, rules.NORM, channel_norm_config, ('scale', 'bias')),
+  (nnx.GroupNorm, rules.NORM, channel_norm_config, ('scale', 'bias')),
 ):
   layers.register_layer(_cls, _rule, _adapter, weight=_names[0], bias=_names[1])
 

@@ -73,14 +73,13 @@ def layer_factors(factors: Any) -> dict[_tree.Path, factors_lib.Factors]:
 
 
 def _check_parameters(tree: Any, what: str) -> None:
-  for path, leaf in _tree.leaves_with_paths(tree):
-    dtype = getattr(leaf, 'dtype', None)
-    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-      raise TypeError(
-        f'AdaFisher: {what} {_tree.format_path(path)!r} has dtype {dtype}; '
-        'only floating-point parameters can be optimised (freeze others '
-        'with optax.masked or keep them out of the params).'
-      )
+  found = _tree.first_leaf_not_of(tree, jnp.floating)
+  if found is not None:
+    raise TypeError(
+      f'AdaFisher: {what} {_tree.format_path(found[0])!r} has dtype '
+      f'{found[1]}; only floating-point parameters can be optimised (freeze '
+      'others with optax.masked or keep them out of the params).'
+    )
 
 
 def _check_gradients(updates: Any, mu: Any) -> None:
