@@ -2,8 +2,8 @@
 
 Capture -> statistics -> factor EMA -> preconditioner -> update:
 
-* :func:`value_and_grad_with_curvature` (``capture``, with the front ends
-  ``linen``, ``nnx`` and ``tags``) returns the loss, the gradients and
+* :func:`value_and_grad_with_curvature` (``grad``; the driver ``capture``
+  with the front ends ``linen``, ``nnx`` and ``tags``) returns the loss, the gradients and
   per-layer :class:`LayerStatistics` (``statistics``), for the layer types of
   the registry (``layers``; maths in ``rules``);
 * :func:`scale_by_adafisher` (``transform``) folds them into the factor EMAs
@@ -22,9 +22,7 @@ from adafisher_optax.alias import adafisher, adafisherw
 from adafisher_optax.capture import (
   CaptureError,
   UnsupportedLayerWarning,
-  curvature_layout,
   softmax_cross_entropy,
-  value_and_grad_with_curvature,
 )
 from adafisher_optax.diagnostics import (
   Diagnostics,
@@ -32,6 +30,7 @@ from adafisher_optax.diagnostics import (
   diagnostics,
 )
 from adafisher_optax.factors import Factors, PaperFactors, ReferenceFactors
+from adafisher_optax.grad import curvature_layout, value_and_grad_with_curvature
 from adafisher_optax.layers import LayerType, UnsupportedCall, register_layer
 from adafisher_optax.schedule import (
   StaleFactorsWarning,

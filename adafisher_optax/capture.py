@@ -1,7 +1,6 @@
 """The capture driver shared by every front end (Flax linen, NNX, tags).
 
-``value_and_grad_with_curvature`` runs the loss function twice inside the
-caller's trace:
+:func:`drive` runs the user's function twice inside the caller's trace:
 
 1. *discovery* (``jax.eval_shape``, no FLOPs) records every application of a
    registered layer whose parameters come from the first argument: its
@@ -15,9 +14,9 @@ caller's trace:
 A probe is an input of the ``vjp`` next to the params; the front end hands
 it to its layer (Flax's lifted transforms slice it per scan iteration, sum
 it over shared uses and recompute it under remat), but the user's function
-sees exactly the params it was given. With ``capture=False`` the returned
-function is ``jax.value_and_grad`` (and returns no curvature), so a train
-step pays for statistics only on the steps that refresh the factors.
+sees exactly the params it was given. The front ends'
+``value_and_grad_with_curvature`` (:mod:`adafisher_optax.grad`,
+:mod:`adafisher_optax.nnx`) are thin layers on :func:`drive`.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ import dataclasses
 import functools
 import threading
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -569,138 +568,6 @@ def drive(
   return value, grads, _tree.nest(curvature), extra
 
 
-def _linen_front_end():
-  """:mod:`adafisher_optax.linen` (registering linen layers), or ``None``."""
-  try:
-    from adafisher_optax import linen
-  except ImportError:  # no Flax: tags only
-    return None
-  return linen
-
-
-def _front_end_runner(fun, allowed, args, kwargs) -> Run:
-  """Runs ``fun`` with the linen interceptor (if Flax is there) and tags."""
-  linen = _linen_front_end()
-
-  def run(session, p):
-    with session:
-      if linen is None:
-        return fun(p, *args, **kwargs), None
-      if session.mode == 'structural':
-        p = linen.with_probes_in_params(p, session.probes)
-      with linen.intercepting(session, allowed):
-        return fun(p, *args, **kwargs), None
-
-  return run
-
-
-def _check_layers(
-  layer_types: Sequence[type] | None,
-) -> tuple[type, ...] | None:
-  if layer_types is None:
-    return None
-  if isinstance(layer_types, type) or not isinstance(layer_types, Sequence):
-    raise TypeError(
-      f'layers must be a sequence of layer classes, got {layer_types!r}.'
-    )
-  for layer_type in layer_types:
-    if not (isinstance(layer_type, type) and layers.lookup_class(layer_type)):
-      names = ', '.join(sorted(t.__name__ for t in layers.registered()))
-      raise TypeError(
-        f'layers: {layer_type!r} is not a registered layer class (or a '
-        f'subclass of one); registered: {names}.'
-      )
-  return tuple(layer_types)
-
-
-def value_and_grad_with_curvature(
-  fun: Callable[..., Any],
-  *,
-  has_aux: bool = False,
-  layers: Sequence[type] | None = None,
-  fisher: str = 'empirical',
-) -> Callable[..., tuple[Any, Any, Any]]:
-  """Like ``jax.value_and_grad(fun)``, also returning AdaFisher's statistics.
-
-  ``fun(params, *args, **kwargs)`` applies a Flax linen model to ``params``
-  (for example ``model.apply({'params': params}, x)``, or to a sub-tree of
-  them), or a pure-JAX model built with :mod:`adafisher_optax.tags`. Layers
-  whose parameters are arrays of ``params`` are captured; others (a teacher
-  or target network, params transformed inside ``fun``) are not. ``fun``
-  receives ``params`` exactly as given.
-
-  The returned function computes ``(value, grads, curvature)`` in one
-  forward and one backward pass and is meant to be called inside the user's
-  ``jax.jit``. Its keyword argument ``capture`` (a static bool, default
-  ``True``) turns the capture off: then it is ``jax.value_and_grad(fun)``
-  and ``curvature`` is ``None``, for the steps that do not refresh the
-  factors.
-
-  Args:
-    fun: the loss function; differentiated with respect to its first argument.
-    has_aux: whether ``fun`` returns ``(loss, aux)``; ``value`` is then
-      ``(loss, aux)``, as with ``jax.value_and_grad``.
-    layers: the layer classes to capture (subclasses included); default every
-      registered class (:func:`adafisher_optax.register_layer`).
-      :data:`adafisher_optax.REFERENCE_LAYERS` reproduces the coverage of the
-      authors' code. Parameters of other layers get ``F~ = 1``.
-    fisher: ``"empirical"`` (the gradients of your loss, as the authors do) or
-      ``"sampled"``: output-gradient statistics from labels drawn from the
-      model's own softmax (a Monte-Carlo estimate of the true Fisher). Then
-      ``fun`` computes its loss with
-      :func:`adafisher_optax.softmax_cross_entropy` and the returned function
-      takes a keyword argument ``fisher_key`` (a ``jax.random`` key). It
-      costs one more backward pass per captured step.
-
-  Returns:
-    A function with the signature of ``fun`` (plus ``capture=`` and
-    ``fisher_key=``) returning ``(value, grads, curvature)``; ``curvature``
-    is a nested dict keyed like ``params`` whose leaves are
-    :class:`adafisher_optax.LayerStatistics`.
-  """
-  if not callable(fun):
-    raise TypeError(f'fun must be callable, got {type(fun).__name__}.')
-  _linen_front_end()
-  allowed = _check_layers(layers)
-  check_fisher(fisher)
-
-  @functools.wraps(fun)
-  def value_grads_curvature(
-    params, *args, capture=True, fisher_key=None, **kwargs
-  ):
-    check_call(capture, fisher, fisher_key)
-    if not isinstance(params, Mapping):
-      raise TypeError(
-        'value_and_grad_with_curvature: the first argument of `fun` must be '
-        "the model's params (a dict, as model.init(...)['params'] returns "
-        f'it), got {type(params).__name__}.'
-      )
-    if not capture:
-      value, grads = jax.value_and_grad(fun, has_aux=has_aux)(
-        params, *args, **kwargs
-      )
-      return value, grads, None
-    check_differentiable(params, 'fun')
-    value, grads, curvature, _ = drive(
-      _front_end_runner(fun, allowed, args, kwargs),
-      params,
-      has_aux=has_aux,
-      fisher=fisher,
-      fisher_key=fisher_key,
-      name='fun',
-      on_nothing_applied=lambda: CaptureError(
-        'value_and_grad_with_curvature: `fun` applied no registered layer '
-        '(Flax linen module or adafisher_optax.tags op) while it was traced. '
-        'Call the model inside `fun`, and do not wrap model.apply in a '
-        'jax.jit created outside `fun`: a cached compilation skips the '
-        'interception.'
-      ),
-    )
-    return value, grads, curvature
-
-  return value_grads_curvature
-
-
 def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Mean softmax cross-entropy with integer labels, registered for capture.
 
@@ -712,28 +579,3 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   if session is not None:
     session.register_loss(logits)
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-
-def curvature_layout(
-  value_grads_curvature: Callable[..., Any], params: Any, *args, **kwargs
-) -> Any:
-  """The shapes of the curvature a capture function returns, without FLOPs.
-
-  Pass the result as ``layout=`` to the optimizer: it sizes every captured
-  layer's factors exactly (layers stacked by ``nn.scan``, bias-free
-  ``DenseGeneral`` layers with several output axes need it), and to
-  :func:`adafisher_optax.multi_steps`.
-
-  Args:
-    value_grads_curvature: a function from
-      :func:`value_and_grad_with_curvature`.
-    params: its first argument.
-    *args: its other arguments (a sample batch).
-    **kwargs: its keyword arguments.
-
-  Returns:
-    The curvature tree, with ``jax.ShapeDtypeStruct`` leaves.
-  """
-  return jax.eval_shape(
-    lambda p: value_grads_curvature(p, *args, **kwargs)[2], params
-  )

@@ -16,6 +16,7 @@ whatever the number of layers.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -23,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adafisher_optax import _tree, rules
+from adafisher_optax import statistics as statistics_lib
 from adafisher_optax.rules import Numerics
 
 #: Absolute epsilon of the authors' min-max normalisation.
@@ -155,6 +158,123 @@ def initial(
   return PaperFactors(
     h_ema=jnp.ones(h_shape, dtype), s_ema=jnp.ones(s_shape, dtype), **common
   )
+
+
+# ---------------------------------------------------------------------------
+# Sizing the factors of a new state.
+# ---------------------------------------------------------------------------
+
+
+def _kronecker_shapes(params: Mapping[str, Any]):
+  """Factor shapes and parameter names of a ``kernel`` (+ ``bias``) layer.
+
+  Leading axes shared by kernel and bias beyond the bias's own are a stack
+  (``nn.scan`` over layers); without a bias the kernel's last axis is the
+  output, as it is for a bias masked out by ``optax.masked``.
+  """
+  kernel = tuple(params['kernel'].shape)
+  bias = params.get('bias')
+  if bias is not None:
+    bias = tuple(getattr(bias, 'shape', kernel[-1:]))
+  if bias is not None:
+    for n_stack in range(len(bias)):
+      out = bias[n_stack:]
+      fits = (
+        bias[:n_stack] == kernel[:n_stack]
+        and len(kernel) - n_stack - len(out) >= 1
+        and kernel[len(kernel) - len(out) :] == out
+      )
+      if fits:
+        d_in = math.prod(kernel[n_stack : len(kernel) - len(out)])
+        stack = kernel[:n_stack]
+        return (stack + (d_in + 1,), stack + (math.prod(out),)), 'bias'
+  return ((math.prod(kernel[:-1]),), (kernel[-1],)), None
+
+
+def _conventional_factors(
+  layer_params: Mapping[str, Any], numerics: rules.Numerics, dtype: Any
+) -> Factors | None:
+  """Factors sized from Flax parameter names and shapes, or ``None``.
+
+  ``kernel`` (+ ``bias``): a Dense-like layer (stacked when kernel and bias
+  share leading axes); ``embedding`` ``[V, D]``: an embedding; ``scale``
+  and/or ``bias`` alone: a normalisation layer. Layers stacked without a
+  bias, bias-free ``DenseGeneral`` layers with several output axes and
+  stacked normalisation layers cannot be read from shapes: pass a ``layout``.
+  """
+  shapes = {
+    name: getattr(value, 'shape', None) for name, value in layer_params.items()
+  }
+  kernel = shapes.get('kernel')
+  if kernel is not None and len(kernel) >= 2:
+    (h, s), bias = _kronecker_shapes(layer_params)
+    rule, weight = 'dense', 'kernel'
+  elif shapes.get('embedding') is not None and len(shapes['embedding']) == 2:
+    (h, s), rule, weight, bias = (
+      (shapes['embedding'][:1], shapes['embedding'][1:]),
+      'embed',
+      'embedding',
+      None,
+    )
+  elif 'kernel' not in shapes and 'embedding' not in shapes:
+    per_feature = shapes.get('scale') or shapes.get('bias')
+    if per_feature is None:
+      return None
+    n = math.prod(per_feature)
+    h, s = ((2,) if numerics == 'reference' else (n,)), (n,)
+    rule = 'norm'
+    weight = 'scale' if 'scale' in shapes else None
+    bias = 'bias' if 'bias' in shapes else None
+  else:
+    return None
+  return initial(h, s, numerics, dtype, rule=rule, weight=weight, bias=bias)
+
+
+def _layer_dicts(params: Any):
+  """Yields ``(path, mapping)`` for every mapping that holds array leaves."""
+
+  def visit(node, path):
+    if not isinstance(node, Mapping):
+      return
+    if any(not isinstance(v, Mapping) for v in node.values()):
+      yield path, node
+    for key, value in node.items():
+      yield from visit(value, path + (str(key),))
+
+  yield from visit(_tree.unbox_tree(params), ())
+
+
+def initial_factors(params: Any, layout: Any, numerics: rules.Numerics) -> Any:
+  """The ``factors`` tree of a new state (see :func:`scale_by_adafisher`)."""
+  dtype = rules.statistics_dtype()
+  found = {}
+  if layout is not None:
+    for path, stats in statistics_lib.flatten(layout).items():
+      h, s = stats.layer_rule.factor_shapes(
+        [tuple(a.shape) for a in stats.input_sums],
+        [tuple(a.shape) for a in stats.output_sums],
+        numerics,
+      )
+      found[path] = initial(
+        h,
+        s,
+        numerics,
+        dtype,
+        rule=stats.rule,
+        weight=stats.weight_name,
+        bias=stats.bias_name,
+      )
+  else:
+    for path, node in _layer_dicts(params):
+      factors = _conventional_factors(node, numerics, dtype)
+      if factors is not None:
+        found[path] = factors
+  return _tree.nest(found)
+
+
+# ---------------------------------------------------------------------------
+# The refresh.
+# ---------------------------------------------------------------------------
 
 
 class Segments:

@@ -6,8 +6,6 @@ argument. Traced values (``optax.inject_hyperparams``) are not checked.
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -131,11 +129,3 @@ def check_ablation(ablation: Any) -> Any:
   if ablation not in ABLATIONS:
     raise ValueError(f'ablation must be one of {ABLATIONS}, got {ablation!r}.')
   return ablation
-
-
-def is_zero(value: Any) -> bool:
-  return isinstance(value, numbers.Number) and value == 0
-
-
-def is_infinite(value: Any) -> bool:
-  return isinstance(value, numbers.Number) and value == math.inf
