@@ -90,8 +90,9 @@ def preconditioner(
     k = rule.curvature(h, s, factors_numerics(factors), role, shape)
   if relative_damping is None:
     f = k + damping
-  else:
+  else:  # a traced a = inf (inject_hyperparams) also gives F~ = 1
     a = relative_damping
     safe = jnp.where(mean > 0, mean, 1.0)
-    f = jnp.where(mean > 0, (k + a * safe) / ((1 + a) * safe), 1.0)
+    relative = (k + a * safe) / ((1 + a) * safe)
+    f = jnp.where((mean > 0) & ~jnp.isinf(a), relative, 1.0)
   return jnp.where(per_slice(factors.refreshes) > 0, f, 1.0)

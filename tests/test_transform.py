@@ -652,3 +652,23 @@ print('ok')
   )
   assert result.returncode == 0, result.stderr
   assert result.stdout.strip() == 'ok'
+
+
+def test_relative_damping_under_inject_hyperparams():
+  """A traced ``a`` (including inf) gives what the constant gives."""
+  model, params, batches = _setup()
+  _, grads, curvature = afo.value_and_grad_with_curvature(loss_fn(model))(
+    params, *batches[0]
+  )
+  for a in (0.1, float('inf')):
+    plain = afo.adafisher(0.1, relative_damping=a)
+    injected = optax.inject_hyperparams(afo.adafisher)(
+      learning_rate=0.1, relative_damping=a
+    )
+    want, _ = plain.update(
+      grads, plain.init(params), params, curvature=curvature
+    )
+    got, _ = injected.update(
+      grads, injected.init(params), params, curvature=curvature
+    )
+    chex.assert_trees_all_close(got, want, rtol=1e-6)
