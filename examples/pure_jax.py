@@ -8,6 +8,7 @@ A small CNN on scikit-learn's 8x8 digits: each layer is an
 """
 
 import argparse
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -63,19 +64,20 @@ def main(argv=None):
   opt_state = tx.init(params)
   grad_fn = afo.value_and_grad_with_curvature(loss_fn)
 
-  @jax.jit
-  def step(params, opt_state, images, labels):
-    loss, grads, curvature = grad_fn(params, images, labels)
+  @functools.partial(jax.jit, static_argnames='refresh')
+  def step(params, opt_state, images, labels, refresh):
+    loss, grads, curvature = grad_fn(params, images, labels, capture=refresh)
     updates, opt_state = tx.update(
       grads, opt_state, params, curvature=curvature
     )
     return optax.apply_updates(params, updates), opt_state, loss
 
   rng = np.random.default_rng(0)
+  schedule = afo.refresh_schedule(opt_state)  # statistics every t_cov steps
   for i in range(args.steps):
     idx = rng.choice(len(x_train), args.batch_size, replace=False)
     params, opt_state, loss = step(
-      params, opt_state, x_train[idx], y_train[idx]
+      params, opt_state, x_train[idx], y_train[idx], next(schedule)
     )
     if i % 100 == 0:
       print(f'step {i}: loss {float(loss):.4f}')
