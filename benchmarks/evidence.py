@@ -87,7 +87,20 @@ FASHION_CENTERS = {
   'adafisher-rel-0.1': 0.25,
   'adafisher-rel-0.01': 0.06,
 }
-SHAKESPEARE_CENTERS = dict(FASHION_CENTERS)
+SHAKESPEARE_CENTERS = {
+  'adam': 6e-3,
+  'adamw': 0.012,
+  'sgdm': 0.3,
+  'adafisher-ref': 4e-3,
+  'adafisher-ref-t1': 2e-3,
+  'adafisher-paper-0.001': 0.05,
+  'adafisher-paper-0.01': 0.12,
+  'adafisher-paper-0.1': 0.8,
+  'adafisher-rel-inf': 1.5,
+  'adafisher-rel-1': 6.0,
+  'adafisher-rel-0.1': 4.0,
+  'adafisher-rel-0.01': 1.0,
+}
 
 QUICK_FASHION = tasks.FashionConfig(
   widths=(32,),
@@ -121,7 +134,7 @@ PROTOCOL = {
         tasks.ShakespeareConfig(),
         SHAKESPEARE_CENTERS,
         kfac=False,
-        curve_points=10,
+        curve_points=8,
       ),
     },
     tune_seeds=(0, 1, 2),
@@ -196,7 +209,14 @@ def protocol_text(tier_name: str) -> str:
     '* Tasks:',
   ]
   for name, proto in tier.tasks.items():
-    lines.append(f'  * `{name}`: {dataclasses.asdict(proto.config)}')
+    arms = proto.arms or tuple(a.name for a in PRIMARY)
+    centers = ', '.join(f'{a} {proto.centers[a]:g}' for a in arms)
+    lines += [
+      f'  * `{name}`: {dataclasses.asdict(proto.config)}; validation curve '
+      f'every 1/{proto.curve_points} of the horizon',
+      f'    * arms and grid centres: {centers}; the controls; kfac-jax '
+      + ('yes' if proto.kfac else 'no (budget)'),
+    ]
   lines += [
     '  * Fashion-MNIST: the 60,000 training images split once 55,000 train / '
     '5,000 validation (fixed permutation); the 10,000 test images scored '
@@ -363,7 +383,9 @@ def run_task(name: str, tier: Tier, state: dict, save, log) -> None:
   if paper:
     d_star = _best(entry, paper, task)
     base = opt.PAPER[d_star]
-    tune(opt.layer_mean(base), entry['arms'][base.name]['chosen'])
+    control = opt.layer_mean(base)
+    tune(control, entry['arms'][base.name]['chosen'])
+    entry['control_pairs'] = [[base.name, control.name]]
   entry['decision_arms'] = rule
   wants_kfac = not state['only_arms'] or 'kfac' in state['only_arms']
   if proto.kfac and wants_kfac and kfac.AVAILABLE:

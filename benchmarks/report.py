@@ -68,7 +68,13 @@ def analyse(task: dict[str, Any]) -> dict[str, Any]:
         'n': len(v),
       }
     views[view] = {'summary': summary, 'comparisons': rows}
-  return {'views': views, 'decision': decision(task)}
+  controls = []
+  for base, control in task.get('control_pairs', []):
+    runs = [task['arms'].get(n, {}).get('eval') for n in (base, control)]
+    if all(runs):
+      a, b = _pairs(_finals(runs[0], metric), _finals(runs[1], metric))
+      controls.append({'arm': base, 'versus': control, **stats.paired(a, b)})
+  return {'views': views, 'decision': decision(task), 'controls': controls}
 
 
 def decision(task: dict[str, Any]) -> dict[str, Any] | None:
@@ -256,6 +262,16 @@ def task_markdown(name: str, task: dict, analysis: dict) -> list[str]:
       f'**Verdict ({name}): the curvature '
       f'{"helps" if verdict["curvature_helps"] else "does not help"}** by the '
       'rule above.',
+      '',
+    ]
+  for row in analysis.get('controls', []):
+    lines += [
+      f'Control of the absolute damping: {row["arm"]} - {row["versus"]} = '
+      f'{_signed(row["mean"] * scale, digits)} '
+      f'[{_signed(row["ci"][0] * scale, digits)}, '
+      f'{_signed(row["ci"][1] * scale, digits)}] (95% CI, p={_p(row["p"])}, '
+      'equal steps; the layer mean keeps the per-layer step size and drops '
+      "F~'s shape).",
       '',
     ]
   lines += [

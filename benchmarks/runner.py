@@ -321,10 +321,14 @@ def step_times(
       opt_state = init(params, model_state, x, y, learning_rate=1e-4)
       state = [params, model_state, opt_state]
 
-      def advance(step=step, state=state):
-        for _ in range(steps_per_round):
+      def advance(step=step, state=state, steps=steps_per_round):
+        for _ in range(steps):
           *state[:], loss = step(*state, x, y)
         jax.block_until_ready(loss)
+
+      # kfac-jax compiles other programs for the steps that refresh its
+      # inverses or adapt its damping (every 5 steps): all of them now.
+      advance(steps=10)
 
     else:
       one = step_fn(task, arm)

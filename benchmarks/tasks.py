@@ -57,10 +57,10 @@ class ShakespeareConfig:
   heads: int = 4
   seq_len: int = 64
   batch_size: int = 16
-  steps: int = 600
+  steps: int = 500
   validation_windows: int = 256
   test_windows: int = 1024
-  eval_batch: int = 256
+  eval_batch: int = 128
 
 
 @dataclasses.dataclass
