@@ -55,6 +55,11 @@ def main(argv=None):
   parser.add_argument('--epochs', type=float, default=None)
   parser.add_argument('--budget-minutes', type=float, default=8.0)
   parser.add_argument('--grid-count', type=int, default=7)
+  parser.add_argument(
+    '--arms',
+    default='',
+    help='comma-separated subset of: ' + ', '.join(a.name for a, _ in ARMS),
+  )
   args = parser.parse_args(argv)
   config = TINY if args.tiny else FULL
   if args.epochs:
@@ -102,7 +107,10 @@ def main(argv=None):
   out.mkdir(parents=True, exist_ok=True)
   budget = 60 * args.budget_minutes
   per_arm = None
+  wanted = [a for a in args.arms.split(',') if a]
   for arm, center in ARMS:
+    if wanted and arm.name not in wanted:
+      continue
     elapsed = time.perf_counter() - start
     if per_arm is not None and elapsed + per_arm > budget:
       state['skipped'].append(f'{arm.name}: not run (time budget)')

@@ -320,6 +320,19 @@ def markdown(report: dict) -> str:
     f'* Machine: {report["machine_line"]}',
     f'* Command: `{report["command"]}`',
     f'* Wall time: {report.get("wall_seconds", math.nan) / 60:.1f} min',
+  ]
+  if report.get('resumed_from'):
+    resumed = {
+      name: task.get('resumed_tuning', [])
+      for name, task in report['tasks'].items()
+    }
+    lines.append(
+      '* Resumed: the learning-rate tuning of these arms was read from an '
+      f'interrupted run of the same tier (`{report["resumed_from"]}`); '
+      'timing and evaluation ran again: '
+      + '; '.join(f'{n}: {", ".join(a) or "none"}' for n, a in resumed.items())
+    )
+  lines += [
     '',
     report['protocol_text'],
     '',
@@ -343,9 +356,15 @@ def _strict(value):
   return value
 
 
+def plain(value):
+  """``value`` as it reads back from the JSON."""
+  return json.loads(json.dumps(_strict(value)))
+
+
 def write_json(report: dict, path: Path) -> None:
   partial = path.with_suffix('.tmp')
-  partial.write_text(json.dumps(_strict(report), indent=1) + '\n')
+  saved = {k: v for k, v in report.items() if k != 'resume'}
+  partial.write_text(json.dumps(_strict(saved), indent=1) + '\n')
   partial.replace(path)
 
 

@@ -109,9 +109,7 @@ class Evaluator:
 
   def __init__(self, task: Task):
     self.task = task
-    self._scores = jax.jit(
-      jax.vmap(task.scores, in_axes=(0, 0, None, None)), donate_argnums=()
-    )
+    self._scores = jax.jit(jax.vmap(task.scores, in_axes=(0, 0, None, None)))
 
   def __call__(self, params, model_state, split: str) -> list[dict]:
     x, y = self.task.splits[split]
@@ -299,11 +297,11 @@ def step_times(
   """Seconds per step of one run of each arm, from interleaved rounds.
 
   Every arm trains one run (seed 0) on the same batch; a round calls each
-  arm in turn for ``steps_per_round`` steps (one jitted ``lax.scan``; for
-  kfac-jax its own compiled step, called in a loop), through
-  :func:`benchmarks.step_cost.interleaved_rounds`, after a compiled warm-up
-  round. Returns the per-round seconds per step, their medians and each
-  median's ratio to the first arm's (Adam's).
+  arm, in a new random order, for ``steps_per_round`` steps (one jitted
+  ``lax.scan``; for kfac-jax its own compiled step, called in a loop),
+  through :func:`benchmarks.step_cost.interleaved_rounds`, after a compiled
+  warm-up round. Returns the per-round seconds per step, their medians and
+  each median's ratio to the first arm's (Adam's), which is the ratio used.
   """
   from benchmarks import kfac
   from benchmarks.step_cost import interleaved_rounds
@@ -324,7 +322,10 @@ def step_times(
       def advance(step=step, state=state, steps=steps_per_round):
         for _ in range(steps):
           *state[:], loss = step(*state, x, y)
-        jax.block_until_ready(loss)
+        # All of the state: kfac-jax's step returns its loss before its
+        # curvature and inverse updates finish, and their tail would be
+        # timed as part of the next arm's round.
+        jax.block_until_ready((state, loss))
 
       # kfac-jax compiles other programs for the steps that refresh its
       # inverses or adapt its damping (every 5 steps): all of them now.
@@ -352,21 +353,37 @@ def step_times(
       def advance(scan=scan, state=state):
         carry, loss = scan(*state)
         state[:] = carry
-        jax.block_until_ready(loss)
+        jax.block_until_ready((carry, loss))
 
     advance()  # compiles, and a first round untimed
     advances[arm.name] = advance
-  walls, _ = interleaved_rounds(advances, rounds, desc=f'{task.name}: timing')
-  per_step = {
-    name: [t / steps_per_round for t in times] for name, times in walls.items()
-  }
-  medians = {name: float(np.median(times)) for name, times in per_step.items()}
-  base = medians[arms[0].name]
+  walls, cpus = interleaved_rounds(
+    advances,
+    rounds,
+    desc=f'{task.name}: timing',
+    shuffle=np.random.default_rng(0),
+  )
+
+  def per_step(times):
+    return {n: [t / steps_per_round for t in v] for n, v in times.items()}
+
+  def ratios(values):
+    return {n: v / values[arms[0].name] for n, v in values.items()}
+
+  wall, cpu = per_step(walls), per_step(cpus)
+  medians = {n: float(np.median(v)) for n, v in wall.items()}
+  fastest = {n: float(np.min(v)) for n, v in wall.items()}
+  cpu_medians = {n: float(np.median(v)) for n, v in cpu.items()}
   return {
     'rounds': rounds,
     'steps_per_round': steps_per_round,
     'reference': arms[0].name,
-    'seconds_per_step': per_step,
+    'order': 'shuffled every round (default_rng(0))',
+    'seconds_per_step': wall,
     'median_seconds_per_step': medians,
-    'ratio': {name: m / base for name, m in medians.items()},
+    'ratio': ratios(medians),
+    # For the record (not used): the fastest round, and process CPU time.
+    'ratio_of_fastest_rounds': ratios(fastest),
+    'process_cpu_seconds_per_step': cpu_medians,
+    'ratio_of_process_cpu': ratios(cpu_medians),
   }

@@ -308,19 +308,27 @@ def kfac_memory(step, params, model_state, opt_state, work):
 
 
 def interleaved_rounds(
-  advances: dict[str, Callable[[], Any]], rounds: int, desc: str = 'rounds'
+  advances: dict[str, Callable[[], Any]],
+  rounds: int,
+  desc: str = 'rounds',
+  shuffle: np.random.Generator | None = None,
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
   """Times ``advances`` in interleaved rounds: A, B, C, A, B, C, ...
 
-  Each call must block until its work is done. Returns the wall-clock and
-  process-CPU seconds of every call, per name, in round order; their
-  medians (or ratios of medians) hold on a noisy shared machine where times
-  taken one after the other do not.
+  Each call must block until all its work is done. With ``shuffle``, each
+  round takes the calls in a new random order, so that an effect of the
+  position in a round (a slow call's wake on the next one) is spread over
+  all of them. Returns the wall-clock and process-CPU seconds of every call,
+  per name, in round order; their medians (or ratios of medians) hold on a
+  noisy shared machine where times taken one after the other do not.
   """
   walls = {name: [] for name in advances}
   cpus = {name: [] for name in advances}
+  names = list(advances)
   for _ in tqdm(range(rounds), desc=desc, leave=False):
-    for name, call in advances.items():
+    order = names if shuffle is None else shuffle.permutation(names)
+    for name in order:
+      call = advances[name]
       start, cpu_start = time.perf_counter(), time.process_time()
       call()
       walls[name].append(time.perf_counter() - start)

@@ -174,3 +174,24 @@ def test_smoke_tier_end_to_end(tmp_path):
     assert phrase in text
   for plot in task['plots']:
     assert (tmp_path / plot).stat().st_size > 0
+
+
+def test_gpu_tier_logic_at_a_tiny_size(tmp_path):
+  from benchmarks import gpu_tier
+
+  try:
+    tasks.fashion_mnist(TINY)
+  except RuntimeError as error:
+    pytest.skip(f'Fashion-MNIST unavailable: {error}')
+  gpu_tier.main(['--tiny', '--arms', 'adam,sgdm', '--out-dir', str(tmp_path)])
+  report = json.loads((tmp_path / 'evidence_gpu_tiny.json').read_text())
+  task = report['tasks']['fashion_mnist_resnet']
+  assert set(task['arms']) == {'adam', 'sgdm'}
+  for entry in task['arms'].values():
+    # one program per arm: every learning rate on every seed
+    assert len(entry['grid']['runs']) == 2 * 3
+    assert len(entry['eval']) + len(entry['other_eval_runs']) == 2 * 2
+    assert {r['learning_rate'] for r in entry['eval']} == {entry['chosen']}
+  [row] = task['analysis']['views']['equal_steps']['comparisons']
+  assert (row['arm'], row['versus']) == ('sgdm', 'adam')
+  assert (tmp_path / 'evidence_gpu_tiny.md').exists()
