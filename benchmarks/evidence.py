@@ -354,7 +354,8 @@ def run_task(name: str, tier: Tier, state: dict, save, log) -> None:
   def tune(arm: Arm, center: float):
     start = time.perf_counter()
     cached = previous.get('arms', {}).get(arm.name, {})
-    if cached.get('grid') and cached['arm'] == report.plain(arm.describe()):
+    same = report.plain(cached.get('arm')) == report.plain(arm.describe())
+    if cached.get('grid') and same:
       result = cached['grid']  # the same runs, from the interrupted run
       entry.setdefault('resumed_tuning', []).append(arm.name)
     else:
@@ -468,26 +469,6 @@ def run_task(name: str, tier: Tier, state: dict, save, log) -> None:
     log(f'{name}: {arm_name}: evaluated ({time.perf_counter() - start:.0f} s)')
     save()
   entry['analysis'] = report.analyse(entry)
-  entry['plot_groups'] = {
-    'baselines and AdaFisher as published': [
-      n
-      for n in (
-        'adam',
-        'adamw',
-        'sgdm',
-        'adafisher-ref',
-        'adafisher-ref-t1',
-        *(opt.PAPER[d].name for d in PAPER_CANDIDATES),
-        'kfac',
-      )
-      if n in entry['arms']
-    ],
-    'relative damping and controls': [
-      n
-      for n in entry['arms']
-      if n.startswith('adafisher-rel') or n.endswith('+mean') or n == 'sgdm'
-    ],
-  }
   save()
 
 
@@ -525,7 +506,15 @@ def main(argv=None):
     help="the JSON of an interrupted run of the same tier: its arms' "
     'learning-rate tuning is reused (timing and evaluation run again)',
   )
+  parser.add_argument(
+    '--report-from',
+    type=Path,
+    help='rewrite the analysis, Markdown and plots from this JSON and stop',
+  )
   args = parser.parse_args(argv)
+  if args.report_from:
+    report_from(args.report_from)
+    return None
   tier_name = 'quick' if args.quick else args.tier
   tier = PROTOCOL[tier_name]
   suffix = '' if tier_name == 'full' else f'_{tier_name}'
@@ -563,9 +552,16 @@ def main(argv=None):
     },
     'only_arms': [a for a in args.arms.split(',') if a],
     'resume': (
-      json.loads(args.resume.read_text())['tasks'] if args.resume else {}
+      report.loose(json.loads(args.resume.read_text())['tasks'])
+      if args.resume
+      else {}
     ),
     'resumed_from': str(args.resume) if args.resume else None,
+    'resumed_wall_seconds': (
+      json.loads(args.resume.read_text()).get('wall_seconds')
+      if args.resume
+      else None
+    ),
     'skipped': [],
     'tasks': {},
   }
@@ -584,16 +580,52 @@ def main(argv=None):
     names = args.tasks.split(',') if args.tasks else list(tier.tasks)
     for name in names:
       run_task(name, tier, state, save, log)
-      task = state['tasks'][name]
-      task['plots'] = report.plot_task(
-        name, task, task['analysis'], out, suffix
-      )
       save()
   state['wall_seconds'] = time.perf_counter() - start
+  write_report(state, out, suffix)
   save()
-  (out / f'{stem}.md').write_text(report.markdown(state))
   log(f'wrote {out / stem}.json, .md and plots')
   return state
+
+
+def plot_groups(arms) -> dict[str, list[str]]:
+  published = ('adam', 'adamw', 'sgdm', 'adafisher-ref', 'adafisher-ref-t1')
+  published += tuple(opt.PAPER[d].name for d in PAPER_CANDIDATES) + ('kfac',)
+  return {
+    'baselines and AdaFisher as published': [n for n in published if n in arms],
+    'relative damping and controls': [
+      n
+      for n in arms
+      if n.startswith('adafisher-rel') or n.endswith('+mean') or n == 'sgdm'
+    ],
+  }
+
+
+def write_report(state: dict, out: Path, suffix: str) -> None:
+  """Analysis, plots and Markdown of the tasks in ``state``."""
+  for name, task in state['tasks'].items():
+    task['analysis'] = report.analyse(task)
+    task['plot_groups'] = plot_groups(task['arms'])
+    task['plots'] = report.plot_task(name, task, task['analysis'], out, suffix)
+  summary = f'evidence_summary{suffix}.png'
+  report.plot_differences(
+    {n: (t, t['analysis']) for n, t in state['tasks'].items()},
+    out / summary,
+    views=('equal_steps',),
+  )
+  state['summary_plot'] = summary
+  (out / f'evidence{suffix}.md').write_text(report.markdown(state))
+
+
+def report_from(path: Path) -> None:
+  """Rewrites the analysis, plots and Markdown from a run's JSON."""
+  state = report.loose(json.loads(path.read_text()))
+  state['rendered'] = (
+    f'{cli.utc_now()}: `python -m benchmarks.evidence --report-from {path}`'
+  )
+  suffix = path.stem.removeprefix('evidence')
+  write_report(state, path.parent, suffix)
+  report.write_json(state, path)
 
 
 if __name__ == '__main__':

@@ -321,22 +321,36 @@ def markdown(report: dict) -> str:
     f'* Command: `{report["command"]}`',
     f'* Wall time: {report.get("wall_seconds", math.nan) / 60:.1f} min',
   ]
+  if report.get('rendered'):
+    lines.append(
+      f'* Report re-rendered from the JSON (same runs): {report["rendered"]}'
+    )
   if report.get('resumed_from'):
     resumed = {
       name: task.get('resumed_tuning', [])
       for name, task in report['tasks'].items()
     }
+    before = report.get('resumed_wall_seconds')
     lines.append(
       '* Resumed: the learning-rate tuning of these arms was read from an '
-      f'interrupted run of the same tier (`{report["resumed_from"]}`); '
+      f'interrupted run of the same tier (`{report["resumed_from"]}`'
+      + (f', {before / 60:.1f} min more' if before else '')
+      + '); '
       'timing and evaluation ran again: '
       + '; '.join(f'{n}: {", ".join(a) or "none"}' for n, a in resumed.items())
     )
   lines += [
     '',
-    report['protocol_text'],
-    '',
   ]
+  if report.get('summary_plot'):
+    lines += [
+      'Paired differences of the test metric at equal steps, both tasks '
+      '(details, equal time and the curves below):',
+      '',
+      f'![summary]({report["summary_plot"]})',
+      '',
+    ]
+  lines += [report['protocol_text'], '']
   for name, task in report['tasks'].items():
     if 'analysis' in task:
       lines += task_markdown(name, task, task['analysis'])
@@ -356,6 +370,18 @@ def _strict(value):
   return value
 
 
+def loose(value):
+  """The inverse of :func:`_strict`: ``'nan'``, ``'inf'`` and ``'-inf'``
+  strings back to floats (for JSON read back)."""
+  if isinstance(value, str) and value in ('nan', 'inf', '-inf'):
+    return float(value)
+  if isinstance(value, dict):
+    return {k: loose(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return [loose(v) for v in value]
+  return value
+
+
 def plain(value):
   """``value`` as it reads back from the JSON."""
   return json.loads(json.dumps(_strict(value)))
@@ -368,16 +394,20 @@ def write_json(report: dict, path: Path) -> None:
   partial.replace(path)
 
 
-def plot_task(name: str, task: dict, analysis: dict, out: Path, suffix: str):
-  """Two figures: validation curves with seed bands, paired differences."""
+def _pyplot():
   import matplotlib
 
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
+  return plt
+
+
+def plot_task(name: str, task: dict, analysis: dict, out: Path, suffix: str):
+  """Two figures: validation curves with seed bands, paired differences."""
+  plt = _pyplot()
   metric = task['metric']
   scale = 100 if metric == 'accuracy' else 1
-  files = []
   groups = task['plot_groups']
   fig, axes = plt.subplots(
     1, len(groups), figsize=(6.5 * len(groups), 4.5), squeeze=False
@@ -390,14 +420,17 @@ def plot_task(name: str, task: dict, analysis: dict, out: Path, suffix: str):
         continue
       steps = [p['step'] for p in runs[0]['curve']]
       values = np.array(
-        [[p[metric] * scale for p in r['curve']] for r in runs], np.float64
+        [
+          [float(p[metric]) * scale for p in r['curve']] for r in runs
+        ]  # 'nan' too
       )
       mean = values.mean(0)
       (line,) = ax.plot(steps, mean, label=arm, lw=1.4)
       ax.fill_between(
         steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.2
       )
-      finals.append(mean[-1])
+      if all(r['trains'] for r in runs):
+        finals.append(mean[-1])
     ax.set(
       xlabel='step',
       ylabel=f'validation {metric}' + (' (%)' if scale == 100 else ''),
@@ -405,79 +438,103 @@ def plot_task(name: str, task: dict, analysis: dict, out: Path, suffix: str):
     )
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-  finite = [f for f in finals if math.isfinite(f)]
-  if finite:
-    best, worst = max(finite), min(finite)
+  if finals:  # zoom on the runs that trained
+    low, high = min(finals), max(finals)
     for ax in axes[0]:
       if metric == 'accuracy':
-        ax.set_ylim(worst - 3, best + 1)
+        ax.set_ylim(low - 4, high + 1)
       else:
-        ax.set_ylim(best - 0.05, worst + 0.5)
+        ax.set_ylim(low - 0.05, high + 0.6)
   fig.suptitle(
     f'{name}: mean over seeds {task["eval_seeds"][0]}-'
-    f'{task["eval_seeds"][-1]}, band = min-max over seeds'
+    f'{task["eval_seeds"][-1]}, band = min-max over seeds (equal steps)'
   )
   fig.tight_layout()
-  path = out / f'evidence_{name}_curves{suffix}.png'
-  fig.savefig(path, dpi=110)
+  files = [f'evidence_{name}_curves{suffix}.png']
+  fig.savefig(out / files[0], dpi=110)
   plt.close(fig)
-  files.append(path.name)
-  path = out / f'evidence_{name}_differences{suffix}.png'
-  plot_differences({name: (task, analysis)}, path)
-  files.append(path.name)
+  files.append(f'evidence_{name}_differences{suffix}.png')
+  plot_differences({name: (task, analysis)}, out / files[1])
   return files
 
 
-def plot_differences(tasks: dict[str, tuple[dict, dict]], path: Path) -> None:
-  """Forest plot: paired differences vs Adam and vs SGD-m, with 95% CIs."""
-  import matplotlib
-
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-
+def plot_differences(
+  tasks: dict[str, tuple[dict, dict]],
+  path: Path,
+  views: tuple[str, ...] = ('equal_steps', 'equal_time'),
+) -> None:
+  """Forest plots: per arm, the paired difference of the test metric
+  against Adam (blue) and SGD-momentum (orange) with its 95% CI; one panel
+  per task and view; dotted lines at +-margin; values off the axis are
+  drawn at its edge with their number."""
+  plt = _pyplot()
   fig, axes = plt.subplots(
-    1, len(tasks), figsize=(7 * len(tasks), 6), squeeze=False
+    len(tasks),
+    len(views),
+    figsize=(6 * len(views), 0.32 * 17 * len(tasks) + 1),
+    squeeze=False,
   )
-  for ax, (name, (task, analysis)) in zip(axes[0], tasks.items()):
+  for row, (name, (task, analysis)) in enumerate(tasks.items()):
     scale = 100 if task['metric'] == 'accuracy' else 1
-    rows = []
-    for view, marker in (('equal_steps', 'o'), ('equal_time', 's')):
-      for r in analysis['views'][view]['comparisons']:
-        rows.append((r, view, marker))
-    labels = []
-    for i, (r, view, marker) in enumerate(rows):
-      color = 'C0' if r['versus'] == 'adam' else 'C1'
-      low, high = (c * scale for c in r['ci'])
-      mean = r['mean'] * scale
-      if math.isfinite(mean):
+    margin = task['margin'] * scale
+    for col, view in enumerate(views):
+      ax = axes[row, col]
+      comparisons = analysis['views'][view]['comparisons']
+      arms = list(dict.fromkeys(r['arm'] for r in comparisons))
+      spans = [
+        abs(c) * scale
+        for r in comparisons
+        for c in r['ci']
+        if math.isfinite(c) and abs(c) * scale < 20 * margin
+      ]
+      limit = max([3 * margin, *spans]) * 1.1
+      for r in comparisons:
+        y = arms.index(r['arm']) + (-0.15 if r['versus'] == 'adam' else 0.15)
+        color = 'C0' if r['versus'] == 'adam' else 'C1'
+        mean = r['mean'] * scale
+        low, high = (c * scale for c in r['ci'])
+        if not math.isfinite(mean):
+          continue
+        if abs(mean) > limit:
+          edge = math.copysign(limit, mean)
+          ax.plot(edge, y, '<' if mean < 0 else '>', color=color)
+          ax.annotate(
+            f'{mean:+.1f}',
+            (edge, y),
+            fontsize=6,
+            ha='left' if mean < 0 else 'right',
+            va='center',
+            xytext=(6 if mean < 0 else -6, 0),
+            textcoords='offset points',
+          )
+          continue
         ax.errorbar(
           mean,
-          i,
-          xerr=[[mean - low], [high - mean]] if math.isfinite(low) else None,
-          fmt=marker,
+          y,
+          xerr=[[mean - max(low, -limit)], [min(high, limit) - mean]],
+          fmt='o',
           color=color,
-          ms=4,
+          ms=3,
           capsize=2,
         )
-      labels.append(
-        f'{r["arm"]} vs {r["versus"]} ({"steps" if view == "equal_steps" else "time"})'
+      for x in (-margin, margin):
+        ax.axvline(x, color='grey', ls=':', lw=1)
+      ax.axvline(0, color='black', lw=0.8)
+      ax.set_xlim(-limit, limit)
+      ax.set_yticks(range(len(arms)), arms, fontsize=7)
+      ax.invert_yaxis()
+      better = 'right' if task['higher_is_better'] else 'left'
+      unit = 'points' if scale == 100 else 'nats/char'
+      ax.set_xlabel(
+        f'test {task["metric"]} difference ({unit}); better: {better}',
+        fontsize=8,
       )
-    margin = task['margin'] * scale
-    for x in (-margin, margin):
-      ax.axvline(x, color='grey', ls=':', lw=1)
-    ax.axvline(0, color='black', lw=0.8)
-    ax.set_yticks(range(len(labels)), labels, fontsize=6)
-    ax.invert_yaxis()
-    better = 'right' if task['higher_is_better'] else 'left'
-    ax.set(
-      xlabel=f'paired difference of the test {task["metric"]}'
-      + (' (points)' if scale == 100 else ' (nats/char)')
-      + f'; better: {better}',
-      title=f'{name}: 95% CI (blue: vs Adam, orange: vs SGD-m; '
-      'o equal steps, s equal time)',
-    )
-    ax.title.set_fontsize(8)
-    ax.grid(alpha=0.3, axis='x')
+      ax.set_title(
+        f'{name}, {view.replace("_", " ")}: vs Adam (blue), vs SGD-m '
+        '(orange), 95% CI',
+        fontsize=8,
+      )
+      ax.grid(alpha=0.3, axis='x')
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
