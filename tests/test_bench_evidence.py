@@ -192,6 +192,10 @@ def test_gpu_tier_logic_at_a_tiny_size(tmp_path):
     assert len(entry['grid']['runs']) == 2 * 3
     assert len(entry['eval']) + len(entry['other_eval_runs']) == 2 * 2
     assert {r['learning_rate'] for r in entry['eval']} == {entry['chosen']}
-  [row] = task['analysis']['views']['equal_steps']['comparisons']
-  assert (row['arm'], row['versus']) == ('sgdm', 'adam')
+  rows = task['analysis']['views']['equal_steps']['comparisons']
+  assert {(r['arm'], r['versus']) for r in rows} == {
+    ('sgdm', 'adam'),
+    ('adam', 'sgdm'),
+  }
+  assert all(r['n'] == 2 for r in rows)  # seeds 3 and 4
   assert (tmp_path / 'evidence_gpu_tiny.md').exists()
