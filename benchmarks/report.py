@@ -354,6 +354,9 @@ def markdown(report: dict) -> str:
   for name, task in report['tasks'].items():
     if 'analysis' in task:
       lines += task_markdown(name, task, task['analysis'])
+  if report.get('notes'):
+    lines += ['## Notes (written after the run)', '']
+    lines += [f'* {n}' for n in report['notes']] + ['']
   if report.get('skipped'):
     lines += ['## Skipped', ''] + [f'* {s}' for s in report['skipped']] + ['']
   return '\n'.join(lines)
