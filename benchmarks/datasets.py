@@ -52,7 +52,8 @@ def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 def _download_deb(package: str, folder: Path) -> Path:
-  """``apt-get download`` the package, refreshing the lists once if needed."""
+  """``apt-get download`` the package, refreshing the lists once if needed
+  (when running as root; otherwise run ``sudo apt-get update`` yourself)."""
   folder.mkdir(parents=True, exist_ok=True)
   for deb in folder.glob(f'{package}_*.deb'):
     return deb
@@ -61,9 +62,9 @@ def _download_deb(package: str, folder: Path) -> Path:
       f'apt-get is needed to fetch the Debian package {package}.'
     )
   result = _run(['apt-get', 'download', package], folder)
-  if result.returncode != 0:
-    sudo = [] if os.geteuid() == 0 or not shutil.which('sudo') else ['sudo']
-    _run(sudo + ['apt-get', 'update', '-qq'], folder)
+  if result.returncode != 0 and os.geteuid() == 0:
+    # Stale package lists: refresh them (as root only; never through sudo).
+    _run(['apt-get', 'update', '-qq'], folder)
     result = _run(['apt-get', 'download', package], folder)
   debs = list(folder.glob(f'{package}_*.deb'))
   if result.returncode != 0 or not debs:

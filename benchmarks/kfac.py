@@ -157,6 +157,8 @@ def make_kfac_train_step(
   curvature_ema: float = 0.95,
   seed: int = 0,
   has_state: bool | None = None,
+  adaptive: bool = False,
+  initial_damping: float = 1.0,
 ):
   """Returns ``(step, init)`` for a Flax classifier trained with K-FAC.
 
@@ -173,6 +175,12 @@ def make_kfac_train_step(
     seed: seed of the rng used by the curvature estimator.
     has_state: whether the model has non-parameter collections (e.g.
       ``batch_stats``); ``None``: decided by ``init`` from ``model_state``.
+    adaptive: kfac-jax's recommended configuration (its README): adaptive
+      learning rate, momentum and damping (``use_adaptive_*=True``) starting
+      from ``initial_damping``; ``learning_rate``, ``momentum`` and
+      ``damping`` are then unused. Costs extra forward passes per step.
+    initial_damping: the starting damping of the adaptive configuration
+      (kfac-jax's README uses 1.0).
 
   Raises:
     RuntimeError: kfac-jax cannot be imported (see :data:`IMPORT_ERROR`).
@@ -199,9 +207,10 @@ def make_kfac_train_step(
       value_func_has_aux=False,
       value_func_has_state=with_state,
       value_func_has_rng=False,
-      use_adaptive_learning_rate=False,
-      use_adaptive_momentum=False,
-      use_adaptive_damping=False,
+      use_adaptive_learning_rate=adaptive,
+      use_adaptive_momentum=adaptive,
+      use_adaptive_damping=adaptive,
+      initial_damping=initial_damping if adaptive else None,
       num_burnin_steps=0,
       curvature_ema=curvature_ema,
       inverse_update_period=inverse_update_period,
@@ -237,13 +246,13 @@ def make_kfac_train_step(
       raise RuntimeError('call init before step')
     optimizer = built['optimizer']
     rng, step_rng = jax.random.split(opt_state.rng)
-    kwargs = dict(
-      batch=(x, y),
-      global_step_int=opt_state.step,
-      momentum=constants['momentum'],
-      damping=constants['damping'],
-      learning_rate=opt_state.learning_rate,
-    )
+    kwargs = dict(batch=(x, y), global_step_int=opt_state.step)
+    if not adaptive:
+      kwargs.update(
+        momentum=constants['momentum'],
+        damping=constants['damping'],
+        learning_rate=opt_state.learning_rate,
+      )
     if built['with_state']:
       params, state, model_state, stats = optimizer.step(
         params, opt_state.kfac, step_rng, func_state=model_state, **kwargs

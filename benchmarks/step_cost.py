@@ -34,7 +34,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -51,7 +50,7 @@ import optax
 from tqdm import tqdm
 
 import adafisher_optax as afo
-from benchmarks import kfac
+from benchmarks import cli, kfac
 from benchmarks.models import MLP, CharGPT, ResNet
 from benchmarks.training import init_model, make_train_step
 
@@ -308,6 +307,35 @@ def kfac_memory(step, params, model_state, opt_state, work):
   return compiled_memory(compiled), ''
 
 
+def interleaved_rounds(
+  advances: dict[str, Callable[[], Any]],
+  rounds: int,
+  desc: str = 'rounds',
+  shuffle: np.random.Generator | None = None,
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+  """Times ``advances`` in interleaved rounds: A, B, C, A, B, C, ...
+
+  Each call must block until all its work is done. With ``shuffle``, each
+  round takes the calls in a new random order, so that an effect of the
+  position in a round (a slow call's wake on the next one) is spread over
+  all of them. Returns the wall-clock and process-CPU seconds of every call,
+  per name, in round order; their medians (or ratios of medians) hold on a
+  noisy shared machine where times taken one after the other do not.
+  """
+  walls = {name: [] for name in advances}
+  cpus = {name: [] for name in advances}
+  names = list(advances)
+  for _ in tqdm(range(rounds), desc=desc, leave=False):
+    order = names if shuffle is None else shuffle.permutation(names)
+    for name in order:
+      call = advances[name]
+      start, cpu_start = time.perf_counter(), time.process_time()
+      call()
+      walls[name].append(time.perf_counter() - start)
+      cpus[name].append(time.process_time() - cpu_start)
+  return walls, cpus
+
+
 def advance(run: Run, work: Workload, steps: int) -> None:
   params, model_state, opt_state = run.state
   for _ in range(steps):
@@ -381,12 +409,17 @@ def measure(
           warning.lineno,
         )
     runs.append(run)
-  for _ in tqdm(range(rounds), desc=f'{model_name}: rounds', leave=False):
-    for run in runs:
-      start, cpu_start = time.perf_counter(), time.process_time()
-      advance(run, work, steps_per_round)
-      run.times.append((time.perf_counter() - start) / steps_per_round)
-      run.cpu_times.append((time.process_time() - cpu_start) / steps_per_round)
+  walls, cpus = interleaved_rounds(
+    {
+      run.name: lambda run=run: advance(run, work, steps_per_round)
+      for run in runs
+    },
+    rounds,
+    desc=f'{model_name}: rounds',
+  )
+  for run in runs:
+    run.times = [t / steps_per_round for t in walls[run.name]]
+    run.cpu_times = [t / steps_per_round for t in cpus[run.name]]
   base = next((r for r in runs if r.name == 'adam'), None)
   base_time = statistics.median(base.times) if base else math.nan
   base_best = min(base.times) if base else math.nan
@@ -509,12 +542,8 @@ LEGEND = (
 
 
 def machine() -> str:
-  device = jax.devices()[0]
-  return (
-    f'{device.platform}: {device.device_kind}, '
-    f'{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, '
-    f'jax {jax.__version__}'
-  )
+  """One line about the machine (:func:`benchmarks.cli.machine_line`)."""
+  return cli.machine_line()
 
 
 def main(argv=None):

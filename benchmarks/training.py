@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import optax
 
-import adafisher_optax as afo
+from benchmarks.optimizers import curvature_grad
 
 
 def cross_entropy_loss(model, on_logits=None):
@@ -43,7 +43,7 @@ def make_train_step(
   """
   loss = cross_entropy_loss(model)
   if adafisher:
-    grad_fn = afo.value_and_grad_with_curvature(
+    grad_fn = curvature_grad(
       loss, has_aux=True, numerics=numerics, layers=layers
     )
   else:

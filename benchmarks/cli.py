@@ -1,0 +1,81 @@
+"""What every benchmark writes about its run: the machine, the command, the date.
+
+Shared by :mod:`benchmarks.evidence`, :mod:`benchmarks.step_cost` and
+:mod:`benchmarks.communication` so that their outputs describe the machine
+the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / 'results'
+
+
+def machine_info() -> dict[str, Any]:
+  """The backend, device, CPUs and library versions of this process."""
+  import jax
+
+  device = jax.devices()[0]
+  versions = {}
+  for module in ('jax', 'jaxlib', 'flax', 'optax', 'kfac_jax'):
+    try:
+      versions[module] = __import__(module).__version__
+    except Exception:
+      versions[module] = None
+  usable = (
+    len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else None
+  )
+  return {
+    'jax_backend': jax.default_backend(),
+    'device_kind': device.device_kind,
+    'device_count': jax.device_count(),
+    'cpu_count': os.cpu_count(),
+    'cpus_usable': usable,
+    'processor': platform.processor() or platform.machine(),
+    'python': platform.python_version(),
+    'versions': versions,
+  }
+
+
+def machine_line(info: dict[str, Any] | None = None) -> str:
+  """One line: ``cpu: cpu, x86_64, 2 CPUs, jax 0.10.2`` (the step-cost form)."""
+  info = info or machine_info()
+  return (
+    f'{info["jax_backend"]}: {info["device_kind"]}, {info["processor"]}, '
+    f'{info["cpu_count"]} CPUs, jax {info["versions"]["jax"]}'
+  )
+
+
+def command(module: str, argv: list[str] | None) -> str:
+  """The command line that reproduces this run."""
+  args = sys.argv[1:] if argv is None else argv
+  return f'python -m {module} {shlex.join(args)}'.strip()
+
+
+def utc_now() -> str:
+  return datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')
+
+
+def parser(
+  description: str, out_dir: Path = RESULTS
+) -> argparse.ArgumentParser:
+  """An argument parser with the options every benchmark shares."""
+  result = argparse.ArgumentParser(
+    description=description,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  result.add_argument(
+    '--out-dir',
+    type=Path,
+    default=out_dir,
+    help=f'where the results go (default: {out_dir})',
+  )
+  return result
