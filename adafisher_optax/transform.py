@@ -411,15 +411,17 @@ def scale_by_adafisher(
 
   def init_fn(params):
     _check_parameters(params, 'parameter')
-    minus_one = jnp.asarray(-1, rules.statistics_dtype())
+    def minus_one():  # one buffer per field, so a donated state is valid
+      return jnp.full([], -1, rules.statistics_dtype())
+
     return AdaFisherState(
       count=jnp.zeros([], jnp.int32),
       mu=otu.zeros_like(params, dtype=mu_dtype),
       factors=factors_lib.initial_factors(params, layout, numerics),
       last_refresh=jnp.asarray(-1, jnp.int32),
       t_cov=jnp.asarray(t_cov, jnp.int32),
-      damping=minus_one,
-      relative_damping=minus_one,
+      damping=minus_one(),
+      relative_damping=minus_one(),
     )
 
   def update_fn(updates, state, params=None, *, curvature=None, **extra_args):

@@ -48,10 +48,9 @@ def train(name, data, *, epochs, batch_size, steps_per_epoch, seed):
   tx = opt.make(arm, learning_rate)
   model = SmallCNN()
   params, model_state = init_model(model, data['x_train'][:2], seed)
-  step = make_train_step(
-    model, tx, adafisher=arm.captures, numerics=arm.numerics
-  )
+  step = make_train_step(model, tx, adafisher=arm.captures)
   opt_state = tx.init(params)
+  refresh = opt.refresh_flags(arm, opt_state)
   rng = np.random.default_rng(seed)
   history, elapsed = [], 0.0
   for epoch in range(epochs):
@@ -61,7 +60,7 @@ def train(name, data, *, epochs, batch_size, steps_per_epoch, seed):
     start = time.perf_counter()
     for i, (xb, yb) in zip(progress, stream):
       params, model_state, opt_state, loss = step(
-        params, model_state, opt_state, xb, yb
+        params, model_state, opt_state, xb, yb, next(refresh)
       )
       if i % 50 == 0:
         progress.set_postfix(loss=f'{float(loss):.4f}')

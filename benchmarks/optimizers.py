@@ -11,8 +11,9 @@ only, so a change of the library's API is a change here.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -93,27 +94,43 @@ def make(arm: Arm, learning_rate) -> optax.GradientTransformation:
   raise ValueError(f'{arm.name}: no optax transformation for {arm.family}')
 
 
-def curvature_grad(
-  loss: Callable, *, has_aux=True, numerics='reference', layers=None
-) -> Callable:
-  """``afo.value_and_grad_with_curvature``: ``fn(params, *args) -> (value,
-  grads, curvature)``."""
-  return afo.value_and_grad_with_curvature(
-    loss, has_aux=has_aux, numerics=numerics, layers=layers
-  )
+def curvature_grad(loss: Callable, *, has_aux=True, layers=None) -> Callable:
+  """``afo.value_and_grad_with_curvature``: ``fn(params, *args,
+  capture=True) -> (value, grads, curvature or None)``."""
+  return afo.value_and_grad_with_curvature(loss, has_aux=has_aux, layers=layers)
 
 
 def gradients(arm: Arm, loss: Callable, *, has_aux=True) -> Callable:
-  """``fn(params, *args) -> (value, grads, curvature or None)``."""
+  """``fn(params, *args, capture=True) -> (value, grads, curvature or
+  None)``; ``capture`` (static) matters to AdaFisher only."""
   if arm.captures:
-    return curvature_grad(loss, has_aux=has_aux, numerics=arm.numerics)
+    return curvature_grad(loss, has_aux=has_aux)
   plain = jax.value_and_grad(loss, has_aux=has_aux)
 
-  def fn(params, *args):
+  def fn(params, *args, capture=True):
+    del capture
     value, grads = plain(params, *args)
     return value, grads, None
 
   return fn
+
+
+def refresh_period(arm: Arm) -> int:
+  """Updates between AdaFisher's factor refreshes (1 for other arms): the
+  steps that capture statistics, one in ``refresh_period``."""
+  if not arm.captures:
+    return 1
+  default = {'reference': 100, 'paper': 1}[arm.numerics]
+  t_cov = arm.kwargs.get('t_cov')
+  return default if t_cov is None else t_cov
+
+
+def refresh_flags(arm: Arm, opt_state) -> Iterator[bool]:
+  """Per step, whether it captures statistics (AdaFisher's refresh steps:
+  :func:`adafisher_optax.refresh_schedule`; never for other arms)."""
+  if arm.captures:
+    return afo.refresh_schedule(opt_state)
+  return itertools.repeat(False)
 
 
 def update(tx, grads, opt_state, params, curvature=None):

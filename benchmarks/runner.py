@@ -70,14 +70,22 @@ def _select(active, new, old):
   return jax.tree.map(lambda a, b: jnp.where(active, a, b), new, old)
 
 
-def step_fn(task: Task, arm: Arm):
+def step_fn(task: Task, arm: Arm, capture: bool = True):
   """``step(params, model_state, opt_state, peak, horizon, t, x, y)`` of one
-  run: the update of step ``t`` (nothing once ``t >= horizon``)."""
+  run: the update of step ``t`` (nothing once ``t >= horizon``).
+
+  Training runs capture AdaFisher's statistics on every step (the optimizer
+  refreshes when due, exactly as a loop that captures on refresh steps
+  only); ``capture=False`` is the program of the other steps, timed by
+  :func:`step_times`.
+  """
   grad_fn = optimizers.gradients(arm, task.loss)
 
   def step(params, model_state, opt_state, peak, horizon, t, x, y):
     tx = optimizers.make(arm, lambda c: schedule(c, peak, horizon))
-    (loss, new_state), grads, curvature = grad_fn(params, model_state, x, y)
+    (loss, new_state), grads, curvature = grad_fn(
+      params, model_state, x, y, capture=capture
+    )
     updates, new_opt = optimizers.update(
       tx, grads, opt_state, params, curvature
     )
@@ -286,6 +294,56 @@ def _train_kfac(task, arm, runs, curve_points, test, evaluator):
   return results
 
 
+def _scan_advance(task, arm, capture, lr, horizon, x, y, steps):
+  """A call that trains one run ``steps`` steps (one jitted ``lax.scan``) of
+  one of the arm's programs, compiled and run once untimed."""
+  one = step_fn(task, arm, capture)
+
+  def scan(params, model_state, opt_state):
+    def body(carry, _):
+      params, model_state, opt_state, loss = one(*carry, lr, horizon, 0, x, y)
+      return (params, model_state, opt_state), loss
+
+    carry, losses = jax.lax.scan(
+      body, (params, model_state, opt_state), None, steps
+    )
+    return carry, losses[-1]
+
+  scan = jax.jit(scan, donate_argnums=(0, 1, 2))
+  state = list(init_fn(task, arm)(0, lr, horizon))
+
+  def advance():
+    carry, loss = scan(*state)
+    state[:] = carry
+    jax.block_until_ready((carry, loss))
+
+  advance()
+  return advance
+
+
+def _kfac_advance(task, arm, x, y, steps):
+  """As :func:`_scan_advance`, for kfac-jax's own compiled step."""
+  from benchmarks import kfac
+
+  step, init = kfac.make_kfac_train_step(task.model, 0.0, **arm.kwargs)
+  params, model_state = task.init(jax.random.key(0))
+  opt_state = init(params, model_state, x, y, learning_rate=1e-4)
+  state = [params, model_state, opt_state]
+
+  def advance(steps=steps):
+    for _ in range(steps):
+      *state[:], loss = step(*state, x, y)
+    # All of the state: kfac-jax's step returns its loss before its
+    # curvature and inverse updates finish, and their tail would be timed as
+    # part of the next arm's round.
+    jax.block_until_ready((state, loss))
+
+  # kfac-jax compiles other programs for the steps that refresh its inverses
+  # or adapt its damping (every 5 steps): all of them now.
+  advance(steps=10)
+  return advance
+
+
 def step_times(
   task: Task,
   arms: list[Arm],
@@ -297,66 +355,34 @@ def step_times(
   """Seconds per step of one run of each arm, from interleaved rounds.
 
   Every arm trains one run (seed 0) on the same batch; a round calls each
-  arm, in a new random order, for ``steps_per_round`` steps (one jitted
+  program, in a new random order, for ``steps_per_round`` steps (one jitted
   ``lax.scan``; for kfac-jax its own compiled step, called in a loop),
   through :func:`benchmarks.step_cost.interleaved_rounds`, after a compiled
-  warm-up round. Returns the per-round seconds per step, their medians and
-  each median's ratio to the first arm's (Adam's), which is the ratio used.
+  warm-up round. An AdaFisher arm that refreshes every ``p > 1`` steps has
+  two programs (``name``: the refresh step, ``name/plain``: the others) and
+  costs ``(refresh + (p - 1) * plain) / p`` per step. Returns the per-round
+  seconds per step, their medians and each arm's ratio to the first arm's
+  (Adam's), which is the ratio used.
   """
-  from benchmarks import kfac
   from benchmarks.step_cost import interleaved_rounds
 
   learning_rates = learning_rates or {}
   data = jax.device_put(task.data)
   x, y = jax.jit(task.gather)(data, task.indices(0, 1)[0])
   horizon = jnp.asarray(10**6, jnp.int32)
-  advances = {}
+  advances, periods = {}, {}
   for arm in arms:
     lr = jnp.asarray(learning_rates.get(arm.name, 1e-4), jnp.float32)
     if arm.family == 'kfac':
-      step, init = kfac.make_kfac_train_step(task.model, 0.0, **arm.kwargs)
-      params, model_state = task.init(jax.random.key(0))
-      opt_state = init(params, model_state, x, y, learning_rate=1e-4)
-      state = [params, model_state, opt_state]
-
-      def advance(step=step, state=state, steps=steps_per_round):
-        for _ in range(steps):
-          *state[:], loss = step(*state, x, y)
-        # All of the state: kfac-jax's step returns its loss before its
-        # curvature and inverse updates finish, and their tail would be
-        # timed as part of the next arm's round.
-        jax.block_until_ready((state, loss))
-
-      # kfac-jax compiles other programs for the steps that refresh its
-      # inverses or adapt its damping (every 5 steps): all of them now.
-      advance(steps=10)
-
-    else:
-      one = step_fn(task, arm)
-
-      def scan(params, model_state, opt_state, one=one, lr=lr):
-        def body(carry, _):
-          params, model_state, opt_state = carry
-          params, model_state, opt_state, loss = one(
-            params, model_state, opt_state, lr, horizon, 0, x, y
-          )
-          return (params, model_state, opt_state), loss
-
-        carry, losses = jax.lax.scan(
-          body, (params, model_state, opt_state), None, steps_per_round
-        )
-        return carry, losses[-1]
-
-      scan = jax.jit(scan, donate_argnums=(0, 1, 2))
-      state = list(init_fn(task, arm)(0, lr, horizon))
-
-      def advance(scan=scan, state=state):
-        carry, loss = scan(*state)
-        state[:] = carry
-        jax.block_until_ready((carry, loss))
-
-    advance()  # compiles, and a first round untimed
-    advances[arm.name] = advance
+      advances[arm.name] = _kfac_advance(task, arm, x, y, steps_per_round)
+      continue
+    periods[arm.name] = optimizers.refresh_period(arm)
+    programs = [True] + [False] * (periods[arm.name] > 1)
+    for capture in programs:
+      name = arm.name if capture else f'{arm.name}/plain'
+      advances[name] = _scan_advance(
+        task, arm, capture, lr, horizon, x, y, steps_per_round
+      )
   walls, cpus = interleaved_rounds(
     advances,
     rounds,
@@ -364,21 +390,35 @@ def step_times(
     shuffle=np.random.default_rng(0),
   )
 
-  def per_step(times):
-    return {n: [t / steps_per_round for t in v] for n, v in times.items()}
+  def per_arm(times):
+    """Per arm and round, seconds per step (amortised over two programs)."""
+    out = {}
+    for arm in arms:
+      refresh = np.asarray(times[arm.name]) / steps_per_round
+      p = periods.get(arm.name, 1)
+      if p > 1:
+        plain = np.asarray(times[f'{arm.name}/plain']) / steps_per_round
+        refresh = (refresh + (p - 1) * plain) / p
+      out[arm.name] = [float(t) for t in refresh]
+    return out
 
   def ratios(values):
     return {n: v / values[arms[0].name] for n, v in values.items()}
 
-  wall, cpu = per_step(walls), per_step(cpus)
+  wall, cpu = per_arm(walls), per_arm(cpus)
   medians = {n: float(np.median(v)) for n, v in wall.items()}
   fastest = {n: float(np.min(v)) for n, v in wall.items()}
   cpu_medians = {n: float(np.median(v)) for n, v in cpu.items()}
+  programs = {
+    n: float(np.median(v)) / steps_per_round for n, v in walls.items()
+  }
   return {
     'rounds': rounds,
     'steps_per_round': steps_per_round,
     'reference': arms[0].name,
     'order': 'shuffled every round (default_rng(0))',
+    'refresh_periods': periods,
+    'median_seconds_per_step_by_program': programs,
     'seconds_per_step': wall,
     'median_seconds_per_step': medians,
     'ratio': ratios(medians),

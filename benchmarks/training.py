@@ -33,36 +33,38 @@ def cross_entropy_loss(model, on_logits=None):
   return loss
 
 
-def make_train_step(
-  model, tx, *, adafisher: bool, numerics='reference', layers=None, donate=True
-):
-  """Returns ``step(params, model_state, opt_state, x, y)``.
+def make_train_step(model, tx, *, adafisher: bool, layers=None, donate=True):
+  """Returns ``step(params, model_state, opt_state, x, y, refresh=True)``.
 
-  With ``adafisher=True`` the gradients come with curvature statistics and
-  ``tx.update`` receives them; otherwise a plain ``jax.value_and_grad`` step.
+  With ``adafisher=True`` the steps with ``refresh`` (static) capture the
+  curvature statistics and ``tx.update`` receives them, the others are plain
+  steps (see :func:`adafisher_optax.refresh_schedule`); otherwise a plain
+  ``jax.value_and_grad`` step.
   """
   loss = cross_entropy_loss(model)
   if adafisher:
-    grad_fn = curvature_grad(
-      loss, has_aux=True, numerics=numerics, layers=layers
-    )
+    grad_fn = curvature_grad(loss, has_aux=True, layers=layers)
   else:
-    grad_fn = jax.value_and_grad(loss, has_aux=True)
+    plain = jax.value_and_grad(loss, has_aux=True)
 
-  def step(params, model_state, opt_state, x, y):
-    if adafisher:
-      (value, model_state), grads, curvature = grad_fn(
-        params, model_state, x, y
-      )
-      updates, opt_state = tx.update(
-        grads, opt_state, params, curvature=curvature
-      )
-    else:
-      (value, model_state), grads = grad_fn(params, model_state, x, y)
-      updates, opt_state = tx.update(grads, opt_state, params)
+    def grad_fn(*args, capture):
+      del capture
+      return (*plain(*args), None)
+
+  def step(params, model_state, opt_state, x, y, refresh=True):
+    (value, model_state), grads, curvature = grad_fn(
+      params, model_state, x, y, capture=refresh
+    )
+    updates, opt_state = tx.update(
+      grads, opt_state, params, curvature=curvature
+    )
     return optax.apply_updates(params, updates), model_state, opt_state, value
 
-  return jax.jit(step, donate_argnums=(0, 1, 2) if donate else ())
+  return jax.jit(
+    step,
+    donate_argnums=(0, 1, 2) if donate else (),
+    static_argnames='refresh',
+  )
 
 
 def init_model(model, x, seed=0):

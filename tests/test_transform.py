@@ -672,3 +672,12 @@ def test_relative_damping_under_inject_hyperparams():
       grads, injected.init(params), params, curvature=curvature
     )
     chex.assert_trees_all_close(got, want, rtol=1e-6)
+
+
+def test_state_can_be_donated():
+  """No two leaves of a new state share a buffer (jit would refuse it)."""
+  _, params, _ = _setup()
+  state = afo.adafisher(1e-3, numerics='paper').init(params)
+  leaves = jax.tree.leaves(state)
+  assert len({id(leaf) for leaf in leaves}) == len(leaves)
+  jax.jit(lambda s: s, donate_argnums=0)(state)
