@@ -411,6 +411,7 @@ def scale_by_adafisher(
 
   def init_fn(params):
     _check_parameters(params, 'parameter')
+
     def minus_one():  # one buffer per field, so a donated state is valid
       return jnp.full([], -1, rules.statistics_dtype())
 
