@@ -29,7 +29,10 @@ class LayerDiagnostics:
   """The preconditioner of one layer.
 
   Attributes:
-    rule: the layer's rule (``dense``, ``conv``, ``embed``, ``norm``, ...).
+    rule: the rule the factors were sized for (``dense``, ``conv``,
+      ``embed``, ``norm``, ...): the layer's own with a ``layout``; sized
+      from parameter shapes alone, every kernel reads as ``dense`` (a
+      convolution's factors and ``F~`` are the same).
     parameters: the parameters it preconditions.
     f_min: smallest entry of ``F~`` over those parameters (NaN before the
       first refresh).
