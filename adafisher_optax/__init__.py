@@ -8,7 +8,8 @@ Capture -> statistics -> factor EMA -> preconditioner -> update:
   the registry (``layers``; maths in ``rules``);
 * :func:`scale_by_adafisher` (``transform``) folds them into the factor EMAs
   (``factors``) and divides the momentum by ``F~`` (``preconditioner``);
-* :func:`adafisher` and :func:`adafisherw` (``alias``) are the optimizers.
+* :func:`adafisher_like_adam`, :func:`adafisher` and :func:`adafisherw`
+  (``alias``) are the optimizers; ``grafting`` gives them Adam's step size.
 
 The optimizer core imports neither Flax nor orbax; the Flax front ends,
 ``TrainState`` and ``checkpoint`` are imported on first use.
@@ -16,9 +17,9 @@ The optimizer core imports neither Flax nor orbax; the Flax front ends,
 
 import importlib
 
-from adafisher_optax import rules, tags
+from adafisher_optax import grafting, rules, tags
 from adafisher_optax.accumulation import MultiStepsState, multi_steps
-from adafisher_optax.alias import adafisher, adafisherw
+from adafisher_optax.alias import adafisher, adafisher_like_adam, adafisherw
 from adafisher_optax.capture import (
   CaptureError,
   UnsupportedLayerWarning,
@@ -89,11 +90,13 @@ __all__ = [
   'UnsupportedCall',
   'UnsupportedLayerWarning',
   'adafisher',
+  'adafisher_like_adam',
   'adafisher_state',
   'adafisherw',
   'checkpoint',
   'curvature_layout',
   'diagnostics',
+  'grafting',
   'linen',
   'multi_steps',
   'nnx',

@@ -1,4 +1,11 @@
-"""The ``adafisher`` and ``adafisherw`` optimizers, optax style."""
+"""The AdaFisher optimizers, optax style.
+
+* :func:`adafisher_like_adam`: the recommended one-line switch from
+  ``optax.adam``/``optax.adamw``, at Adam's learning rate;
+* :func:`adafisher` (coupled L2 decay) and :func:`adafisherw` (decoupled
+  decay): the authors' method, every knob exposed; with their defaults they
+  reproduce the authors' code (``grafting=None``).
+"""
 
 from __future__ import annotations
 
@@ -10,59 +17,16 @@ import optax
 
 from adafisher_optax import hyperparameters as hp
 from adafisher_optax.accumulation import MultiStepsState
+from adafisher_optax.grafting import Grafting
 from adafisher_optax.preconditioner import Ablation
 from adafisher_optax.rules import Numerics
 from adafisher_optax.transform import AdaFisherState, scale_by_adafisher
 
-_ARGS_DOC = """
-  Args:
-    learning_rate: a float or an optax schedule. In ``reference`` numerics
-      with the default damping the step is about ``learning_rate / damping``
-      per coordinate: start near Adam's learning rate divided by 100 (see
-      the README).
-    b1: momentum decay.
-    damping: ``lambda`` added to ``K = H (x) S``.
-    gamma: factor EMA decay.
-    weight_decay: {decay}
-    t_cov: the number of updates between factor refreshes; ``None`` is 100
-      for ``reference`` numerics and 1 for ``paper``.
-    numerics: ``"reference"`` (the authors' code) or ``"paper"`` (the paper's
-      equations); see ``docs/numerics.md``.
-    fisher_power: exponent ``p`` of ``F~``.
-    relative_damping: ``a`` replacing ``damping`` by ``a * mean(K)`` per
-      layer (see :func:`scale_by_adafisher`).
-    axis_name: the ``pmap`` axis over which statistics are summed.
-    mu_dtype: optional momentum dtype.
-    mask: optional mask (tree or callable) of the parameters to decay.
-    layout: exact factor shapes, see :func:`scale_by_adafisher`.
-    ablation: a benchmark control, see :func:`scale_by_adafisher`.
 
-  Returns:
-    A :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes
-    ``params`` and, on refresh steps, the keyword argument ``curvature``.
-
-  References:
-    Gomes et al., `AdaFisher: Adaptive Second Order Optimization via Fisher
-    Information <https://arxiv.org/abs/2405.16397>`_, ICLR 2025.
-"""
-
-
-def _build(
-  decoupled: bool,
-  learning_rate: optax.ScalarOrSchedule,
-  weight_decay: Any,
-  mask: Any,
-  **adafisher_kwargs: Any,
+def _checked(
+  chained: optax.GradientTransformationExtraArgs, core_index: int
 ) -> optax.GradientTransformationExtraArgs:
-  """The chain of both aliases: the decay before (coupled) or after AdaFisher."""
-  hp.check('learning_rate', learning_rate)
-  hp.check('weight_decay', weight_decay)
-  decay = optax.add_decayed_weights(weight_decay, mask)
-  core = scale_by_adafisher(**adafisher_kwargs)
-  steps = [core, decay] if decoupled else [decay, core]
-  chained = optax.chain(*steps, optax.scale_by_learning_rate(learning_rate))
-
-  core_index = steps.index(core)
+  """``chained`` whose ``update`` names a wrong state instead of failing deep."""
 
   def update_fn(updates, state, params=None, **extra_args):
     if isinstance(state, MultiStepsState):
@@ -72,7 +36,7 @@ def _build(
       )
     if not (
       isinstance(state, tuple)
-      and len(state) == len(steps) + 1
+      and len(state) > core_index
       and isinstance(state[core_index], AdaFisherState)
     ):
       raise TypeError(
@@ -96,6 +60,9 @@ def adafisher(
   numerics: Numerics = 'reference',
   fisher_power: jax.typing.ArrayLike = 1.0,
   relative_damping: jax.typing.ArrayLike | None = None,
+  grafting: Grafting = None,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-8,
   axis_name: Any = None,
   mu_dtype: Any = None,
   mask: Any | Callable[[optax.Params], Any] | None = None,
@@ -106,18 +73,80 @@ def adafisher(
 
   ``g <- g + weight_decay * params``, then :func:`scale_by_adafisher`, then
   ``-learning_rate``. Every float hyperparameter works under
-  ``optax.inject_hyperparams``. The state has the same structure whatever
-  ``weight_decay`` is (as :func:`optax.adamw`), so checkpoints carry over.
+  ``optax.inject_hyperparams`` (pass ``static_args=('t_cov',)``). The state
+  has the same structure whatever ``weight_decay`` is (as
+  :func:`optax.adamw`), so checkpoints carry over.
+
+  With ``grafting=None`` (the default, the authors' method) the step is
+  about ``learning_rate / damping`` per coordinate in ``reference``
+  numerics: tune ``learning_rate`` like SGD's (about 1000x below it).
+  With ``grafting='rms'`` or ``'adam'`` Adam's learning rates carry over;
+  :func:`adafisher_like_adam` is the recommended configuration.
 
   Example::
 
-    tx = adafisher_optax.adafisher(1e-5, weight_decay=5e-4)
+    tx = adafisher_optax.adafisher(1e-3, grafting='rms')
     grad_fn = adafisher_optax.value_and_grad_with_curvature(loss_fn)
     loss, grads, curvature = grad_fn(params, batch)
     updates, opt_state = tx.update(grads, opt_state, params,
                                    curvature=curvature)
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    b1: momentum decay.
+    damping: ``lambda`` added to ``K = H (x) S``.
+    gamma: factor EMA decay.
+    weight_decay: coupled L2 coefficient (the paper's CNN recipe uses 5e-4).
+    t_cov: the number of updates between factor refreshes; ``None`` is 100
+      for ``reference`` numerics and 1 for ``paper``.
+    numerics: ``"reference"`` (the authors' code) or ``"paper"`` (the paper's
+      equations); see ``docs/numerics.md``.
+    fisher_power: exponent ``p`` of ``F~``.
+    relative_damping: ``a`` replacing ``damping`` by ``a * mean(K)`` per
+      layer (see :func:`scale_by_adafisher`).
+    grafting: ``None``, ``'rms'`` or ``'adam'``: the step size of each
+      layer (see :func:`scale_by_adafisher`).
+    b2: Adam's second-moment decay, used by ``grafting='adam'``.
+    eps: Adam's epsilon, used by ``grafting='adam'``.
+    axis_name: the ``pmap`` axis over which statistics are summed.
+    mu_dtype: optional momentum dtype.
+    mask: optional mask (tree or callable) of the parameters to decay.
+    layout: exact factor shapes, see :func:`scale_by_adafisher`.
+    ablation: a benchmark control, see :func:`scale_by_adafisher`.
+
+  Returns:
+    A :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes
+    ``params`` and, on refresh steps, the keyword argument ``curvature``.
+
+  References:
+    Gomes et al., `AdaFisher: Adaptive Second Order Optimization via Fisher
+    Information <https://arxiv.org/abs/2405.16397>`_, ICLR 2025.
   """
-  return _build(False, **locals())
+  hp.check('learning_rate', learning_rate)
+  hp.check('weight_decay', weight_decay)
+  return _checked(
+    optax.chain(
+      optax.add_decayed_weights(weight_decay, mask),
+      scale_by_adafisher(
+        b1=b1,
+        damping=damping,
+        gamma=gamma,
+        t_cov=t_cov,
+        numerics=numerics,
+        fisher_power=fisher_power,
+        relative_damping=relative_damping,
+        grafting=grafting,
+        b2=b2,
+        eps=eps,
+        axis_name=axis_name,
+        mu_dtype=mu_dtype,
+        layout=layout,
+        ablation=ablation,
+      ),
+      optax.scale_by_learning_rate(learning_rate),
+    ),
+    core_index=1,
+  )
 
 
 def adafisherw(
@@ -131,6 +160,9 @@ def adafisherw(
   numerics: Numerics = 'reference',
   fisher_power: jax.typing.ArrayLike = 1.0,
   relative_damping: jax.typing.ArrayLike | None = None,
+  grafting: Grafting = None,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-8,
   axis_name: Any = None,
   mu_dtype: Any = None,
   mask: Any | Callable[[optax.Params], Any] | None = None,
@@ -139,14 +171,120 @@ def adafisherw(
 ) -> optax.GradientTransformationExtraArgs:
   """AdaFisherW: AdaFisher with decoupled weight decay.
 
-  :func:`scale_by_adafisher`, then ``u <- u + weight_decay * params``, then
-  ``-learning_rate`` (as :func:`optax.adamw` decouples Adam's decay). The
-  paper's ViT and language-model recipes use ``weight_decay`` 0.01 to 0.1.
+  :func:`scale_by_adafisher` (grafted, if ``grafting`` says so), then
+  ``u <- u + weight_decay * params``, then ``-learning_rate`` (as
+  :func:`optax.adamw` decouples Adam's decay). The paper's ViT and
+  language-model recipes use ``weight_decay`` 0.01 to 0.1.
+
+  Args:
+    learning_rate: a float or an optax schedule; with ``grafting=None``
+      tune it like SGD's (see :func:`adafisher`).
+    b1: momentum decay.
+    damping: ``lambda`` added to ``K = H (x) S``.
+    gamma: factor EMA decay.
+    weight_decay: decoupled decay ``kappa``.
+    t_cov: the number of updates between factor refreshes; ``None`` is 100
+      for ``reference`` numerics and 1 for ``paper``.
+    numerics: ``"reference"`` (the authors' code) or ``"paper"`` (the paper's
+      equations); see ``docs/numerics.md``.
+    fisher_power: exponent ``p`` of ``F~``.
+    relative_damping: ``a`` replacing ``damping`` by ``a * mean(K)`` per
+      layer (see :func:`scale_by_adafisher`).
+    grafting: ``None``, ``'rms'`` or ``'adam'``: the step size of each
+      layer (see :func:`scale_by_adafisher`).
+    b2: Adam's second-moment decay, used by ``grafting='adam'``.
+    eps: Adam's epsilon, used by ``grafting='adam'``.
+    axis_name: the ``pmap`` axis over which statistics are summed.
+    mu_dtype: optional momentum dtype.
+    mask: optional mask (tree or callable) of the parameters to decay.
+    layout: exact factor shapes, see :func:`scale_by_adafisher`.
+    ablation: a benchmark control, see :func:`scale_by_adafisher`.
+
+  Returns:
+    A :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes
+    ``params`` and, on refresh steps, the keyword argument ``curvature``.
+
+  References:
+    Gomes et al., `AdaFisher: Adaptive Second Order Optimization via Fisher
+    Information <https://arxiv.org/abs/2405.16397>`_, ICLR 2025.
   """
-  return _build(True, **locals())
+  hp.check('learning_rate', learning_rate)
+  hp.check('weight_decay', weight_decay)
+  return _checked(
+    optax.chain(
+      scale_by_adafisher(
+        b1=b1,
+        damping=damping,
+        gamma=gamma,
+        t_cov=t_cov,
+        numerics=numerics,
+        fisher_power=fisher_power,
+        relative_damping=relative_damping,
+        grafting=grafting,
+        b2=b2,
+        eps=eps,
+        axis_name=axis_name,
+        mu_dtype=mu_dtype,
+        layout=layout,
+        ablation=ablation,
+      ),
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate),
+    ),
+    core_index=0,
+  )
 
 
-adafisher.__doc__ += _ARGS_DOC.format(
-  decay="coupled L2 coefficient (the paper's CNN recipe uses 5e-4)."
-)
-adafisherw.__doc__ += _ARGS_DOC.format(decay='decoupled decay ``kappa``.')
+#: The configuration of :func:`adafisher_like_adam` (provisional: chosen from
+#: the learning-rate transfer runs of ``benchmarks.lr_transfer``).
+RECOMMENDED = dict(grafting='adam', relative_damping=0.1)
+
+
+def adafisher_like_adam(
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  weight_decay: jax.typing.ArrayLike = 0.0,
+  mask: Any | Callable[[optax.Params], Any] | None = None,
+  t_cov: int | None = None,
+  axis_name: Any = None,
+  mu_dtype: Any = None,
+  layout: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  """AdaFisher as a drop-in for ``optax.adam`` / ``optax.adamw``.
+
+  ``adafisherw(learning_rate, grafting='adam', relative_damping=0.1, ...)``:
+  AdaFisher's direction (momentum divided by ``F~``, whose layer mean is 1)
+  with each layer's update rescaled to the norm of Adam's update of that
+  layer, so ``optax.adam(1e-3)`` becomes ``adafisher_like_adam(1e-3)`` and
+  ``optax.adamw(lr, weight_decay=wd)`` becomes
+  ``adafisher_like_adam(lr, weight_decay=wd)`` (decoupled decay). The state
+  holds Adam's second moment besides the momentum and the factors (about
+  Adam's size). The configuration is provisional, chosen from the
+  learning-rate transfer runs (``docs/numerics.md``, "Grafting").
+
+  Example::
+
+    tx = adafisher_optax.adafisher_like_adam(1e-3)
+
+  Args:
+    learning_rate: a float or an optax schedule, as for Adam.
+    weight_decay: decoupled decay, as for :func:`optax.adamw`.
+    mask: optional mask (tree or callable) of the parameters to decay.
+    t_cov: the number of updates between factor refreshes (default 100).
+    axis_name: the ``pmap`` axis over which statistics are summed.
+    mu_dtype: optional momentum dtype.
+    layout: exact factor shapes, see :func:`scale_by_adafisher`.
+
+  Returns:
+    A :class:`optax.GradientTransformationExtraArgs`, as :func:`adafisherw`.
+  """
+  return adafisherw(
+    learning_rate,
+    weight_decay=weight_decay,
+    mask=mask,
+    t_cov=t_cov,
+    axis_name=axis_name,
+    mu_dtype=mu_dtype,
+    layout=layout,
+    **RECOMMENDED,
+  )

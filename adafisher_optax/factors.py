@@ -231,12 +231,16 @@ def _conventional_factors(
 
 
 def _layer_dicts(params: Any):
-  """Yields ``(path, mapping)`` for every mapping that holds array leaves."""
+  """Yields ``(path, mapping)`` for every mapping of array leaves only.
+
+  A mapping that also holds sub-mappings is a module with layers and free
+  parameters (e.g. a top-level ``scale``), not a layer.
+  """
 
   def visit(node, path):
     if not isinstance(node, Mapping):
       return
-    if any(not isinstance(v, Mapping) for v in node.values()):
+    if node and all(not isinstance(v, Mapping) for v in node.values()):
       yield path, node
     for key, value in node.items():
       yield from visit(value, path + (str(key),))

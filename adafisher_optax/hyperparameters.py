@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adafisher_optax.grafting import GRAFTINGS
 from adafisher_optax.preconditioner import ABLATIONS
 from adafisher_optax.rules import NUMERICS, Numerics
 
@@ -23,6 +24,8 @@ _MAX_T_COV = 2**31 - 1  # the step count is int32
 _RULES: dict[str, tuple[Callable[[np.ndarray], Any], str]] = {
   'learning_rate': (lambda v: v >= 0, 'non-negative'),
   'b1': (lambda v: (v >= 0) & (v < 1), 'in [0, 1)'),
+  'b2': (lambda v: (v >= 0) & (v < 1), 'in [0, 1)'),
+  'eps': (lambda v: v >= 0, 'non-negative'),
   'damping': (lambda v: v > 0, 'positive'),
   'gamma': (lambda v: (v >= 0) & (v <= 1), 'in [0, 1]'),
   'fisher_power': (lambda v: v > 0, 'positive'),
@@ -129,3 +132,9 @@ def check_ablation(ablation: Any) -> Any:
   if ablation not in ABLATIONS:
     raise ValueError(f'ablation must be one of {ABLATIONS}, got {ablation!r}.')
   return ablation
+
+
+def check_grafting(grafting: Any) -> Any:
+  if grafting not in GRAFTINGS:
+    raise ValueError(f'grafting must be one of {GRAFTINGS}, got {grafting!r}.')
+  return grafting

@@ -23,6 +23,7 @@ from optax import tree as otu
 
 from adafisher_optax import _devices, _tree, rules
 from adafisher_optax import factors as factors_lib
+from adafisher_optax import grafting as grafting_lib
 from adafisher_optax import hyperparameters as hp
 from adafisher_optax import statistics as statistics_lib
 from adafisher_optax.preconditioner import (
@@ -53,6 +54,8 @@ class AdaFisherState(NamedTuple):
     damping: ``damping`` at the latest refresh (-1 before the first).
     relative_damping: ``relative_damping`` at the latest refresh (-1 when
       the absolute ``damping`` is used).
+    nu: Adam's second moment, like the params, under ``grafting='adam'``;
+      ``()`` (no leaves) otherwise.
   """
 
   count: jax.Array
@@ -62,6 +65,7 @@ class AdaFisherState(NamedTuple):
   t_cov: jax.Array
   damping: jax.Array
   relative_damping: jax.Array
+  nu: optax.Updates = ()
 
 
 def layer_factors(factors: Any) -> dict[_tree.Path, factors_lib.Factors]:
@@ -342,6 +346,9 @@ def scale_by_adafisher(
   fisher_power: jax.typing.ArrayLike = 1.0,
   *,
   relative_damping: jax.typing.ArrayLike | None = None,
+  grafting: grafting_lib.Grafting = None,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-8,
   axis_name: Any = None,
   mu_dtype: Any = None,
   layout: Any = None,
@@ -379,6 +386,14 @@ def scale_by_adafisher(
     relative_damping: ``a >= 0`` (``math.inf`` allowed) replaces ``damping``:
       ``F~ = (K + a mean(K)) / ((1 + a) mean(K))`` per layer, so ``F~`` has
       mean 1 (spec section 3a); ``math.inf`` is bias-corrected momentum.
+    grafting: ``None`` (the authors' step), ``'rms'`` or ``'adam'``: keep
+      AdaFisher's direction and rescale each layer's update (weight and
+      bias together; an unpreconditioned parameter alone) to the RMS
+      :data:`adafisher_optax.grafting.RMS_TARGET` (no extra state) or to the
+      norm of Adam's update of that layer (Adam's second moment kept in the
+      state), so that Adam's learning rate carries over.
+    b2: Adam's second-moment decay, used by ``grafting='adam'``.
+    eps: Adam's epsilon, used by ``grafting='adam'``.
     axis_name: the ``pmap`` axis (or axes) over which raw statistics are
       summed on refresh steps, giving global-batch factors. Not needed in
       ``shard_map`` or a sharded ``jit``.
@@ -405,6 +420,10 @@ def scale_by_adafisher(
   t_cov = hp.check_t_cov(t_cov, numerics)
   relative_damping = hp.check_relative_damping(relative_damping)
   ablation = hp.check_ablation(ablation)
+  grafting = hp.check_grafting(grafting)
+  if grafting == 'adam':
+    hp.check('b2', b2)
+    hp.check('eps', eps)
   mu_dtype = hp.check_mu_dtype(mu_dtype)
   if layout is not None:
     statistics_lib.flatten(layout)  # a clear error for a wrong layout
@@ -423,6 +442,7 @@ def scale_by_adafisher(
       t_cov=jnp.asarray(t_cov, jnp.int32),
       damping=minus_one(),
       relative_damping=minus_one(),
+      nu=otu.zeros_like(params, dtype=mu_dtype) if grafting == 'adam' else (),
     )
 
   def update_fn(updates, state, params=None, *, curvature=None, **extra_args):
@@ -473,6 +493,11 @@ def scale_by_adafisher(
 
     mu = _tree.map_with_path(moment, updates, state.mu)
     new_updates = _tree.map_with_path(step, updates, mu)
+    nu = state.nu
+    if grafting is not None:
+      new_updates, nu = _graft(
+        grafting, new_updates, updates, mu, nu, layers, count_inc, b1, b2, eps
+      )
     if unpreconditioned:
       warnings.warn(
         'AdaFisher: no curvature statistics for these parameters; they are '
@@ -482,10 +507,42 @@ def scale_by_adafisher(
         stacklevel=3,
       )
     return new_updates, state._replace(
-      count=count_inc, mu=otu.cast(mu, mu_dtype)
+      count=count_inc,
+      mu=otu.cast(mu, mu_dtype),
+      nu=otu.cast(nu, mu_dtype),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _graft(mode, new_updates, grads, mu, nu, layers, count, b1, b2, eps):
+  """``(updates, nu)`` with each group's update rescaled (``grafting``)."""
+  paths = dict(_tree.leaves_with_paths(new_updates))
+  roles = {path: f.roles() for path, f in layers.items()}
+  groups = {path: grafting_lib.group_of(path, roles) for path in paths}
+  if mode == 'rms':
+    target = grafting_lib.rms_target_square(paths)
+  else:
+
+    def second_moment(path, g, v):
+      return jnp.where(jnp.isfinite(g), (1 - b2) * jnp.square(g) + b2 * v, v)
+
+    nu = _tree.map_with_path(second_moment, grads, nu)
+    mu_hat = otu.bias_correction(mu, b1, count)
+    nu_hat = otu.bias_correction(nu, b2, count)
+    adam = jax.tree.map(
+      lambda m, v, g: jnp.where(
+        jnp.isfinite(g), m / (jnp.sqrt(v) + eps), 0
+      ).astype(jnp.promote_types(m.dtype, jnp.float32)),
+      mu_hat,
+      nu_hat,
+      grads,
+    )
+    target = grafting_lib.norm_target_square(
+      dict(_tree.leaves_with_paths(adam))
+    )
+  scaled = grafting_lib.rescale(paths, groups, target)
+  return _tree.map_with_path(lambda path, u: scaled[path], new_updates), nu
 
 
 def _is_one(value: Any) -> bool:

@@ -200,6 +200,20 @@ OPTIMIZERS = {
     100,
   ),
   'kfac': Optimizer('kfac-jax (fixed lr, momentum 0.9, damping 1e-3)', 'kfac'),
+  'adafisher-rms': Optimizer(
+    "AdaFisher grafting='rms' t_cov=100, amortised",
+    'adafisher',
+    lambda: afo.adafisher(LEARNING_RATE, grafting='rms'),
+    'reference',
+    100,
+  ),
+  'adafisher-adam': Optimizer(
+    "AdaFisher grafting='adam' t_cov=100, amortised",
+    'adafisher',
+    lambda: afo.adafisher(LEARNING_RATE, grafting='adam'),
+    'reference',
+    100,
+  ),
 }
 
 
