@@ -1,7 +1,8 @@
 """The per-layer maths of AdaFisher, in pure JAX (``ADAFISHER_SPEC.md`` 1-3).
 
 A layer's computation is described by a small typed configuration
-(:class:`Dense`, :class:`Conv`, :class:`Embed`, :class:`Norm`); a
+(:class:`Dense`, :class:`Conv`, :class:`Embed`, :class:`Attend`,
+:class:`Norm`); a
 :class:`Rule` turns one application of such a layer into statistics (sums
 over rows, so applications and devices add up), those sums into the
 instantaneous ``(H_hat, S_hat)`` of either numerics, and the layer's factor
@@ -35,18 +36,19 @@ from adafisher_optax.rules.base import (
 )
 from adafisher_optax.rules.conv import Conv, ConvRule, conv_input_padding
 from adafisher_optax.rules.dense import Dense, DenseRule
-from adafisher_optax.rules.embed import Embed, EmbedRule
+from adafisher_optax.rules.embed import Attend, AttendRule, Embed, EmbedRule
 from adafisher_optax.rules.norm import Norm, NormRule
 
-Config = Dense | Conv | Embed | Norm
+Config = Dense | Conv | Embed | Attend | Norm
 
 DENSE = DenseRule()
 CONV = ConvRule()
 EMBED = EmbedRule()
+ATTEND = AttendRule()
 NORM = NormRule()
 
 #: The rules that come with the library.
-BUILT_IN: tuple[Rule, ...] = (DENSE, CONV, EMBED, NORM)
+BUILT_IN: tuple[Rule, ...] = (DENSE, CONV, EMBED, ATTEND, NORM)
 
 #: Every rule by name (the ``rule`` of :class:`adafisher_optax.LayerStatistics`).
 RULES: dict[str, Rule] = {r.name: r for r in BUILT_IN}
@@ -68,6 +70,7 @@ def check_rule(rule: Any) -> Rule:
 
 
 __all__ = [
+  'ATTEND',
   'BUILT_IN',
   'CONV',
   'DENSE',
@@ -76,6 +79,8 @@ __all__ = [
   'NUMERICS',
   'RULES',
   'Application',
+  'Attend',
+  'AttendRule',
   'Config',
   'Conv',
   'ConvRule',
