@@ -780,3 +780,48 @@ def test_registered_nnx_layer_type_gives_brute_force_statistics():
   want_h, want_s = bf.dense(x, jax.grad(readout)(y), [2], 1, True)
   np.testing.assert_allclose(h, want_h, **TOL)
   np.testing.assert_allclose(s, want_s, **TOL)
+
+
+class Monotone(nnx.Linear):
+  """Overrides ``__call__`` without calling ``nnx.Linear.__call__``."""
+
+  def __call__(self, x):
+    return x @ jnp.abs(self.kernel[...]) + self.bias[...]
+
+
+class WithMonotone(nnx.Module):
+  def __init__(self, rngs):
+    self.dense = nnx.Linear(5, 4, rngs=rngs)
+    self.monotone = Monotone(4, 2, rngs=rngs)
+
+  def __call__(self, x):
+    return self.monotone(jnp.tanh(self.dense(x)))
+
+
+def test_subclass_that_bypasses_its_base_is_reported_and_the_rest_captured():
+  model = _init(lambda: WithMonotone(nnx.Rngs(0)))
+  x = _x(3, 5)
+  grad_fn = afo.nnx.value_and_grad_with_curvature(lambda m, x: m(x).sum())
+  with pytest.warns(
+    afo.UnsupportedLayerWarning,
+    match=r'monotone \(Monotone: its __call__ does not call Linear',
+  ):
+    _, _, curvature = grad_fn(model, x)
+  assert sorted(curvature) == ['dense']
+  with warnings.catch_warnings():
+    warnings.simplefilter('error', afo.UnsupportedLayerWarning)
+    _, _, excluded = afo.nnx.value_and_grad_with_curvature(
+      lambda m, x: m(x).sum(), exclude=(Monotone,)
+    )(model, x)
+  _assert_same_statistics(excluded['dense'], curvature['dense'])
+
+
+@pytest.mark.parametrize('cell', [nnx.LSTMCell, nnx.OptimizedLSTMCell])
+def test_lstm_cells_are_preconditioned(cell):
+  model = _init(
+    lambda: nnx.RNN(cell(5, 3, param_dtype=jnp.float64, rngs=nnx.Rngs(0)))
+  )
+  xs = _x(2, 4, 5)
+  grad_fn = afo.nnx.value_and_grad_with_curvature(lambda m, xs: m(xs).sum())
+  _, grads, curvature = grad_fn(model, xs)
+  assert afo.unpreconditioned_parameters(grads, curvature) == []

@@ -512,7 +512,8 @@ def test_tied_embedding_gets_lookup_and_attend_statistics():
   model = _TiedGPT()
   ids = jnp.array([[1, 2, 3, 0], [4, 5, 1, 10]])
   params = jax.tree.map(
-    lambda p: p + 0.1, model.init(jax.random.key(0), ids)['params']
+    lambda p: p.astype(jnp.float64) + 0.1,
+    model.init(jax.random.key(0), ids)['params'],
   )
   r = jax.random.normal(jax.random.key(7), ids.shape + (11,), jnp.float64)
   grad_fn = afo.value_and_grad_with_curvature(
@@ -854,7 +855,7 @@ class _Recurrent(nn.Module):
 
   @nn.compact
   def __call__(self, xs):
-    return nn.RNN(self.cell(3), name='rnn')(xs)
+    return nn.RNN(self.cell(3, param_dtype=jnp.float64), name='rnn')(xs)
 
 
 def _manual_lstm(params, xs, r):
@@ -905,8 +906,8 @@ def test_lstm_cells_capture_their_gates_dense_layers(cell):
     lambda a, b: np.testing.assert_allclose(a, b, **TOL), grads, want_grads
   )
   assert afo.unpreconditioned_parameters(params, curvature) == []
-  (name,) = params['rnn']
-  cell_params, stats = params['rnn'][name], curvature['rnn'][name]
+  (name,) = params  # the cell's params, directly under the model's
+  cell_params, stats = params[name], curvature[name]
   hiddens, g = _manual_lstm(cell_params, xs, r)
   for gate in 'ifgo':
     for source, inputs, bias in (('i', xs, False), ('h', hiddens, True)):
