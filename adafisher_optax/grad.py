@@ -55,6 +55,15 @@ _NOTHING_APPLIED = (
 )
 
 
+def _check_params(params: Any) -> None:
+  if not isinstance(params, Mapping):
+    raise TypeError(
+      'value_and_grad_with_curvature: the first argument of `fun` must be '
+      "the model's params (a dict, as model.init(...)['params'] returns "
+      f'it), got {type(params).__name__}.'
+    )
+
+
 def value_and_grad_with_curvature(
   fun: Callable[..., Any],
   *,
@@ -115,12 +124,7 @@ def value_and_grad_with_curvature(
     params, *args, capture=True, fisher_key=None, **kwargs
   ):
     capture = check_call(capture, fisher, fisher_key)
-    if not isinstance(params, Mapping):
-      raise TypeError(
-        'value_and_grad_with_curvature: the first argument of `fun` must be '
-        "the model's params (a dict, as model.init(...)['params'] returns "
-        f'it), got {type(params).__name__}.'
-      )
+    _check_params(params)
     if not capture:
       value, grads = jax.value_and_grad(fun, has_aux=has_aux)(
         params, *args, **kwargs
