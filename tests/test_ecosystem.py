@@ -379,3 +379,28 @@ def test_sampled_fisher_uses_labels_drawn_from_the_model(x64):
   np.testing.assert_allclose(
     sampled[2]['head'].input_sums, empirical[2]['head'].input_sums, rtol=1e-12
   )
+
+
+def test_layers_and_exclude_select_tags_ops():
+  params = {
+    'embed': {'embedding': jnp.ones((5, 3))},
+    'fc': {'kernel': jnp.ones((3, 2)), 'bias': jnp.zeros(2)},
+  }
+
+  def loss(p, ids):
+    h = afo.tags.embed(ids, p['embed'])
+    return jnp.sum(afo.tags.dense(h, p['fc']) ** 2)
+
+  ids = jnp.array([0, 3, 4])
+  _, _, everything = afo.value_and_grad_with_curvature(loss)(params, ids)
+  _, _, only_dense = afo.value_and_grad_with_curvature(
+    loss, layers=(afo.tags.dense,)
+  )(params, ids)
+  _, _, no_dense = afo.value_and_grad_with_curvature(
+    loss, exclude=(afo.tags.dense,)
+  )(params, ids)
+  assert sorted(everything) == ['embed', 'fc']
+  assert sorted(only_dense) == ['fc'] and sorted(no_dense) == ['embed']
+  np.testing.assert_array_equal(
+    only_dense['fc'].input_sums[0], everything['fc'].input_sums[0]
+  )
