@@ -3,9 +3,10 @@
 Capture -> statistics -> factor EMA -> preconditioner -> update:
 
 * :func:`value_and_grad_with_curvature` (``grad``; the driver ``capture``
-  with the front ends ``linen``, ``nnx`` and ``tags``) returns the loss, the gradients and
-  per-layer :class:`LayerStatistics` (``statistics``), for the layer types of
-  the registry (``layers``; maths in ``rules``);
+  with the front ends ``linen``, ``nnx`` and ``tags`` reporting to a
+  ``session``) returns the loss, the gradients and per-layer
+  :class:`LayerStatistics` (``statistics``), for the layer types of the
+  ``registry`` (maths in ``rules``);
 * :func:`scale_by_adafisher` (``transform``) folds them into the factor EMAs
   (``factors``) and divides the momentum by ``F~`` (``preconditioner``);
 * :func:`adafisher_like_adam`, :func:`adafisher` and :func:`adafisherw`
@@ -20,20 +21,17 @@ import importlib
 from adafisher_optax import controls, grafting, rules, tags
 from adafisher_optax.accumulation import MultiStepsState, multi_steps
 from adafisher_optax.alias import adafisher, adafisher_like_adam, adafisherw
-from adafisher_optax.capture import (
-  CaptureError,
-  UnsupportedLayerWarning,
-  softmax_cross_entropy,
-)
 from adafisher_optax.diagnostics import (
   Diagnostics,
   LayerDiagnostics,
   diagnostics,
 )
 from adafisher_optax.factors import FactorBuffers, LayerFactors
+from adafisher_optax.fisher import softmax_cross_entropy
 from adafisher_optax.grad import curvature_layout, value_and_grad_with_curvature
-from adafisher_optax.layers import LayerType, UnsupportedCall, register_layer
+from adafisher_optax.registry import LayerType, UnsupportedCall, register_layer
 from adafisher_optax.schedule import refresh_schedule
+from adafisher_optax.session import CaptureError, UnsupportedLayerWarning
 from adafisher_optax.sharding import state_shardings
 from adafisher_optax.state import (
   AdaFisherState,
