@@ -274,7 +274,7 @@ def _scale_by_adafisher(
     _check_gradients(updates, state.mu)
     _warn_on_new_t_cov(state.settings, settings)
     state = state._replace(settings=settings)
-    layout = state.factors.layout
+    layout = factors_lib.layout_of(state.factors)
     refreshed = None
     if curvature is None:
       _warn_if_never_refreshed(settings)
@@ -286,6 +286,7 @@ def _scale_by_adafisher(
         state, matched, gamma=gamma, axis_names=axis_names
       )
     _warn_unpreconditioned(layout, updates, refreshed)
+    factors = factors_lib.by_block(state.factors)
 
     def moment(path, g, m):
       return jnp.where(jnp.isfinite(g), (1 - b1) * g + b1 * m, m)
@@ -298,7 +299,8 @@ def _scale_by_adafisher(
       m_hat = m / correction.astype(m.dtype)
       m_hat = m_hat.astype(jnp.promote_types(m_hat.dtype, jnp.float32))
       f = preconditioner(
-        state.factors,
+        factors,
+        layout,
         path,
         m.shape,
         numerics=numerics,

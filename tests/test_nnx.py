@@ -559,7 +559,7 @@ def test_list_items_are_keyed_by_index():
       model, optimizer, grads, curvature
     )
   assert sorted(
-    afo.adafisher_state(optimizer.opt_state).factors.view()['layers']
+    afo.adafisher_state(optimizer.opt_state).factors['layers']
   ) == [
     '0',
     '1',

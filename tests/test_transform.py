@@ -41,9 +41,9 @@ def test_state_is_keyed_like_params_and_init_maps_over_params():
   assert isinstance(state, afo.AdaFisherState)
   assert state.count.dtype == jnp.int32 and int(state.count) == 0
   chex.assert_trees_all_equal_shapes(state.mu, params)
-  assert set(state.factors.view()) == set(params)
+  assert set(state.factors) == set(params)
   for name, layer in params.items():
-    factors = state.factors.view()[name]
+    factors = state.factors[name]
     assert factors.h_ema is None  # reference numerics
     assert factors.h.shape == (layer['kernel'].shape[0] + 1,)
     assert factors.s.shape == layer['bias'].shape
@@ -104,7 +104,7 @@ def test_paper_numerics_follow_the_equations(x64):
         )
       h, s = (np.asarray(minmax_paper(jnp.asarray(v))) for v in ema[name])
       np.testing.assert_allclose(
-        state.factors.view()[name].h_ema, ema[name][0], **TOL
+        state.factors[name].h_ema, ema[name][0], **TOL
       )
       m_hat = {
         k: np.asarray(v) / (1 - b1 ** (t + 1))
@@ -149,7 +149,7 @@ def test_factors_refresh_only_every_t_cov_steps():
   history = []
   for x, y in batches:
     params, state, _ = step(params, state, x, y)
-    history.append(np.asarray(state.factors.view()['head'].h))
+    history.append(np.asarray(state.factors['head'].h))
   changed = [not np.array_equal(a, b) for a, b in itertools.pairwise(history)]
   assert changed == [False, False, True, False]  # refreshes at counts 0, 3
 
@@ -162,7 +162,7 @@ def test_reference_default_t_cov_is_100_and_paper_is_1():
     state, seen, p = tx.init(params), [], params
     for x, y in batches:
       p, state, _ = step(p, state, x, y)
-      seen.append(np.asarray(state.factors.view()['head'].s))
+      seen.append(np.asarray(state.factors['head'].s))
     n = 1 + sum(not np.array_equal(a, b) for a, b in itertools.pairwise(seen))
     assert n == refreshes, numerics
 
@@ -273,7 +273,7 @@ def test_masked_freezes_layers_and_biases():
   assert np.array_equal(new['dense1']['kernel'], params['dense1']['kernel'])
   assert np.array_equal(new['head']['bias'], params['head']['bias'])
   assert not np.array_equal(new['head']['kernel'], params['head']['kernel'])
-  factors = afo.adafisher_state(state).factors.view()
+  factors = afo.adafisher_state(state).factors
   assert 'dense1' not in factors and factors['head'].h.shape == (9,)
 
 
@@ -368,7 +368,7 @@ def test_layout_sizes_factors_of_scanned_and_multi_output_layers():
   assert layout['multi_out'].output_sums[0].shape == (6,)
   tx = afo.adafisher(1e-2, layout=layout)
   new, state = run(model, tx, params, batches)
-  assert afo.adafisher_state(state).factors.view()['blocks'][
+  assert afo.adafisher_state(state).factors['blocks'][
     'dense'
   ].s.shape == (
     3,
@@ -396,8 +396,8 @@ def test_relative_damping_matches_a_direct_computation(x64, a):
   tx = afo.scale_by_adafisher(relative_damping=a, t_cov=1)
   updates, state = tx.update(grads, tx.init(params), curvature=curvature)
   for name in ('conv', 'head'):
-    h = np.asarray(state.factors.view()[name].h)
-    s = np.asarray(state.factors.view()[name].s)
+    h = np.asarray(state.factors[name].h)
+    s = np.asarray(state.factors[name].s)
     k = h[:, None] * s[None]
     mean = k.mean()
     f = np.ones_like(k) if a == np.inf else (k + a * mean) / ((1 + a) * mean)
@@ -409,8 +409,8 @@ def test_relative_damping_matches_a_direct_computation(x64, a):
       updates[name]['bias'], grads[name]['bias'] / f[-1], **TOL
     )
   for name in ('gn', 'ln'):  # reference norms: K = [H0 * S, H1 * S]
-    h = np.asarray(state.factors.view()[name].h)
-    s = np.asarray(state.factors.view()[name].s)
+    h = np.asarray(state.factors[name].h)
+    s = np.asarray(state.factors[name].s)
     k = np.concatenate([h[0] * s, h[1] * s])
     mean = k.mean()
     f = np.ones_like(k) if a == np.inf else (k + a * mean) / ((1 + a) * mean)
@@ -465,7 +465,7 @@ def test_plain_step_uses_the_stored_factors():
   assert int(new_state.last_refresh) == 0 and int(new_state.count) == 2
   chex.assert_trees_all_equal(new_state.factors, state.factors)
   for name in params:
-    f = state.factors.view()[name]
+    f = state.factors[name]
     m_hat = np.asarray(new_state.mu[name]['kernel']) / (1 - 0.5**2)
     want = m_hat / (np.asarray(f.h)[:-1, None] * np.asarray(f.s)[None] + 1e-2)
     np.testing.assert_allclose(updates[name]['kernel'], want, rtol=1e-6)
@@ -616,7 +616,7 @@ def test_one_curvature_serves_both_numerics():
     updates, state = tx.update(
       grads, tx.init(params), params, curvature=curvature
     )
-    factors = afo.adafisher_state(state).factors.view()['ln']
+    factors = afo.adafisher_state(state).factors['ln']
     assert factors.h.shape == ((2,) if numerics == 'reference' else (4,))
     assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
 
