@@ -73,7 +73,9 @@ def curvature_mean(
   elif form.outer:
     total = _weighted_sum(h, form.weights) * jnp.sum(s, -1)
   else:
-    total = jnp.sum((_scaled(h, form.weights) + _constant(form.offsets)) * s, -1)
+    total = jnp.sum(
+      (_scaled(h, form.weights) + _constant(form.offsets)) * s, -1
+    )
   return total / entries
 
 
@@ -84,7 +86,9 @@ def _constant(values: np.ndarray) -> Any:
 
 
 def _scaled(x: jax.Array, weights: np.ndarray) -> jax.Array:
-  return x * _constant(weights).astype(x.dtype) if not np.all(weights == 1) else x
+  return (
+    x * _constant(weights).astype(x.dtype) if not np.all(weights == 1) else x
+  )
 
 
 def _weighted_sum(x: jax.Array, weights: np.ndarray) -> jax.Array:

@@ -558,9 +558,7 @@ def test_list_items_are_keyed_by_index():
     updates = nnx.jit(lambda m, o, g, c: o.update(m, g, curvature=c))(
       model, optimizer, grads, curvature
     )
-  assert sorted(
-    afo.adafisher_state(optimizer.opt_state).factors['layers']
-  ) == [
+  assert sorted(afo.adafisher_state(optimizer.opt_state).factors['layers']) == [
     '0',
     '1',
   ]

@@ -103,9 +103,7 @@ def test_paper_numerics_follow_the_equations(x64):
           for old, new in zip(ema[name], (h_hat, s_hat))
         )
       h, s = (np.asarray(minmax_paper(jnp.asarray(v))) for v in ema[name])
-      np.testing.assert_allclose(
-        state.factors[name].h_ema, ema[name][0], **TOL
-      )
+      np.testing.assert_allclose(state.factors[name].h_ema, ema[name][0], **TOL)
       m_hat = {
         k: np.asarray(v) / (1 - b1 ** (t + 1))
         for k, v in momentum[name].items()
@@ -368,9 +366,7 @@ def test_layout_sizes_factors_of_scanned_and_multi_output_layers():
   assert layout['multi_out'].output_sums[0].shape == (6,)
   tx = afo.adafisher(1e-2, layout=layout)
   new, state = run(model, tx, params, batches)
-  assert afo.adafisher_state(state).factors['blocks'][
-    'dense'
-  ].s.shape == (
+  assert afo.adafisher_state(state).factors['blocks']['dense'].s.shape == (
     3,
     5,
   )
