@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from adafisher_optax import _tree, rules
 from adafisher_optax.layout import Block, BlockKey, FactorLayout
@@ -37,9 +38,7 @@ def minmax_reference(x: jax.Array) -> jax.Array:
   """``(x - min) / (max - min + 1e-6)`` over the last axis, as the authors do
   (``+-inf`` first mapped to 1 and 0)."""
   x = jnp.where(jnp.isposinf(x), 1.0, jnp.where(jnp.isneginf(x), 0.0, x))
-  lo = jnp.min(x, axis=-1, keepdims=True)
-  hi = jnp.max(x, axis=-1, keepdims=True)
-  return (x - lo) / (hi - lo + REFERENCE_MINMAX_EPS)
+  return _minmax_reference(x, *_range(x))
 
 
 def minmax_paper(x: jax.Array) -> jax.Array:
@@ -48,11 +47,7 @@ def minmax_paper(x: jax.Array) -> jax.Array:
   The denominator ``max - min + eps * max|x| + tiny`` makes the result
   invariant to rescaling ``x``, so every float precision agrees.
   """
-  lo = jnp.min(x, axis=-1, keepdims=True)
-  hi = jnp.max(x, axis=-1, keepdims=True)
-  magnitude = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
-  tiny = jnp.finfo(x.dtype).tiny
-  return (x - lo) / (hi - lo + PAPER_MINMAX_EPS * magnitude + tiny)
+  return _minmax_paper(x, *_range(x))
 
 
 @jax.tree_util.register_dataclass
@@ -147,6 +142,66 @@ def initial(layout: FactorLayout, paper: bool, dtype: Any) -> Any:
   return nest({b.key: _initial(b, paper, dtype) for b in layout.blocks})
 
 
+class _Summary(NamedTuple):
+  """One reduction over the last axis of a new vector ``x`` (and the old)."""
+
+  lo: jax.Array
+  hi: jax.Array
+  weighted: jax.Array  # sum(w * x)
+  weighted_old: jax.Array  # sum(w * old)
+
+
+def _weights(weights: np.ndarray, n: int, dtype) -> Any:
+  """``weights`` as a scalar or an iota expression, not a large constant
+  (which costs XLA:CPU far more compile time)."""
+  if np.all(weights == weights[0]):
+    return jnp.asarray(weights[0], dtype)
+  if np.all(weights[:-1] == weights[0]):
+    last = jnp.arange(n) == n - 1
+    return jnp.where(last, weights[-1], weights[0]).astype(dtype)
+  return jnp.asarray(weights, dtype)
+
+
+def _summary(x: jax.Array, old: jax.Array, weights: Any) -> _Summary:
+  """Min, max and weighted sums in one variadic reduction: one XLA kernel
+  (separate reductions are a kernel each, split in two above 32 entries)."""
+
+  def combine(a, b):
+    return (
+      jnp.minimum(a[0], b[0]),
+      jnp.maximum(a[1], b[1]),
+      a[2] + b[2],
+      a[3] + b[3],
+    )
+
+  zero = jnp.zeros((), x.dtype)
+  lo, hi, weighted, weighted_old = jax.lax.reduce(
+    (x, x, x * weights, old * weights),
+    (zero + jnp.inf, zero - jnp.inf, zero, zero),
+    combine,
+    (x.ndim - 1,),
+  )
+  return _Summary(lo[..., None], hi[..., None], weighted, weighted_old)
+
+
+def _fold(old, x, summary, weight_total, numerics, gamma):
+  """``(new vector, sum(w * new))`` of one factor from its new statistic
+  ``x`` (the EMA in ``paper`` numerics)."""
+  lo, hi = summary.lo, summary.hi
+  if numerics == 'paper':
+    magnitude = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+    tiny = jnp.finfo(x.dtype).tiny
+    scale = 1 / (hi - lo + PAPER_MINMAX_EPS * magnitude + tiny)
+    weighted = (summary.weighted - weight_total * lo[..., 0]) * scale[..., 0]
+    return (x - lo) * scale, weighted
+  scale = 0.01 * gamma / (hi - lo + REFERENCE_MINMAX_EPS)
+  new = 0.1 * gamma * old + (x - lo) * scale
+  weighted = 0.1 * gamma * summary.weighted_old + scale[..., 0] * (
+    summary.weighted - weight_total * lo[..., 0]
+  )
+  return new, weighted
+
+
 def refresh(
   factors: Factors,
   means: tuple[jax.Array, jax.Array],
@@ -155,6 +210,8 @@ def refresh(
   due: Any,
   numerics: rules.Numerics,
   gamma: Any,
+  form: rules.CurvatureSum | None,
+  entries: int,
   mean_of: Callable[[jax.Array, jax.Array], jax.Array],
 ) -> Factors:
   """One block's factors with one refresh step's statistics folded in.
@@ -163,7 +220,10 @@ def refresh(
   statistics are finite; a due slice with non-finite statistics is counted
   in ``skipped`` and keeps its factors (a bad batch never poisons them). In
   ``paper`` numerics a slice's first refresh sets the EMAs to the
-  statistics.
+  statistics. Written for few XLA kernels per block: one reduction per
+  vector gives its min and max (which propagate NaN and infinities, so
+  they also tell whether it is finite) and, for an outer
+  :class:`~adafisher_optax.rules.CurvatureSum`, the sums behind ``mean(K)``.
 
   Args:
     factors: the block's factors.
@@ -172,39 +232,64 @@ def refresh(
     due: whether a refresh is due (a bool scalar).
     numerics: ``'reference'`` or ``'paper'``.
     gamma: the EMA decay.
-    mean_of: ``mean(K)`` per slice of new ``(h, s)``.
+    form: the block's ``sum(K)`` form (``None``: use ``mean_of``).
+    entries: the entries of the layer's parameters (``mean(K)``'s divisor).
+    mean_of: ``mean(K)`` per slice from new ``(h, s)``, for other forms.
   """
-  h_hat, s_hat = (m.astype(factors.h.dtype) for m in means)
-  finite = jnp.all(jnp.isfinite(h_hat), -1) & jnp.all(jnp.isfinite(s_hat), -1)
+  dtype = factors.h.dtype
+  h_hat, s_hat = (m.astype(dtype) for m in means)
+  if numerics == 'paper':
+    first = (factors.refreshes == 0)[..., None]
+    h_hat = jnp.where(first, h_hat, gamma * factors.h_ema + (1 - gamma) * h_hat)
+    s_hat = jnp.where(first, s_hat, gamma * factors.s_ema + (1 - gamma) * s_hat)
+  outer = form is not None and form.outer
+  h_weights = form.weights if outer else np.ones(h_hat.shape[-1])
+  s_weights = np.ones(s_hat.shape[-1])
+  h_summary = _summary(
+    h_hat, factors.h, _weights(h_weights, h_hat.shape[-1], dtype)
+  )
+  s_summary = _summary(s_hat, factors.s, jnp.ones((), dtype))
+  finite = jnp.isfinite(
+    h_summary.lo + h_summary.hi + s_summary.lo + s_summary.hi
+  )
   reached = (rows > 0) & due
-  ok = reached & finite
-  first = factors.refreshes == 0
-  h, h_ema = _fold_side(
-    factors.h, factors.h_ema, h_hat, ok, first, numerics, gamma
+  ok = reached & finite[..., 0]
+  keep = ok[..., None]
+  h, h_sum = _fold(
+    factors.h, h_hat, h_summary, h_weights.sum(), numerics, gamma
   )
-  s, s_ema = _fold_side(
-    factors.s, factors.s_ema, s_hat, ok, first, numerics, gamma
+  s, s_sum = _fold(
+    factors.s, s_hat, s_summary, s_weights.sum(), numerics, gamma
   )
-  mean = jnp.where(ok, mean_of(h, s), factors.curvature_mean)
+  h = jnp.where(keep, h, factors.h)
+  s = jnp.where(keep, s, factors.s)
+  mean = h_sum * s_sum / entries if outer else mean_of(h, s)
+  emas = {}
+  if numerics == 'paper':
+    emas = dict(
+      h_ema=jnp.where(keep, h_hat, factors.h_ema).astype(dtype),
+      s_ema=jnp.where(keep, s_hat, factors.s_ema).astype(dtype),
+    )
   return dataclasses.replace(
     factors,
-    h=h,
-    s=s,
-    h_ema=h_ema,
-    s_ema=s_ema,
-    curvature_mean=mean.astype(factors.curvature_mean.dtype),
+    h=h.astype(dtype),
+    s=s.astype(dtype),
+    curvature_mean=jnp.where(ok, mean, factors.curvature_mean).astype(dtype),
     refreshes=factors.refreshes + ok,
-    skipped=factors.skipped + (reached & ~finite),
+    skipped=factors.skipped + (reached & ~ok),
+    **emas,
   )
 
 
-def _fold_side(old, ema, hat, ok, first, numerics, gamma):
-  """``(used, ema)`` of one factor after a refresh where ``ok``."""
-  keep = ok[..., None]
-  if numerics == 'paper':
-    folded = jnp.where(first[..., None], hat, gamma * ema + (1 - gamma) * hat)
-    new_ema = jnp.where(keep, folded, ema).astype(ema.dtype)
-    used = jnp.where(keep, minmax_paper(new_ema), old).astype(old.dtype)
-    return used, new_ema
-  fresh = 0.1 * gamma * old + 0.01 * gamma * minmax_reference(hat)
-  return jnp.where(keep, fresh, old).astype(old.dtype), None
+def _range(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  return jnp.min(x, axis=-1, keepdims=True), jnp.max(x, axis=-1, keepdims=True)
+
+
+def _minmax_reference(x, lo, hi):
+  return (x - lo) / (hi - lo + REFERENCE_MINMAX_EPS)
+
+
+def _minmax_paper(x, lo, hi):
+  magnitude = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+  tiny = jnp.finfo(x.dtype).tiny
+  return (x - lo) / (hi - lo + PAPER_MINMAX_EPS * magnitude + tiny)

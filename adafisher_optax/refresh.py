@@ -160,6 +160,7 @@ def refresh_if_due(
     new = dict(current)
     for key, stats in combined.items():
       factors, shapes = current[key], matched[key][1]
+      rule = factors.block.layer_rule
       new[key] = factors_lib.refresh(
         factors,
         stats.means(numerics),
@@ -167,14 +168,16 @@ def refresh_if_due(
         due=due,
         numerics=numerics,
         gamma=gamma,
+        form=rule.curvature_sum_form(
+          numerics, dict(shapes), factors.block.stack,
+          (factors.block.h_shape[-1], factors.block.s_shape[-1]),
+        ),
+        entries=entries[key[0]],
         mean_of=functools.partial(
-          curvature_mean,
-          factors.block.layer_rule,
-          numerics=numerics,
-          shapes=shapes,
+          curvature_mean, rule, numerics=numerics, shapes=shapes,
           entries=entries[key[0]],
         ),
-      )
+      )  # fmt: skip
     return factors_lib.nest(new)
 
   if axis_names:  # collectives on due steps only
@@ -183,6 +186,10 @@ def refresh_if_due(
     )
   else:  # a refresh that is not due changes nothing: no conditional
     tree = refreshed(state.factors, due)
+  # The update reads the new factors as the plain step reads the stored
+  # ones: without the barrier XLA fuses each refresh into every parameter's
+  # update, which costs compile time, not run time.
+  tree = jax.lax.optimization_barrier(tree)
   return state._replace(
     factors=tree,
     last_refresh=jnp.where(due, state.count, state.last_refresh),

@@ -123,6 +123,15 @@ def adafisher_state(opt_state: Any) -> AdaFisherState:
   return found[0]
 
 
+def _injected(node: Any) -> bool:
+  """An ``optax.inject_hyperparams`` state (stateless or stateful flavour)."""
+  kinds = (
+    getattr(optax, 'InjectHyperparamsState', ()),
+    getattr(optax, 'InjectStatefulHyperparamsState', ()),
+  )
+  return isinstance(node, kinds)
+
+
 def injected_hyperparameters(opt_state: Any) -> dict[str, Any]:
   """The hyperparameters of the ``optax.inject_hyperparams`` around AdaFisher.
 
@@ -130,9 +139,7 @@ def injected_hyperparameters(opt_state: Any) -> dict[str, Any]:
   """
   found = [
     node
-    for node in jax.tree.leaves(
-      opt_state, is_leaf=lambda n: isinstance(n, optax.InjectHyperparamsState)
-    )
-    if isinstance(node, optax.InjectHyperparamsState)
+    for node in jax.tree.leaves(opt_state, is_leaf=_injected)
+    if _injected(node)
   ]
   return dict(found[0].hyperparams) if len(found) == 1 else {}

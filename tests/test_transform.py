@@ -18,7 +18,7 @@ from optax import tree as otu
 import adafisher_optax as afo
 from adafisher_optax.factors import minmax_paper, minmax_reference
 
-from models import MLP, ConvNet, batch, loss_fn, make_step, run
+from models import MLP, ConvNet, TiedGPT, batch, loss_fn, make_step, run
 
 TOL = dict(rtol=1e-10, atol=1e-13)
 
@@ -681,3 +681,58 @@ def test_state_can_be_donated():
   leaves = jax.tree.leaves(state)
   assert len({id(leaf) for leaf in leaves}) == len(leaves)
   jax.jit(lambda s: s, donate_argnums=0)(state)
+
+
+def _tied_problem():
+  model = TiedGPT()
+  ids = jnp.array([[1, 2, 3, 0], [4, 5, 1, 10]])
+  params = jax.tree.map(
+    lambda p: p.astype(jnp.float64) + 0.1,
+    model.init(jax.random.key(0), ids)['params'],
+  )
+  labels = jnp.roll(ids, 1, axis=1)
+
+  def loss(p, ids):
+    logits = model.apply({'params': p}, ids)
+    return optax.softmax_cross_entropy_with_integer_labels(
+      logits, labels
+    ).mean()
+
+  return params, ids, afo.value_and_grad_with_curvature(loss)
+
+
+@pytest.mark.parametrize('numerics', ['reference', 'paper'])
+def test_tied_embedding_sums_lookup_and_attend_curvatures(x64, numerics):
+  """``F~ = H_l (x) S_l + (H_a (x) S_a)^T + lambda`` (issue 19, item 2)."""
+  params, ids, grad_fn = _tied_problem()
+  layout = afo.curvature_layout(grad_fn, params, ids)
+  tx = afo.scale_by_adafisher(numerics=numerics, t_cov=1, layout=layout)
+  _, grads, curvature = grad_fn(params, ids)
+  assert afo.unpreconditioned_parameters(params, curvature) == []
+  with warnings.catch_warnings():
+    warnings.simplefilter('error', afo.UnpreconditionedParametersWarning)
+    updates, state = tx.update(grads, tx.init(params), curvature=curvature)
+  minmax = minmax_reference if numerics == 'reference' else minmax_paper
+  k = 0
+  for stats in curvature['embed']:  # (attend, lookup)
+    h_hat, s_hat = stats.means(numerics)
+    if numerics == 'reference':  # 0.1 * gamma * ones + 0.01 * gamma * new
+      h, s = 0.08 + 0.008 * minmax(h_hat), 0.08 + 0.008 * minmax(s_hat)
+    else:  # the first refresh sets the EMA to the statistics
+      h, s = minmax(h_hat), minmax(s_hat)
+    k = k + (
+      s[:, None] * h[None, :] if stats.rule == 'attend' else h[:, None] * s
+    )
+  want = grads['embed']['embedding'] / (k + 1e-3)
+  np.testing.assert_allclose(updates['embed']['embedding'], want, **TOL)
+  report = afo.diagnostics(state, params)
+  assert report.layers['embed'].rule == 'attend+embed'
+  assert report.unpreconditioned == []
+
+
+def test_tied_embedding_without_a_layout_says_to_pass_one():
+  params, ids, grad_fn = _tied_problem()
+  _, grads, curvature = grad_fn(params, ids)
+  tx = afo.adafisher(1e-3)  # sized from names: a lookup table only
+  with pytest.raises(ValueError, match=r"'embed'.*'attend'.*layout="):
+    tx.update(grads, tx.init(params), params, curvature=curvature)
