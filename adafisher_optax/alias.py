@@ -92,18 +92,14 @@ def adafisher(
   :func:`optax.adamw`), so checkpoints carry over.
 
   With ``grafting=None`` (the default, the authors' method) the step is
-  about ``learning_rate / damping`` per coordinate in ``reference``
-  numerics: tune ``learning_rate`` like SGD's (about 1000x below it).
+  about ``learning_rate / damping`` per coordinate: tune it like SGD's.
   With ``grafting='rms'`` or ``'adam'`` Adam's learning rates carry over;
   :func:`adafisher_like_adam` is the recommended configuration.
 
   Example::
 
-    tx = adafisher_optax.adafisher(1e-3, grafting='rms')
-    grad_fn = adafisher_optax.value_and_grad_with_curvature(loss_fn)
-    loss, grads, curvature = grad_fn(params, batch)
-    updates, opt_state = tx.update(grads, opt_state, params,
-                                   curvature=curvature)
+    tx = adafisher_optax.adafisher(1e-5)  # the authors' method: SGD-like lr
+    updates, state = tx.update(grads, state, params, curvature=curvature)
 
   Args:
     learning_rate: a float or an optax schedule.
@@ -135,30 +131,15 @@ def adafisher(
     Gomes et al., `AdaFisher: Adaptive Second Order Optimization via Fisher
     Information <https://arxiv.org/abs/2405.16397>`_, ICLR 2025.
   """
-  hp.check('learning_rate', learning_rate)
-  hp.check('weight_decay', weight_decay)
-  return _checked(
-    optax.chain(
-      optax.add_decayed_weights(weight_decay, mask),
-      scale_by_adafisher(
-        b1=b1,
-        damping=damping,
-        gamma=gamma,
-        t_cov=t_cov,
-        numerics=numerics,
-        fisher_power=fisher_power,
-        relative_damping=relative_damping,
-        grafting=grafting,
-        b2=b2,
-        eps=eps,
-        axis_name=axis_name,
-        mu_dtype=mu_dtype,
-        layout=layout,
-      ),
-      optax.scale_by_learning_rate(learning_rate),
-    ),
-    core_index=1,
-  )
+  hp.check_all(learning_rate=learning_rate, weight_decay=weight_decay)
+  core = scale_by_adafisher(
+    b1, damping, gamma, t_cov, numerics, fisher_power,
+    relative_damping=relative_damping, grafting=grafting, b2=b2, eps=eps,
+    axis_name=axis_name, mu_dtype=mu_dtype, layout=layout,
+  )  # fmt: skip
+  decay = optax.add_decayed_weights(weight_decay, mask)
+  rate = optax.scale_by_learning_rate(learning_rate)
+  return _checked(optax.chain(decay, core, rate), core_index=1)
 
 
 def adafisherw(
@@ -218,30 +199,15 @@ def adafisherw(
     Gomes et al., `AdaFisher: Adaptive Second Order Optimization via Fisher
     Information <https://arxiv.org/abs/2405.16397>`_, ICLR 2025.
   """
-  hp.check('learning_rate', learning_rate)
-  hp.check('weight_decay', weight_decay)
-  return _checked(
-    optax.chain(
-      scale_by_adafisher(
-        b1=b1,
-        damping=damping,
-        gamma=gamma,
-        t_cov=t_cov,
-        numerics=numerics,
-        fisher_power=fisher_power,
-        relative_damping=relative_damping,
-        grafting=grafting,
-        b2=b2,
-        eps=eps,
-        axis_name=axis_name,
-        mu_dtype=mu_dtype,
-        layout=layout,
-      ),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
-    ),
-    core_index=0,
-  )
+  hp.check_all(learning_rate=learning_rate, weight_decay=weight_decay)
+  core = scale_by_adafisher(
+    b1, damping, gamma, t_cov, numerics, fisher_power,
+    relative_damping=relative_damping, grafting=grafting, b2=b2, eps=eps,
+    axis_name=axis_name, mu_dtype=mu_dtype, layout=layout,
+  )  # fmt: skip
+  decay = optax.add_decayed_weights(weight_decay, mask)
+  rate = optax.scale_by_learning_rate(learning_rate)
+  return _checked(optax.chain(core, decay, rate), core_index=0)
 
 
 #: The configuration of :func:`adafisher_like_adam` (provisional: chosen from

@@ -134,9 +134,16 @@ def diagnostics(opt_state: Any, params: Any) -> Diagnostics:
   }
   report = {}
   for layer, blocks in layout.layers.items():
+    # Weights first, then biases (a layer's declared order), by name within.
     names = sorted(
-      {name for b in blocks for name, _ in b.roles if layer + (name,) in shapes}
+      {
+        (role != 'weight', name)
+        for b in blocks
+        for name, role in b.roles
+        if layer + (name,) in shapes
+      }
     )
+    names = [name for _, name in names]
     if not names:
       continue
     values, dominated = [], []
