@@ -25,7 +25,10 @@ class Conv:
   """A channels-last convolution with a kernel ``[*kernel_size, c_in/G, c_out]``.
 
   ``padding`` is ``'SAME'``, ``'VALID'``, ``'CIRCULAR'``, ``'REFLECT'``,
-  ``'CAUSAL'`` or one ``(low, high)`` pair per spatial axis.
+  ``'CAUSAL'`` or one ``(low, high)`` pair per spatial axis. With
+  ``transpose_kernel`` the parameter is stored as ``[*kernel_size, c_out,
+  c_in]`` with its spatial axes flipped (``ConvTranspose(transpose_kernel=
+  True)``): the convolution's kernel is that array flipped and transposed.
   """
 
   kernel_size: tuple[int, ...]
@@ -35,6 +38,7 @@ class Conv:
   kernel_dilation: tuple[int, ...]
   groups: int = 1
   use_bias: bool = True
+  transpose_kernel: bool = False
 
 
 def conv_input_padding(config: Conv, x: jax.Array):
@@ -101,6 +105,9 @@ class ConvRule(KroneckerRule):
 
   name = 'conv'
 
+  def resolve(self, config: Conv) -> ConvRule:
+    return CONV_TRANSPOSE_KERNEL if config.transpose_kernel else self
+
   def statistics(self, config: Conv, inputs, outputs, weight, bias):
     x = inputs
     n_spatial = len(config.kernel_size)
@@ -143,3 +150,25 @@ class ConvRule(KroneckerRule):
     if config.use_bias:
       h = jnp.append(h, jnp.asarray(rows * groups / patch_len, h.dtype))
     return Application((h,), rows, _sum_of_squares_over_leading(1))
+
+
+class TransposedKernelConvRule(ConvRule):
+  """:class:`Conv` with ``transpose_kernel``: the statistics of the
+  convolution, its curvature flipped and transposed like the stored kernel
+  (``K[k, o, i] = H[flip(k), i] * S[o]``)."""
+
+  name = 'conv_transpose_kernel'
+
+  def curvature(self, h, s, numerics, role, shape):
+    if role == 'bias':
+      return super().curvature(h, s, numerics, role, shape)
+    n_stack = h.ndim - 1
+    *kernel_size, c_out, c_in = shape[n_stack:]
+    d_in = _count(tuple(kernel_size)) * c_in
+    k = h[..., :d_in, None] * s[..., None, :]
+    k = k.reshape(shape[:n_stack] + (*kernel_size, c_in, c_out))
+    spatial = tuple(range(n_stack, n_stack + len(kernel_size)))
+    return jnp.swapaxes(jnp.flip(k, spatial), -1, -2)
+
+
+CONV_TRANSPOSE_KERNEL = TransposedKernelConvRule()
