@@ -19,6 +19,10 @@ from adafisher_optax.rules.base import (
   sum_of_squares_over_leading as _sum_of_squares_over_leading,
 )
 
+#: Statistics matmuls at full precision (TPUs and GPUs round float32
+#: matmul inputs by default).
+_EXACT = jax.lax.Precision.HIGHEST
+
 
 @dataclasses.dataclass(frozen=True)
 class Conv:
@@ -97,9 +101,10 @@ class ConvRule(KroneckerRule):
 
   ``H`` sums squared im2col patch entries without building patches: along
   each spatial axis the input positions that meet kernel offset ``k`` form a
-  fixed 0/1 matrix, so ``H = einsum(x**2, M_1, ..., M_n)`` contracted over
-  the batch and every position (a few small matmuls; a sharded batch
-  all-reduces only the kernel-sized result). Groups fold into rows; the
+  fixed 0/1 matrix, so ``H = einsum(sum_batch(x**2), M_1, ..., M_n)``: one
+  pass over the input, then a few matmuls on one image-sized array (a
+  sharded batch all-reduces that ``[*spatial, c_in]`` sum, on refresh steps
+  only). Groups fold into rows; the
   divisor ``D = prod(kernel) * c_in / G`` is the authors' (spec section 1).
   """
 
@@ -115,7 +120,13 @@ class ConvRule(KroneckerRule):
     batch = _count(x.shape[:n_batch])
     out_spatial = tuple(outputs.shape[n_batch : n_batch + n_spatial])
     x = x.astype(statistics_dtype()).reshape((-1,) + x.shape[n_batch:])
-    squares, pads = conv_input_padding(config, x * x)
+    # The batch summed first, as a matrix-vector product: one pass over the
+    # input, no transposed copy of it (XLA:CPU reduces a major axis alone
+    # many times slower); the sum pads like one image.
+    squares = jnp.tensordot(
+      jnp.ones(x.shape[0], x.dtype), x * x, axes=1, precision=_EXACT
+    )[None]
+    squares, pads = conv_input_padding(config, squares)
     matrices = [
       jnp.asarray(_window_matrix(*args), squares.dtype)
       for args in zip(
@@ -128,17 +139,17 @@ class ConvRule(KroneckerRule):
         out_spatial,
       )
     ]
-    # One spatial axis at a time, batch kept: matmuls, and a sharded batch
-    # sums only the kernel-sized result across devices.
-    windows, current = squares, 'b' + 'hwd'[:n_spatial] + 'c'
-    for axis in reversed(range(n_spatial)):
+    windows, current = squares[0], 'hwd'[:n_spatial] + 'c'
+    for axis in reversed(range(n_spatial)):  # small matmuls, axis by axis
       position, offset = 'hwd'[axis], 'xyz'[axis]
       result = current.replace(position, offset)
       windows = jnp.einsum(
-        f'{current},{position}{offset}->{result}', windows, matrices[axis]
+        f'{current},{position}{offset}->{result}',
+        windows,
+        matrices[axis],
+        precision=_EXACT,
       )
       current = result
-    windows = jnp.sum(windows, axis=0)
     c_in = x.shape[-1]
     groups = config.groups
     windows = windows.reshape(
