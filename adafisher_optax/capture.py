@@ -52,23 +52,25 @@ from adafisher_optax.session import (
 # ---------------------------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
-def tap(output_sums, outputs, probe, input_sums, rows):
-  """Identity on ``outputs``; its backward pass fills the probe's cotangent."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4, 5))
+def tap(output_sums, outputs, probe, input_sums, rows, stack):
+  """Identity on ``outputs``; its backward pass fills the probe's cotangent
+  (``rows`` per slice of the layer's own ``stack``)."""
   del probe, input_sums
   return outputs
 
 
-def _tap_fwd(output_sums, outputs, probe, input_sums, rows):
-  del output_sums, rows
+def _tap_fwd(output_sums, outputs, probe, input_sums, rows, stack):
+  del output_sums, rows, stack
   return outputs, (input_sums, probe)
 
 
-def _tap_bwd(output_sums, rows, residuals, g):
+def _tap_bwd(output_sums, rows, stack, residuals, g):
   input_sums, probe = residuals
   sums = output_sums(g)
   # The row count as data of the backward pass, so that a jax.vmap over the
   # model batches it like the sums and JAX adds it over the mapped axis.
+  rows = jnp.full(stack, rows, sums[0].dtype)
   rows = jnp.where(jnp.isnan(sums[0].reshape(-1)[0]), rows, rows)
   cotangent = {'inputs': input_sums, 'outputs': sums, 'rows': rows}
 
@@ -129,6 +131,12 @@ class Capture(Session):
   def stack(self, path):
     return self.plan[path].stack
 
+  def probe_stacks(self, path):
+    record = self.plan.get(path)
+    if record is None:
+      return {}
+    return {rule: c.stack for rule, c in record.contributions.items()}
+
   def not_captured(self, path, description, why):
     del path, description, why  # discovery has reported it
 
@@ -155,10 +163,14 @@ class Capture(Session):
         "params in variable_axes/variable_broadcast) filtered the layer's "
         'params: pass them through unchanged.'
       )
-    probe = probe[call.layer_type.rule.name]
-    _, application = read_call(call)
-    got = tuple(tuple(a.shape) for a in application.input_sums)
-    want = tuple(tuple(a.shape) for a in probe['inputs'])
+    rule, _, application = read_call(call)
+    probe = probe[rule.name]
+    got = (tuple(application.stack),) + tuple(
+      tuple(a.shape) for a in application.input_sums
+    )
+    want = (tuple(probe['rows'].shape),) + tuple(
+      tuple(a.shape) for a in probe['inputs']
+    )
     if got != want:
       raise CaptureError(
         f'Layer {where!r}: its probe has shapes {want} where the layer needs '
@@ -177,6 +189,7 @@ class Capture(Session):
       _devices.to_varying(probe, spread),
       application.input_sums,
       application.rows,
+      tuple(application.stack),
     )
 
 

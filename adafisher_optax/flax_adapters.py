@@ -49,10 +49,9 @@ def _transposed_pads(kernel: int, stride: int, padding: str) -> tuple[int, int]:
 
 def conv_transpose_config(module, x, kwargs) -> rules.Conv:
   """``nn.ConvTranspose`` and ``nnx.ConvTranspose``: a stride-1 convolution
-  of the input dilated by the strides, with the same kernel layout
-  ``[*k, c_in, c_out]`` (``transpose_kernel=False``)."""
-  if module.transpose_kernel:
-    raise UnsupportedCall('transpose_kernel=True (kernel [*k, c_out, c_in])')
+  of the input dilated by the strides, whose kernel is the parameter
+  ``[*k, c_in, c_out]``, or with ``transpose_kernel=True`` the parameter
+  ``[*k, c_out, c_in]`` flipped and transposed."""
   kernel_size = tuple(np.atleast_1d(module.kernel_size))
   n = len(kernel_size)
   strides = rules.per_dim(module.strides, n, 'strides')
@@ -74,7 +73,30 @@ def conv_transpose_config(module, x, kwargs) -> rules.Conv:
     input_dilation=strides,
     kernel_dilation=dilation,
     use_bias=module.use_bias,
+    transpose_kernel=bool(module.transpose_kernel),
   )
+
+
+def einsum_config(
+  module, x, kwargs, kernel_shape, use_bias, bias_shape=None
+) -> rules.Einsum:
+  """``nn.Einsum`` and ``nnx.Einsum``: the equation of the call (or of the
+  layer), resolved for these shapes. A ``bias_shape`` given (NNX's is the
+  user's) must start with the kernel's stacked axes."""
+  equation = kwargs.get('einsum_str') or module.einsum_str
+  try:
+    config = rules.einsum_config(
+      equation, x.shape, tuple(kernel_shape), use_bias
+    )
+  except ValueError as error:
+    raise UnsupportedCall(f'einsum {equation!r}: {error}') from None
+  stack = tuple(kernel_shape[: len(config.stack)])
+  if bias_shape is not None and tuple(bias_shape[: len(stack)]) != stack:
+    raise UnsupportedCall(
+      f'einsum {equation!r}: a bias of shape {tuple(bias_shape)} not led '
+      f'by the stacked axes {config.stack!r} {stack}'
+    )
+  return config
 
 
 def embed_config(module, x, kwargs) -> rules.Embed:

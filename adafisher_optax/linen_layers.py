@@ -15,10 +15,11 @@ from adafisher_optax.flax_adapters import (
   channel_norm_config,
   conv_config,
   conv_transpose_config,
+  einsum_config,
   embed_config,
   token_norm_config,
 )
-from adafisher_optax.registry import BuiltIn, UnsupportedCall
+from adafisher_optax.registry import BuiltIn
 
 
 def _dense(module: nn.Dense, x, kwargs) -> rules.Dense:
@@ -26,13 +27,19 @@ def _dense(module: nn.Dense, x, kwargs) -> rules.Dense:
 
 
 def _dense_general(module: nn.DenseGeneral, x, kwargs) -> rules.Dense:
-  if tuple(np.atleast_1d(module.batch_dims)):
-    raise UnsupportedCall('DenseGeneral with batch_dims')
+  """Its ``batch_dims`` (leading axes of input, kernel, bias and output)
+  are a stack of independent layers."""
   return rules.Dense(
     in_axes=tuple(int(a) for a in np.atleast_1d(module.axis)),
     out_ndim=len(np.atleast_1d(module.features)),
     use_bias=module.use_bias,
+    batch_ndim=len(np.atleast_1d(module.batch_dims)),
   )
+
+
+def _einsum(module: nn.Einsum, x, kwargs) -> rules.Einsum:
+  """The bias runs over the kernel's axes in the output, in its order."""
+  return einsum_config(module, x, kwargs, module.shape, module.use_bias)
 
 
 BUILT_IN: tuple[BuiltIn, ...] = (
@@ -40,6 +47,7 @@ BUILT_IN: tuple[BuiltIn, ...] = (
   BuiltIn(nn.DenseGeneral, rules.DENSE, _dense_general),
   BuiltIn(nn.Conv, rules.CONV, conv_config),
   BuiltIn(nn.ConvTranspose, rules.CONV, conv_transpose_config),
+  BuiltIn(nn.Einsum, rules.EINSUM, _einsum),
   BuiltIn(nn.Embed, rules.EMBED, embed_config, 'embedding', None),
   BuiltIn(nn.Embed, rules.ATTEND, attend_config, 'embedding', None, 'attend'),
   BuiltIn(nn.LayerNorm, rules.NORM, token_norm_config, 'scale', 'bias'),

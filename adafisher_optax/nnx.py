@@ -44,11 +44,18 @@ from adafisher_optax.flax_adapters import (
   channel_norm_config,
   conv_config,
   conv_transpose_config,
+  einsum_config,
   embed_config,
   token_norm_config,
 )
-from adafisher_optax.registry import BuiltIn, UnsupportedCall
-from adafisher_optax.session import PROBE, CaptureError, LayerCall, current
+from adafisher_optax.registry import BuiltIn
+from adafisher_optax.session import (
+  PROBE,
+  CaptureError,
+  LayerCall,
+  Session,
+  current,
+)
 
 #: Static attribute naming a tapped layer's path in the model.
 _PATH = '__adafisher_path__'
@@ -59,12 +66,20 @@ def _linear(layer: nnx.Linear, x, kwargs) -> rules.Dense:
 
 
 def _linear_general(layer: nnx.LinearGeneral, x, kwargs) -> rules.Dense:
-  if layer.batch_axis:
-    raise UnsupportedCall('LinearGeneral with batch_axis')
+  """Its ``batch_axis`` (leading axes of input, kernel, bias and output)
+  are a stack of independent layers."""
   return rules.Dense(
     in_axes=tuple(int(a) for a in np.atleast_1d(layer.axis)),
     out_ndim=len(np.atleast_1d(layer.out_features)),
     use_bias=layer.use_bias,
+    batch_ndim=len(layer.batch_axis),
+  )
+
+
+def _einsum(layer: nnx.Einsum, x, kwargs) -> rules.Einsum:
+  bias_shape = layer.bias_shape
+  return einsum_config(
+    layer, x, kwargs, layer.kernel_shape, bias_shape is not None, bias_shape
   )
 
 
@@ -73,6 +88,7 @@ BUILT_IN: tuple[BuiltIn, ...] = (
   BuiltIn(nnx.LinearGeneral, rules.DENSE, _linear_general),
   BuiltIn(nnx.Conv, rules.CONV, conv_config),
   BuiltIn(nnx.ConvTranspose, rules.CONV, conv_transpose_config),
+  BuiltIn(nnx.Einsum, rules.EINSUM, _einsum),
   BuiltIn(nnx.Embed, rules.EMBED, embed_config, 'embedding', None),
   BuiltIn(nnx.Embed, rules.ATTEND, attend_config, 'embedding', None, 'attend'),
   BuiltIn(nnx.LayerNorm, rules.NORM, token_norm_config, 'scale', 'bias'),
@@ -146,7 +162,7 @@ def _tapped_method(base: type, name: str) -> Callable[..., Any]:
         outputs=outputs,
         params=_own_params(self),
         description=type(self).__name__,
-        probe=lambda: _probe(self, path),
+        probe=lambda: _probe(self, path, session),
       )
     )
 
@@ -204,17 +220,21 @@ def _tapped_class(cls: type) -> type:
   return tapped
 
 
-def _probe(layer: nnx.Module, path: tuple) -> Any:
+def _probe(layer: nnx.Module, path: tuple, session: Session) -> Any:
   """The value of ``layer``'s probe, checked against what the capture added."""
   probe = getattr(layer, PROBE, None)
   if probe is None:
     return None
   value = probe.get_value()
-  stacks = {tuple(v['rows'].shape) for v in value.values()}
-  if stacks != {()}:
+  got = {rule: tuple(v['rows'].shape) for rule, v in value.items()}
+  want = session.probe_stacks(path)
+  wrong = sorted(
+    rule for rule in got if rule in want and got[rule] != want[rule]
+  )
+  if wrong:
     raise CaptureError(
       f'Layer {_tree.format_path(path)!r}: its probe has stack shape '
-      f'{sorted(stacks)[0]} where the layer needs (): a transform inside '
+      f'{got[wrong[0]]} where the layer needs {want[wrong[0]]}: a transform inside '
       "`loss_fn` did not slice it like the layer's parameters. Give "
       'adafisher_optax.nnx.Probe the axes of nnx.Param, e.g. '
       'nnx.StateAxes({(nnx.Param, afo.nnx.Probe): 0, ...: None}).'

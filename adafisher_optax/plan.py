@@ -28,8 +28,11 @@ def _without_gradient(tree: Any) -> Any:
   )
 
 
-def read_call(call: LayerCall) -> tuple[dict[str, str], rules.Application]:
-  """``(roles, statistics)`` of one call, read through its adapter."""
+def read_call(
+  call: LayerCall,
+) -> tuple[rules.Rule, dict[str, str], rules.Application]:
+  """``(rule, roles, statistics)`` of one call, read through its adapter
+  (``rule``: the registered rule resolved for the call's configuration)."""
   inputs, kwargs, outputs = _without_gradient(
     (call.inputs, dict(call.kwargs), call.outputs)
   )
@@ -55,21 +58,24 @@ def read_call(call: LayerCall) -> tuple[dict[str, str], rules.Application]:
       "names it uses, e.g. register_layer(..., weight='w', bias='b')."
     )
   by_role = {role: _tree.unbox(call.params[n]) for n, role in roles.items()}
-  application = layer_type.rule.statistics(
+  rule = rules.check_rule(layer_type.rule.resolve(config))
+  application = rule.statistics(
     config, inputs, outputs, by_role.get('weight'), by_role.get('bias')
   )
-  return roles, application
+  return rule, roles, application
 
 
 @dataclasses.dataclass(frozen=True)
 class Contribution:
-  """What one rule reads from a layer: its parameters and statistics shapes."""
+  """What one rule reads from a layer: its parameters and statistics shapes
+  (``stack``: the layer's own stack of independent layers, if any)."""
 
   rule: str
   roles: dict[str, str]
   param_shapes: dict[str, tuple[int, ...]]
   input_shapes: tuple[tuple[int, ...], ...]
   output_shapes: tuple[tuple[int, ...], ...]
+  stack: tuple[int, ...] = ()
 
   def probe(self, stack: tuple[int, ...]) -> dict[str, Any]:
     """A zero probe for the (stacked) layer."""
@@ -81,7 +87,7 @@ class Contribution:
     return {
       'inputs': tuple(zeros(s) for s in self.input_shapes),
       'outputs': tuple(zeros(s) for s in self.output_shapes),
-      'rows': zeros(()),
+      'rows': zeros(self.stack),
     }
 
   def statistics(self, cotangent: dict[str, Any]) -> LayerStatistics:
@@ -116,14 +122,15 @@ class LayerRecord:
 
   def add(self, call: LayerCall) -> None:
     """Adds one application (raises :class:`UnsupportedCall`)."""
-    roles, application = read_call(call)
+    rule, roles, application = read_call(call)
     output_shapes = jax.eval_shape(application.output_sums, call.outputs)
     contribution = Contribution(
-      call.layer_type.rule.name,
+      rule.name,
       roles,
       {n: tuple(jnp.shape(_tree.unbox(call.params[n]))) for n in roles},
       tuple(tuple(a.shape) for a in application.input_sums),
       tuple(tuple(a.shape) for a in output_shapes),
+      tuple(application.stack),
     )
     known = self.contributions.setdefault(contribution.rule, contribution)
     if known != contribution:

@@ -123,6 +123,12 @@ class Session(abc.ABC):
   def stack(self, path: _tree.Path) -> tuple[int, ...]:
     """The leading axes by which the layer's params are stacked."""
 
+  def probe_stacks(self, path: _tree.Path) -> dict[str, tuple[int, ...]]:
+    """``{rule: shape}`` of the row counts in the probe of one application
+    of the layer at ``path`` (``{}``: not known in this session)."""
+    del path
+    return {}
+
   @abc.abstractmethod
   def not_captured(self, path: _tree.Path, description: str, why: str) -> None:
     """Reports a registered layer the capture cannot follow (``F~ = 1``)."""

@@ -159,6 +159,28 @@ LAYERS = {
     ),
     (2, 5, 3),
   ),
+  'linear_general_batch_axis': (
+    lambda r: nnx.LinearGeneral(5, (2, 3), batch_axis={0: 3}, rngs=r),
+    nn.DenseGeneral((2, 3), batch_dims=(0,)),
+    (3, 4, 5),
+  ),
+  'einsum_gemma_query': (
+    lambda r: nnx.Einsum('BTD,NDH->BTNH', (3, 5, 4), (3, 4), rngs=r),
+    nn.Einsum((3, 5, 4), 'BTD,NDH->BTNH'),
+    (2, 6, 5),
+  ),
+  'einsum_stacked_heads_no_bias': (
+    lambda r: nnx.Einsum('BNTH,NHD->BNTD', (3, 4, 5), rngs=r),
+    nn.Einsum((3, 4, 5), 'BNTH,NHD->BNTD', use_bias=False),
+    (2, 3, 6, 4),
+  ),
+  'conv_transpose_transposed_kernel': (
+    lambda r: nnx.ConvTranspose(
+      4, 3, (3, 2), strides=(2, 1), transpose_kernel=True, rngs=r
+    ),
+    nn.ConvTranspose(3, (3, 2), strides=(2, 1), transpose_kernel=True),
+    (2, 4, 3, 4),
+  ),
   'layer_norm': (lambda r: nnx.LayerNorm(5, rngs=r), nn.LayerNorm(), (3, 4, 5)),
   'layer_norm_2d_no_bias': (
     lambda r: nnx.LayerNorm(5, use_bias=False, rngs=r),
@@ -659,12 +681,11 @@ def test_tied_embedding_gets_lookup_and_attend_statistics():
 
 
 class Unsupported(nnx.Module):
-  """A transposed-kernel ConvTranspose and an RMSNorm given a mask
-  (positionally)."""
+  """A circular ConvTranspose and an RMSNorm given a mask (positionally)."""
 
   def __init__(self, rngs):
     self.mix = nnx.Linear(4, 4, rngs=rngs)
-    self.up = nnx.ConvTranspose(4, 4, 3, transpose_kernel=True, rngs=rngs)
+    self.up = nnx.ConvTranspose(4, 4, 3, padding='CIRCULAR', rngs=rngs)
     self.norm = nnx.RMSNorm(4, rngs=rngs)
 
   def __call__(self, x):
@@ -677,7 +698,7 @@ def test_unsupported_applications_are_reported_and_left_unpreconditioned():
   model = _init(lambda: Unsupported(nnx.Rngs(0)))
   x = _x(2, 5, 4)
   grad_fn = afo.nnx.value_and_grad_with_curvature(lambda m, x: m(x) ** 2)
-  reported = r'(?=.*up \(ConvTranspose: .*transpose_kernel)'
+  reported = r'(?=.*up \(ConvTranspose: .*CIRCULAR)'
   reported += r'(?=.*norm \(RMSNorm: .*mask)'
   with pytest.warns(afo.UnsupportedLayerWarning, match=reported):
     _, grads, curvature = nnx.jit(grad_fn)(model, x)

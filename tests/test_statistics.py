@@ -251,21 +251,14 @@ def test_conv_transpose(case):
   np.testing.assert_allclose(s, want_s, **TOL)
 
 
-@pytest.mark.parametrize(
-  'config,why',
-  [
-    (dict(transpose_kernel=True), 'transpose_kernel'),
-    (dict(padding='CIRCULAR'), 'CIRCULAR'),
-  ],
-)
-def test_conv_transpose_that_is_not_a_dilated_conv_is_reported(config, why):
-  layer = nn.ConvTranspose(3, (3,), strides=(2,), **config)
+def test_conv_transpose_that_is_not_a_dilated_conv_is_reported():
+  layer = nn.ConvTranspose(3, (3,), strides=(2,), padding='CIRCULAR')
   x = _x(2, 5, 2)
   params = layer.init(jax.random.key(0), x)['params']
   grad_fn = afo.value_and_grad_with_curvature(
     lambda p, x: jnp.sum(layer.apply({'params': p}, x) ** 2)
   )
-  with pytest.warns(afo.UnsupportedLayerWarning, match=why):
+  with pytest.warns(afo.UnsupportedLayerWarning, match='CIRCULAR'):
     _, _, curvature = grad_fn(params, x)
   assert curvature == {}
 

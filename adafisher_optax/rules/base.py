@@ -25,15 +25,20 @@ class Application(NamedTuple):
   """The statistics of one application of a layer.
 
   Attributes:
-    input_sums: forward-pass sums over rows (the ``H`` side).
-    rows: the number of rows behind them (static).
+    input_sums: forward-pass sums over rows (the ``H`` side), each
+      ``[*stack, n]``.
+    rows: the number of rows behind them, per slice (static).
     output_sums: maps the gradient ``g`` of the layer's output to the
       backward-pass sums (the ``S`` side).
+    stack: the leading axes of a layer that is itself a stack of
+      independent layers (a ``DenseGeneral`` with ``batch_dims``, an einsum
+      whose kernel shares axes with its input and output); ``()`` otherwise.
   """
 
   input_sums: tuple[jax.Array, ...]
   rows: int
   output_sums: Callable[[jax.Array], tuple[jax.Array, ...]]
+  stack: Shape = ()
 
 
 def sum_over_all_but(x: jax.Array, keep: Sequence[int]) -> jax.Array:
@@ -87,6 +92,12 @@ class Rule:
 
   name: str
   output_degrees: tuple[int, ...] = (2,)
+
+  def resolve(self, config: Any) -> Rule:
+    """The rule doing the maths of one application (``self``; a family of
+    rules parametrised by the configuration returns its member)."""
+    del config
+    return self
 
   def has_parameters(self, config: Any) -> tuple[bool, bool]:
     """Whether the layer has a weight and a bias (shift)."""
@@ -208,3 +219,38 @@ class KroneckerRule(Rule):
     if 'bias' in shapes:
       weights[-1] += 1
     return CurvatureSum(outer=True, weights=weights)
+
+
+class RuleTable(dict):
+  """Rules by name; a name ``'family:parameters'`` of a registered family
+  builds its rule on first use, so that the rule names a state, a layout or
+  a checkpoint holds resolve in any process."""
+
+  def __init__(self, rules: Sequence[Rule] = ()):
+    super().__init__((rule.name, rule) for rule in rules)
+    self.families: dict[str, Callable[[str], Rule]] = {}
+
+  def __missing__(self, name: str) -> Rule:
+    family, colon, parameters = name.partition(':')
+    if not colon or family not in self.families:
+      raise KeyError(name)
+    try:
+      rule = self.families[family](parameters)
+    except ValueError as error:
+      raise KeyError(f'{name}: {error}') from None
+    return self.check(rule)
+
+  def check(self, rule: Any) -> Rule:
+    """Registers ``rule`` by its name (once per name); returns the rule
+    registered under it."""
+    if not isinstance(rule, Rule):
+      raise TypeError(
+        f'rule must be an adafisher_optax.rules.Rule (e.g. rules.DENSE), '
+        f'got {rule!r}.'
+      )
+    known = self.setdefault(rule.name, rule)
+    if known is not rule and known != rule:
+      raise ValueError(
+        f'a different rule named {rule.name!r} is already registered.'
+      )
+    return known

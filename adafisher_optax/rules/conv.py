@@ -19,13 +19,20 @@ from adafisher_optax.rules.base import (
   sum_of_squares_over_leading as _sum_of_squares_over_leading,
 )
 
+#: Statistics matmuls at full precision (TPUs and GPUs round float32
+#: matmul inputs by default).
+_EXACT = jax.lax.Precision.HIGHEST
+
 
 @dataclasses.dataclass(frozen=True)
 class Conv:
   """A channels-last convolution with a kernel ``[*kernel_size, c_in/G, c_out]``.
 
   ``padding`` is ``'SAME'``, ``'VALID'``, ``'CIRCULAR'``, ``'REFLECT'``,
-  ``'CAUSAL'`` or one ``(low, high)`` pair per spatial axis.
+  ``'CAUSAL'`` or one ``(low, high)`` pair per spatial axis. With
+  ``transpose_kernel`` the parameter is stored as ``[*kernel_size, c_out,
+  c_in]`` with its spatial axes flipped (``ConvTranspose(transpose_kernel=
+  True)``): the convolution's kernel is that array flipped and transposed.
   """
 
   kernel_size: tuple[int, ...]
@@ -35,6 +42,7 @@ class Conv:
   kernel_dilation: tuple[int, ...]
   groups: int = 1
   use_bias: bool = True
+  transpose_kernel: bool = False
 
 
 def conv_input_padding(config: Conv, x: jax.Array):
@@ -93,13 +101,17 @@ class ConvRule(KroneckerRule):
 
   ``H`` sums squared im2col patch entries without building patches: along
   each spatial axis the input positions that meet kernel offset ``k`` form a
-  fixed 0/1 matrix, so ``H = einsum(x**2, M_1, ..., M_n)`` contracted over
-  the batch and every position (a few small matmuls; a sharded batch
-  all-reduces only the kernel-sized result). Groups fold into rows; the
+  fixed 0/1 matrix, so ``H = einsum(sum_batch(x**2), M_1, ..., M_n)``: one
+  pass over the input, then a few matmuls on one image-sized array (a
+  sharded batch all-reduces that ``[*spatial, c_in]`` sum, on refresh steps
+  only). Groups fold into rows; the
   divisor ``D = prod(kernel) * c_in / G`` is the authors' (spec section 1).
   """
 
   name = 'conv'
+
+  def resolve(self, config: Conv) -> ConvRule:
+    return CONV_TRANSPOSE_KERNEL if config.transpose_kernel else self
 
   def statistics(self, config: Conv, inputs, outputs, weight, bias):
     x = inputs
@@ -108,7 +120,13 @@ class ConvRule(KroneckerRule):
     batch = _count(x.shape[:n_batch])
     out_spatial = tuple(outputs.shape[n_batch : n_batch + n_spatial])
     x = x.astype(statistics_dtype()).reshape((-1,) + x.shape[n_batch:])
-    squares, pads = conv_input_padding(config, x * x)
+    # The batch summed first, as a matrix-vector product: one pass over the
+    # input, no transposed copy of it (XLA:CPU reduces a major axis alone
+    # many times slower); the sum pads like one image.
+    squares = jnp.tensordot(
+      jnp.ones(x.shape[0], x.dtype), x * x, axes=1, precision=_EXACT
+    )[None]
+    squares, pads = conv_input_padding(config, squares)
     matrices = [
       jnp.asarray(_window_matrix(*args), squares.dtype)
       for args in zip(
@@ -121,17 +139,17 @@ class ConvRule(KroneckerRule):
         out_spatial,
       )
     ]
-    # One spatial axis at a time, batch kept: matmuls, and a sharded batch
-    # sums only the kernel-sized result across devices.
-    windows, current = squares, 'b' + 'hwd'[:n_spatial] + 'c'
-    for axis in reversed(range(n_spatial)):
+    windows, current = squares[0], 'hwd'[:n_spatial] + 'c'
+    for axis in reversed(range(n_spatial)):  # small matmuls, axis by axis
       position, offset = 'hwd'[axis], 'xyz'[axis]
       result = current.replace(position, offset)
       windows = jnp.einsum(
-        f'{current},{position}{offset}->{result}', windows, matrices[axis]
+        f'{current},{position}{offset}->{result}',
+        windows,
+        matrices[axis],
+        precision=_EXACT,
       )
       current = result
-    windows = jnp.sum(windows, axis=0)
     c_in = x.shape[-1]
     groups = config.groups
     windows = windows.reshape(
@@ -143,3 +161,25 @@ class ConvRule(KroneckerRule):
     if config.use_bias:
       h = jnp.append(h, jnp.asarray(rows * groups / patch_len, h.dtype))
     return Application((h,), rows, _sum_of_squares_over_leading(1))
+
+
+class TransposedKernelConvRule(ConvRule):
+  """:class:`Conv` with ``transpose_kernel``: the statistics of the
+  convolution, its curvature flipped and transposed like the stored kernel
+  (``K[k, o, i] = H[flip(k), i] * S[o]``)."""
+
+  name = 'conv_transpose_kernel'
+
+  def curvature(self, h, s, numerics, role, shape):
+    if role == 'bias':
+      return super().curvature(h, s, numerics, role, shape)
+    n_stack = h.ndim - 1
+    *kernel_size, c_out, c_in = shape[n_stack:]
+    d_in = _count(tuple(kernel_size)) * c_in
+    k = h[..., :d_in, None] * s[..., None, :]
+    k = k.reshape(shape[:n_stack] + (*kernel_size, c_in, c_out))
+    spatial = tuple(range(n_stack, n_stack + len(kernel_size)))
+    return jnp.swapaxes(jnp.flip(k, spatial), -1, -2)
+
+
+CONV_TRANSPOSE_KERNEL = TransposedKernelConvRule()

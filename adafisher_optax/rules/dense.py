@@ -19,23 +19,42 @@ from adafisher_optax.rules.base import (
 @dataclasses.dataclass(frozen=True)
 class Dense:
   """``y = x . W (+ b)``: the ``in_axes`` of ``x`` contract with the kernel's
-  leading axes, whose ``out_ndim`` trailing axes are the output's last axes."""
+  leading axes, whose ``out_ndim`` trailing axes are the output's last axes.
+
+  With ``batch_ndim > 0`` (``DenseGeneral``'s ``batch_dims``) the leading
+  axes of ``x``, of the kernel, of the bias and of the output are a stack
+  of independent layers: statistics per slice.
+  """
 
   in_axes: tuple[int, ...] = (-1,)
   out_ndim: int = 1
   use_bias: bool = True
+  batch_ndim: int = 0
 
 
 class DenseRule(KroneckerRule):
-  """:class:`Dense`: rows are every axis of ``x`` that is not contracted."""
+  """:class:`Dense`: rows are every axis of ``x`` that is neither contracted
+  nor a batch axis."""
 
   name = 'dense'
 
   def statistics(self, config: Dense, inputs, outputs, weight, bias):
     x = inputs.astype(statistics_dtype())
+    stack = tuple(x.shape[: config.batch_ndim])
     contracted = sorted({a % x.ndim for a in config.in_axes})
-    h = sum_over_all_but(x * x, contracted).reshape(-1)
-    rows = count(tuple(d for i, d in enumerate(x.shape) if i not in contracted))
+    kept = list(range(len(stack))) + contracted
+    h = sum_over_all_but(x * x, kept).reshape(stack + (-1,))
+    rows = count(tuple(d for i, d in enumerate(x.shape) if i not in kept))
     if config.use_bias:
-      h = jnp.append(h, jnp.asarray(rows, h.dtype))
-    return Application((h,), rows, sum_of_squares_over_leading(config.out_ndim))
+      ones = jnp.full(stack + (1,), rows, h.dtype)
+      h = jnp.concatenate([h, ones], axis=-1)
+    if not stack:
+      output_sums = sum_of_squares_over_leading(config.out_ndim)
+    else:
+
+      def output_sums(g):
+        g = g.astype(statistics_dtype())
+        middle = range(len(stack), g.ndim - config.out_ndim)
+        return (jnp.sum(g * g, axis=tuple(middle)).reshape(stack + (-1,)),)
+
+    return Application((h,), rows, output_sums, stack)
