@@ -100,8 +100,9 @@ def main(argv=None):
   from jax.sharding import PartitionSpec as P
 
   import adafisher_optax as afo
-  from benchmarks.step_cost import WORKLOADS, machine
+  from benchmarks.measure import machine
   from benchmarks.training import init_model, make_train_step
+  from benchmarks.workloads import WORKLOADS
 
   devices = jax.devices()[: args.devices]
   mesh = jax.make_mesh(

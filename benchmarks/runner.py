@@ -357,14 +357,14 @@ def step_times(
   Every arm trains one run (seed 0) on the same batch; a round calls each
   program, in a new random order, for ``steps_per_round`` steps (one jitted
   ``lax.scan``; for kfac-jax its own compiled step, called in a loop),
-  through :func:`benchmarks.step_cost.interleaved_rounds`, after a compiled
+  through :func:`benchmarks.measure.interleaved_rounds`, after a compiled
   warm-up round. An AdaFisher arm that refreshes every ``p > 1`` steps has
   two programs (``name``: the refresh step, ``name/plain``: the others) and
   costs ``(refresh + (p - 1) * plain) / p`` per step. Returns the per-round
   seconds per step, their medians and each arm's ratio to the first arm's
   (Adam's), which is the ratio used.
   """
-  from benchmarks.step_cost import interleaved_rounds
+  from benchmarks.measure import interleaved_rounds
 
   learning_rates = learning_rates or {}
   data = jax.device_put(task.data)

@@ -89,3 +89,22 @@ def verdict(
   if -margin <= low and high <= margin:
     return 'equivalent'
   return 'inconclusive'
+
+
+def ratio(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> dict:
+  """The ratio of paired positive measurements ``a / b`` (e.g. times taken
+  in the same round): the geometric mean of the per-pair ratios and the
+  t-based ``level`` confidence interval of it (on the log ratios; NaN with
+  fewer than two pairs)."""
+  logs = np.log(np.asarray(a, np.float64) / np.asarray(b, np.float64))
+  if len(logs) < 2:
+    value = float(np.exp(logs.mean())) if len(logs) else math.nan
+    return {'ratio': value, 'ci': [math.nan, math.nan], 'n': len(logs)}
+  mean = float(logs.mean())
+  se = float(logs.std(ddof=1)) / math.sqrt(len(logs))
+  half = float(scipy_stats.t.ppf(0.5 + level / 2, len(logs) - 1)) * se
+  return {
+    'ratio': math.exp(mean),
+    'ci': [math.exp(mean - half), math.exp(mean + half)],
+    'n': len(logs),
+  }
