@@ -148,3 +148,28 @@ class CharGPT(nn.Module):
     if self.tied:
       return embed.attend(x)
     return nn.Dense(self.vocab, name='head')(x)
+
+
+class Autoencoder(nn.Module):
+  """A deep autoencoder: ``784-w1-...-code`` and the mirror image back to 784.
+
+  Logistic (sigmoid) hidden units, a linear code layer, and linear output
+  logits (the loss applies the sigmoid), as in the classic curvature
+  benchmark (Hinton & Salakhutdinov 2006; Martens 2010; Martens & Grosse
+  2015: 784-1000-500-250-30).
+  """
+
+  widths: tuple[int, ...] = (1000, 500, 250, 30)
+  pixels: int = 784
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    del train
+    h = x.reshape(x.shape[0], -1)
+    *hidden, code = self.widths
+    for width in hidden:
+      h = nn.sigmoid(nn.Dense(width)(h))
+    h = nn.Dense(code, name='code')(h)
+    for width in reversed(hidden):
+      h = nn.sigmoid(nn.Dense(width)(h))
+    return nn.Dense(self.pixels, name='pixels')(h)

@@ -71,20 +71,21 @@ def verdict(
   """``better``, ``worse``, ``equivalent`` or ``inconclusive`` for ``a``
   against ``b`` (``comparison`` from :func:`paired` with ``holm_p``).
 
-  * better / worse: the Holm-adjusted p is below ``alpha`` and the mean
-    difference is in ``a``'s favour / against it by more than ``margin``;
+  * better / worse: the Holm-adjusted p is below ``alpha`` and the whole
+    confidence interval lies beyond the margin in ``a``'s favour / against
+    it;
   * equivalent: the confidence interval lies within ``+-margin``;
   * inconclusive: anything else (including a significant difference
-    smaller than the margin whose interval reaches past it).
+    whose interval reaches inside the margin).
   """
   mean, (low, high) = comparison['mean'], comparison['ci']
   p = comparison.get('holm_p', comparison['p'])
   if not all(math.isfinite(v) for v in (mean, low, high, p)):
     return 'inconclusive'
-  gain = mean if higher_is_better else -mean
-  if p < alpha and gain > margin:
+  gain_low, gain_high = (low, high) if higher_is_better else (-high, -low)
+  if p < alpha and gain_low > margin:
     return 'better'
-  if p < alpha and gain < -margin:
+  if p < alpha and gain_high < -margin:
     return 'worse'
   if -margin <= low and high <= margin:
     return 'equivalent'
