@@ -3,9 +3,10 @@
 Capture -> statistics -> factor EMA -> preconditioner -> update:
 
 * :func:`value_and_grad_with_curvature` (``grad``; the driver ``capture``
-  with the front ends ``linen``, ``nnx`` and ``tags``) returns the loss, the gradients and
-  per-layer :class:`LayerStatistics` (``statistics``), for the layer types of
-  the registry (``layers``; maths in ``rules``);
+  with the front ends ``linen``, ``nnx`` and ``tags`` reporting to a
+  ``session``) returns the loss, the gradients and per-layer
+  :class:`LayerStatistics` (``statistics``), for the layer types of the
+  ``registry`` (maths in ``rules``);
 * :func:`scale_by_adafisher` (``transform``) folds them into the factor EMAs
   (``factors``) and divides the momentum by ``F~`` (``preconditioner``);
 * :func:`adafisher_like_adam`, :func:`adafisher` and :func:`adafisherw`
@@ -17,34 +18,32 @@ The optimizer core imports neither Flax nor orbax; the Flax front ends,
 
 import importlib
 
-from adafisher_optax import grafting, rules, tags
+from adafisher_optax import controls, grafting, rules, tags
 from adafisher_optax.accumulation import MultiStepsState, multi_steps
 from adafisher_optax.alias import adafisher, adafisher_like_adam, adafisherw
-from adafisher_optax.capture import (
-  CaptureError,
-  UnsupportedLayerWarning,
-  softmax_cross_entropy,
-)
 from adafisher_optax.diagnostics import (
   Diagnostics,
   LayerDiagnostics,
   diagnostics,
 )
-from adafisher_optax.factors import Factors, PaperFactors, ReferenceFactors
+from adafisher_optax.factors import FactorBuffers, LayerFactors
+from adafisher_optax.fisher import softmax_cross_entropy
 from adafisher_optax.grad import curvature_layout, value_and_grad_with_curvature
-from adafisher_optax.layers import LayerType, UnsupportedCall, register_layer
-from adafisher_optax.schedule import (
+from adafisher_optax.registry import LayerType, UnsupportedCall, register_layer
+from adafisher_optax.schedule import refresh_schedule
+from adafisher_optax.session import CaptureError, UnsupportedLayerWarning
+from adafisher_optax.sharding import state_shardings
+from adafisher_optax.state import (
+  AdaFisherState,
+  Settings,
   StaleFactorsWarning,
   adafisher_state,
-  refresh_schedule,
 )
-from adafisher_optax.sharding import state_shardings
 from adafisher_optax.statistics import (
   LayerStatistics,
   unpreconditioned_parameters,
 )
 from adafisher_optax.transform import (
-  AdaFisherState,
   UnpreconditionedParametersWarning,
   scale_by_adafisher,
 )
@@ -77,13 +76,13 @@ __all__ = [
   'AdaFisherState',
   'CaptureError',
   'Diagnostics',
-  'Factors',
+  'FactorBuffers',
   'LayerDiagnostics',
+  'LayerFactors',
   'LayerStatistics',
   'LayerType',
   'MultiStepsState',
-  'PaperFactors',
-  'ReferenceFactors',
+  'Settings',
   'StaleFactorsWarning',
   'TrainState',
   'UnpreconditionedParametersWarning',
@@ -94,6 +93,7 @@ __all__ = [
   'adafisher_state',
   'adafisherw',
   'checkpoint',
+  'controls',
   'curvature_layout',
   'diagnostics',
   'grafting',

@@ -34,3 +34,24 @@ def tracks_varying(axis_name: Any) -> bool:
   differs between devices.
   """
   return axis_name in varying_axes(jax.lax.axis_index(axis_name))
+
+
+def untracked_axes(x: Any) -> frozenset:
+  """Named axes around this trace along which ``x`` may differ untracked.
+
+  The axes of an enclosing ``pmap``: neither typed varying (as inside
+  ``shard_map``) nor the axis of a named ``jax.vmap`` that batches ``x``.
+  Read from JAX's axis environment, which has no public API: empty where
+  it cannot be read.
+  """
+  try:
+    from jax._src import core
+    from jax._src.interpreters import batching
+
+    names = set(core.get_axis_env().axis_names())
+    while isinstance(x, batching.BatchTracer):
+      names.discard(x._trace.axis_data.name)
+      x = x.val
+  except (ImportError, AttributeError):  # another JAX: no detection
+    return frozenset()
+  return frozenset(n for n in names if not tracks_varying(n))

@@ -8,7 +8,9 @@ all micro-batches alongside the gradients, so ``k`` micro-batches of size
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -18,17 +20,41 @@ import optax
 from adafisher_optax import statistics as statistics_lib
 
 
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class Accumulation:
+  """The static settings of a :func:`multi_steps` optimizer.
+
+  Attributes:
+    every_k: micro-batches per update: an int or a schedule of the update
+      count.
+  """
+
+  every_k: int | Callable[[Any], Any]
+
+  def micro_batches(self, gradient_step: int) -> int:
+    """The micro-batches of update number ``gradient_step``."""
+    if callable(self.every_k):
+      return int(self.every_k(gradient_step))
+    return self.every_k
+
+
 class MultiStepsState(NamedTuple):
   """State of :func:`multi_steps`.
 
   Attributes:
     inner: the ``optax.MultiSteps`` state (accumulated gradients, the inner
       optimizer's state, the micro-step counter).
-    curvature: the statistics summed over the micro-batches so far.
+    curvature: the statistics summed over the window's micro-batches that
+      brought curvature.
+    captured: how many micro-batches of the window brought curvature.
+    settings: :class:`Accumulation` (static).
   """
 
   inner: optax.MultiStepsState
   curvature: Any
+  captured: jax.Array
+  settings: Accumulation
 
 
 def _check_every_k(every_k_schedule: Any) -> None:
@@ -58,7 +84,10 @@ def multi_steps(
   optimizer sees the sum with the output gradients rescaled to the averaged
   objective, exactly as if one batch of all micro-batches had been captured.
   Micro-batches without ``curvature`` (plain steps) accumulate gradients
-  only: capture either every micro-batch of an accumulation window or none.
+  only; an update refreshes only when its last micro-batch brings
+  curvature, and a window's statistics never reach the next window.
+  :func:`adafisher_optax.refresh_schedule` of this optimizer's state yields
+  one flag per micro-batch, the same over each window.
 
   Args:
     tx: the optimizer (e.g. :func:`adafisher_optax.adafisher`).
@@ -74,7 +103,7 @@ def multi_steps(
     ``curvature=`` like AdaFisher's.
   """
   _check_every_k(every_k_schedule)
-  if layout is None or not statistics_lib.flatten(layout):
+  if layout is None or not statistics_lib.by_block(layout):
     raise ValueError(
       'multi_steps needs layout=adafisher_optax.curvature_layout(grad_fn, '
       'params, *batch) to size its running sum of statistics.'
@@ -83,8 +112,25 @@ def multi_steps(
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), layout)
   structure = jax.tree.structure(zeros)
 
+  settings = Accumulation(every_k_schedule)
+
   def init_fn(params):
-    return MultiStepsState(inner=inner.init(params), curvature=zeros)
+    return MultiStepsState(
+      inner=inner.init(params),
+      curvature=zeros,
+      captured=jnp.zeros([], jnp.int32),
+      settings=settings,
+    )
+
+  def window_closed(new_updates, inner_state, total, captured):
+    """The new state; a window's statistics go with it when it ends."""
+    emitted = inner_state.mini_step == 0
+    return new_updates, MultiStepsState(
+      inner=inner_state,
+      curvature=jax.tree.map(lambda t: jnp.where(emitted, 0, t), total),
+      captured=jnp.where(emitted, 0, captured),
+      settings=settings,
+    )
 
   def update_fn(updates, state, params=None, *, curvature=None, **extra_args):
     if not isinstance(state, MultiStepsState):
@@ -96,7 +142,9 @@ def multi_steps(
       new_updates, inner_state = inner.update(
         updates, state.inner, params, **extra_args
       )
-      return new_updates, state._replace(inner=inner_state)
+      return window_closed(
+        new_updates, inner_state, state.curvature, state.captured
+      )
     if jax.tree.structure(curvature) != structure:
       raise ValueError(
         'multi_steps: curvature does not match the layout given at '
@@ -104,17 +152,15 @@ def multi_steps(
         f'{jax.tree.structure(curvature)}'
       )
     total = jax.tree.map(jnp.add, state.curvature, curvature)
-    micro_batches = state.inner.mini_step + 1
+    captured = state.captured + 1
     averaged = jax.tree.map(
-      lambda s: s.average_of(micro_batches),
+      lambda s: s.average_of(captured),
       total,
       is_leaf=statistics_lib.is_layer_statistics,
     )
     new_updates, inner_state = inner.update(
       updates, state.inner, params, curvature=averaged, **extra_args
     )
-    emitted = inner_state.mini_step == 0
-    total = jax.tree.map(lambda t: jnp.where(emitted, 0, t), total)
-    return new_updates, MultiStepsState(inner=inner_state, curvature=total)
+    return window_closed(new_updates, inner_state, total, captured)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -15,12 +15,25 @@ from typing import Any
 import jax
 import optax
 
+from adafisher_optax import _tree
 from adafisher_optax import hyperparameters as hp
 from adafisher_optax.accumulation import MultiStepsState
 from adafisher_optax.grafting import Grafting
-from adafisher_optax.preconditioner import Ablation
 from adafisher_optax.rules import Numerics
 from adafisher_optax.transform import AdaFisherState, scale_by_adafisher
+
+
+def _check_params(params: Any, mu: Any) -> None:
+  """``params`` must be the params the state was initialised for."""
+  held = {p: tuple(v.shape) for p, v in _tree.leaves_with_paths(mu)}
+  for path, value in _tree.leaves_with_paths(params):
+    shape = tuple(getattr(value, 'shape', ()))
+    if held.get(path, shape) != shape:
+      raise ValueError(
+        f'AdaFisher: params {_tree.format_path(path)!r} has shape {shape}, '
+        f'the state holds {held[path]}: the params passed to update are not '
+        'those the state was initialised for (another model?).'
+      )
 
 
 def _checked(
@@ -44,6 +57,8 @@ def _checked(
         'AdaFisher optimizer (no AdaFisherState where its init puts it): '
         'pass the state that this tx.init returned.'
       )
+    if params is not None:
+      _check_params(params, state[core_index].mu)
     return chained.update(updates, state, params, **extra_args)
 
   return optax.GradientTransformationExtraArgs(chained.init, update_fn)
@@ -67,7 +82,6 @@ def adafisher(
   mu_dtype: Any = None,
   mask: Any | Callable[[optax.Params], Any] | None = None,
   layout: Any = None,
-  ablation: Ablation = None,
 ) -> optax.GradientTransformationExtraArgs:
   """AdaFisher with coupled L2 weight decay.
 
@@ -112,7 +126,6 @@ def adafisher(
     mu_dtype: optional momentum dtype.
     mask: optional mask (tree or callable) of the parameters to decay.
     layout: exact factor shapes, see :func:`scale_by_adafisher`.
-    ablation: a benchmark control, see :func:`scale_by_adafisher`.
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes
@@ -141,7 +154,6 @@ def adafisher(
         axis_name=axis_name,
         mu_dtype=mu_dtype,
         layout=layout,
-        ablation=ablation,
       ),
       optax.scale_by_learning_rate(learning_rate),
     ),
@@ -167,7 +179,6 @@ def adafisherw(
   mu_dtype: Any = None,
   mask: Any | Callable[[optax.Params], Any] | None = None,
   layout: Any = None,
-  ablation: Ablation = None,
 ) -> optax.GradientTransformationExtraArgs:
   """AdaFisherW: AdaFisher with decoupled weight decay.
 
@@ -198,7 +209,6 @@ def adafisherw(
     mu_dtype: optional momentum dtype.
     mask: optional mask (tree or callable) of the parameters to decay.
     layout: exact factor shapes, see :func:`scale_by_adafisher`.
-    ablation: a benchmark control, see :func:`scale_by_adafisher`.
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes
@@ -226,7 +236,6 @@ def adafisherw(
         axis_name=axis_name,
         mu_dtype=mu_dtype,
         layout=layout,
-        ablation=ablation,
       ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),

@@ -1,8 +1,9 @@
 """What the preconditioner does to your model, layer by layer.
 
-Everything is read from the optimizer state (the numerics from the factors'
-type, the damping from the latest refresh) and the params' shapes, so the
-report cannot disagree with the optimizer. The authors' constants make
+Everything is read from the optimizer state (its factors, and the settings
+of the optimizer that returned it: numerics, damping, with the values of an
+``optax.inject_hyperparams`` around it) and the params' shapes, so the
+report is what the next update does. The authors' constants make
 ``F~ = H (x) S + lambda`` damping-dominated almost everywhere in
 ``reference`` numerics; :func:`diagnostics` shows how much of that holds
 for a given model.
@@ -17,11 +18,14 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from adafisher_optax import _tree, rules
-from adafisher_optax import factors as factors_lib
-from adafisher_optax.preconditioner import preconditioner
-from adafisher_optax.schedule import adafisher_state, overdue
-from adafisher_optax.transform import layer_factors
+from adafisher_optax import _tree
+from adafisher_optax.preconditioner import curvature, preconditioner
+from adafisher_optax.state import (
+  INJECTED,
+  adafisher_state,
+  injected_hyperparameters,
+  overdue,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,10 +33,11 @@ class LayerDiagnostics:
   """The preconditioner of one layer.
 
   Attributes:
-    rule: the rule the factors were sized for (``dense``, ``conv``,
-      ``embed``, ``norm``, ...): the layer's own with a ``layout``; sized
-      from parameter shapes alone, every kernel reads as ``dense`` (a
-      convolution's factors and ``F~`` are the same).
+    rule: the rule(s) the factors were sized for (``dense``, ``conv``,
+      ``embed``, ``norm``, ``attend+embed`` for a tied embedding, ...): the
+      layer's own with a ``layout``; sized from parameter names alone,
+      every kernel reads as ``dense`` (a convolution's factors and ``F~``
+      are the same).
     parameters: the parameters it preconditions.
     f_min: smallest entry of ``F~`` over those parameters (NaN before the
       first refresh).
@@ -41,7 +46,7 @@ class LayerDiagnostics:
       than the curvature term ``K`` (``K < damping``, or ``K < a mean(K)``
       under relative damping).
     refreshes: refreshes folded into the factors so far (the fewest over the
-      slices of a stacked layer).
+      slices of a stacked layer and the layer's blocks).
     skipped: refreshes skipped because the statistics were not finite
       (overflowing activations, a NaN batch).
   """
@@ -96,6 +101,14 @@ class Diagnostics:
     return '\n'.join(lines)
 
 
+def _hyperparameter(state, opt_state, name: str) -> float | None:
+  """What the next update uses for ``name`` (``None``: not set)."""
+  value = getattr(state.settings, name)
+  if value == INJECTED:
+    value = injected_hyperparameters(opt_state).get(name, math.nan)
+  return None if value is None else float(value)
+
+
 def diagnostics(opt_state: Any, params: Any) -> Diagnostics:
   """Reports, per layer, the range of ``F~`` and how much damping dominates.
 
@@ -109,64 +122,56 @@ def diagnostics(opt_state: Any, params: Any) -> Diagnostics:
     A :class:`Diagnostics`; ``str()`` of it is a Markdown table.
   """
   state = adafisher_state(opt_state)
+  numerics = state.settings.numerics
+  damping = _hyperparameter(state, opt_state, 'damping')
+  relative = _hyperparameter(state, opt_state, 'relative_damping')
+  buffers = state.factors
   shapes = {
     path: tuple(np.shape(leaf))
     for path, leaf in _tree.leaves_with_paths(params)
   }
-  damping = float(state.damping)
-  relative = float(state.relative_damping)
-  refreshed = damping >= 0
-  report, covered = {}, set()
-  for path, factors in layer_factors(state.factors).items():
-    rule = rules.RULES[factors.rule]
-    numerics = factors_lib.numerics_of(factors)
-    names, values, dominated = [], [], []
-    for name, role in factors.roles().items():
-      shape = shapes.get(path + (name,))
-      if shape is None:
-        continue
-      covered.add(path + (name,))
-      names.append(name)
-      k = rule.curvature(factors.h, factors.s, numerics, role, shape)
-      f = preconditioner(
-        factors,
-        rule,
-        role,
-        shape,
-        damping=damping,
-        relative_damping=None if relative < 0 else relative,
-        ablation=None,
-        path=path,
-      )
-      n_stack = factors.h.ndim - 1
-      mean = factors.curvature_mean.reshape(
-        factors.curvature_mean.shape + (1,) * (len(shape) - n_stack)
-      )
-      term = damping if relative < 0 else relative * mean
-      values.append(jnp.ravel(f))
-      dominated.append(jnp.ravel(jnp.broadcast_to(k < term, shape)))
+  report = {}
+  for layer, blocks in buffers.layout.layers.items():
+    names = sorted(
+      {name for b in blocks for name, _ in b.roles if layer + (name,) in shapes}
+    )
     if not names:
       continue
+    values, dominated = [], []
+    for name in names:
+      path, shape = layer + (name,), shapes[layer + (name,)]
+      k, mean, _ = curvature(buffers, path, shape, numerics=numerics)
+      f = preconditioner(
+        buffers,
+        path,
+        shape,
+        numerics=numerics,
+        damping=damping,
+        relative_damping=relative,
+      )
+      term = damping if relative is None else relative * mean
+      values.append(jnp.ravel(f))
+      dominated.append(jnp.ravel(jnp.broadcast_to(k < term, shape)))
+    views = [buffers.block(b) for b in blocks]
+    refreshes = min(int(jnp.min(v.refreshes)) for v in views)
     values = jnp.concatenate(values)
     nan = math.nan
-    report[_tree.format_path(path)] = LayerDiagnostics(
-      rule=factors.rule,
+    report[_tree.format_path(layer)] = LayerDiagnostics(
+      rule='+'.join(b.rule for b in blocks),
       parameters=tuple(names),
-      f_min=float(values.min()) if refreshed else nan,
-      f_max=float(values.max()) if refreshed else nan,
+      f_min=float(values.min()) if refreshes else nan,
+      f_max=float(values.max()) if refreshes else nan,
       damping_dominated=float(jnp.concatenate(dominated).mean())
-      if refreshed
+      if refreshes
       else nan,
-      refreshes=int(jnp.min(factors.refreshes)),
-      skipped=int(jnp.max(factors.skipped)),
+      refreshes=refreshes,
+      skipped=max(int(jnp.max(v.skipped)) for v in views),
     )
-  numerics = next(
-    (factors_lib.numerics_of(f) for f in layer_factors(state.factors).values()),
-    'reference',
-  )
   return Diagnostics(
     layers=report,
-    unpreconditioned=[_tree.format_path(p) for p in shapes if p not in covered],
+    unpreconditioned=[
+      _tree.format_path(p) for p in shapes if not buffers.layout.blocks_of(p)
+    ],
     numerics=numerics,
     count=int(state.count),
     last_refresh=int(state.last_refresh),

@@ -7,17 +7,17 @@ statistics and min-max normalise it (scale-free) for ``F~``; the normalised
 vectors are computed at refresh time and kept, so a step that does not
 refresh reads them as they are.
 
-Every layer (and every slice of a stacked layer) is normalised on its own,
-but all of them are processed together: their vectors are concatenated and
-each min-max is a segment reduction, so a refresh costs a handful of kernels
-whatever the number of layers.
+The factors of the whole model live in :class:`FactorBuffers`: one
+``[rows, n]`` array per vector length ``n`` (rows placed by
+:class:`~adafisher_optax.layout.FactorLayout`). Each row is normalised on
+its own, but a refresh processes every row of a length at once, so it costs
+a handful of large ops whatever the number of layers.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -25,396 +25,266 @@ import jax.numpy as jnp
 import numpy as np
 
 from adafisher_optax import _tree, rules
-from adafisher_optax import statistics as statistics_lib
-from adafisher_optax.rules import Numerics
+from adafisher_optax.layout import Block, BlockKey, FactorLayout
 
 #: Absolute epsilon of the authors' min-max normalisation.
 REFERENCE_MINMAX_EPS = 1e-6
 #: Relative epsilon of the scale-free min-max of ``paper`` numerics.
 PAPER_MINMAX_EPS = 1e-6
 
-Reduce = Callable[[Callable, jax.Array], jax.Array]
 
-
-@dataclasses.dataclass(frozen=True)
-class Factors:
-  """One layer's factor vectors (``[*stack, n]``) and refresh counters.
-
-  Attributes:
-    h: ``H``, the input-side factor as ``F~`` uses it (with the bias entry
-      last, if any).
-    s: ``S``, the output-gradient factor as ``F~`` uses it.
-    curvature_mean: the mean of ``K = H (x) S`` over the layer's parameters
-      at the latest refresh (``[*stack]``; relative damping divides by it).
-    refreshes: refreshes that folded statistics in (int32, ``[*stack]``).
-    skipped: refreshes skipped because the statistics were not finite.
-    rule: the layer's rule (:data:`adafisher_optax.rules.RULES`; static).
-    weight: the name of the layer's weight parameter, or ``None`` (static).
-    bias: the name of the layer's bias parameter, or ``None`` (static).
-  """
-
-  h: jax.Array
-  s: jax.Array
-  curvature_mean: jax.Array
-  refreshes: jax.Array
-  skipped: jax.Array
-  rule: str = dataclasses.field(metadata=dict(static=True))
-  weight: str | None = dataclasses.field(metadata=dict(static=True))
-  bias: str | None = dataclasses.field(metadata=dict(static=True))
-
-  def roles(self) -> dict[str, str]:
-    """``{parameter name: 'weight' | 'bias'}``."""
-    names = {self.weight: 'weight', self.bias: 'bias'}
-    return {name: role for name, role in names.items() if name is not None}
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class ReferenceFactors(Factors):
-  """:class:`Factors` of ``reference`` numerics: ``h`` and ``s`` are the EMAs
-  of the min-max normalised statistics."""
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class PaperFactors(Factors):
-  """:class:`Factors` of ``paper`` numerics: ``h = minmax(h_ema)`` and
-  ``s = minmax(s_ema)``, computed at refresh time.
-
-  Attributes:
-    h_ema: the EMA of ``H_hat``.
-    s_ema: the EMA of ``S_hat``.
-  """
-
-  h_ema: jax.Array = dataclasses.field(kw_only=True)
-  s_ema: jax.Array = dataclasses.field(kw_only=True)
-
-
-FACTOR_TYPES: dict[Numerics, type] = {
-  'reference': ReferenceFactors,
-  'paper': PaperFactors,
-}
-
-
-def is_factors(node: Any) -> bool:
-  return isinstance(node, Factors)
-
-
-def numerics_of(factors: Factors) -> Numerics:
-  return 'paper' if isinstance(factors, PaperFactors) else 'reference'
-
-
-def _last_axis(op, x):
-  return op(x, axis=-1, keepdims=True)
-
-
-def minmax_reference(x: jax.Array, reduce: Reduce = _last_axis) -> jax.Array:
-  """``(x - min) / (max - min + 1e-6)``, ``+-inf`` first mapped to 1 and 0.
-
-  As the authors' code does; over the last axis, or over the segments of
-  ``reduce``.
-  """
+def minmax_reference(x: jax.Array) -> jax.Array:
+  """``(x - min) / (max - min + 1e-6)`` over the last axis, as the authors do
+  (``+-inf`` first mapped to 1 and 0)."""
   x = jnp.where(jnp.isposinf(x), 1.0, jnp.where(jnp.isneginf(x), 0.0, x))
-  lo, hi = reduce(jnp.min, x), reduce(jnp.max, x)
+  lo = jnp.min(x, axis=-1, keepdims=True)
+  hi = jnp.max(x, axis=-1, keepdims=True)
   return (x - lo) / (hi - lo + REFERENCE_MINMAX_EPS)
 
 
-def minmax_paper(x: jax.Array, reduce: Reduce = _last_axis) -> jax.Array:
-  """Scale-free min-max over the last axis (or the segments of ``reduce``).
+def minmax_paper(x: jax.Array) -> jax.Array:
+  """Scale-free min-max over the last axis.
 
   The denominator ``max - min + eps * max|x| + tiny`` makes the result
   invariant to rescaling ``x``, so every float precision agrees.
   """
-  lo, hi = reduce(jnp.min, x), reduce(jnp.max, x)
-  magnitude = reduce(jnp.max, jnp.abs(x))
+  lo = jnp.min(x, axis=-1, keepdims=True)
+  hi = jnp.max(x, axis=-1, keepdims=True)
+  magnitude = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
   tiny = jnp.finfo(x.dtype).tiny
   return (x - lo) / (hi - lo + PAPER_MINMAX_EPS * magnitude + tiny)
 
 
-def initial(
-  h_shape: tuple[int, ...],
-  s_shape: tuple[int, ...],
-  numerics: Numerics,
-  dtype: Any,
-  *,
-  rule: str,
-  weight: str | None,
-  bias: str | None,
-) -> Factors:
+@dataclasses.dataclass(frozen=True)
+class LayerFactors:
+  """A view of one block's factors (``[*stack, n]`` vectors).
+
+  Attributes:
+    h: ``H`` as ``F~`` uses it (the bias entry last, if any).
+    s: ``S`` as ``F~`` uses it.
+    h_ema: ``paper`` numerics: the EMA of ``H_hat`` (``None`` otherwise).
+    s_ema: ``paper`` numerics: the EMA of ``S_hat``.
+    curvature_mean: the mean of ``K`` over the layer's parameters at the
+      latest refresh (``[*stack]``; relative damping divides by it).
+    refreshes: refreshes that folded statistics in (``[*stack]``).
+    skipped: refreshes skipped because the statistics were not finite.
+    block: where it lives, its rule and the parameters it covers.
+  """
+
+  h: jax.Array
+  s: jax.Array
+  h_ema: jax.Array | None
+  s_ema: jax.Array | None
+  curvature_mean: jax.Array
+  refreshes: jax.Array
+  skipped: jax.Array
+  block: Block
+
+  @property
+  def rule(self) -> str:
+    return self.block.rule
+
+  def roles(self) -> dict[str, str]:
+    return dict(self.block.roles)
+
+
+def _rows(buffer: Mapping[str, jax.Array], length: int, first: int, block):
+  # dynamic_slice at a constant offset: XLA:CPU compiles a program with many
+  # of them about 25% faster than one with as many static slices.
+  rows = jax.lax.dynamic_slice_in_dim(buffer[str(length)], first, block.slices)
+  return rows.reshape(block.stack + (length,))
+
+
+def _per_slice(values: jax.Array, block: Block) -> jax.Array:
+  rows = jax.lax.dynamic_slice_in_dim(values, block.first_slice, block.slices)
+  return rows.reshape(block.stack)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class FactorBuffers:
+  """The factor vectors of every block, a few arrays for the whole model.
+
+  :meth:`view` gives :class:`LayerFactors` views keyed like the params; a
+  layer read by several rules gives a tuple of views sorted by rule name.
+
+  Attributes:
+    h: ``{'n': [rows, n]}``, every ``H`` vector of length ``n``.
+    s: the same for ``S``.
+    h_ema: ``paper`` numerics: the EMAs behind ``h`` (empty otherwise).
+    s_ema: ``paper`` numerics: the EMAs behind ``s``.
+    curvature_mean: ``mean(K)`` per slice (``[slices]``).
+    refreshes: refreshes per slice (int32).
+    skipped: refreshes skipped per slice (non-finite statistics).
+    layout: the :class:`~adafisher_optax.layout.FactorLayout` (static).
+  """
+
+  h: dict[str, jax.Array]
+  s: dict[str, jax.Array]
+  h_ema: dict[str, jax.Array]
+  s_ema: dict[str, jax.Array]
+  curvature_mean: jax.Array
+  refreshes: jax.Array
+  skipped: jax.Array
+  layout: FactorLayout = dataclasses.field(metadata=dict(static=True))
+
+  def block(self, block: Block) -> LayerFactors:
+    """The view of one block."""
+    paper = bool(self.h_ema)
+    return LayerFactors(
+      h=_rows(self.h, block.h_length, block.h_row, block),
+      s=_rows(self.s, block.s_length, block.s_row, block),
+      h_ema=_rows(self.h_ema, block.h_length, block.h_row, block)
+      if paper
+      else None,
+      s_ema=_rows(self.s_ema, block.s_length, block.s_row, block)
+      if paper
+      else None,
+      curvature_mean=_per_slice(self.curvature_mean, block),
+      refreshes=_per_slice(self.refreshes, block),
+      skipped=_per_slice(self.skipped, block),
+      block=block,
+    )
+
+  def view(self) -> Any:
+    """Nested dicts keyed like the params, of :class:`LayerFactors`."""
+    return _tree.nest(
+      {
+        path: views[0] if len(views) == 1 else views
+        for path, blocks in self.layout.layers.items()
+        for views in [tuple(self.block(b) for b in blocks)]
+      }
+    )
+
+
+def initial(layout: FactorLayout, paper: bool, dtype: Any) -> FactorBuffers:
   """Factors before any refresh: ones (the authors' initialisation)."""
-  stack = h_shape[:-1]
-  common = dict(
-    h=jnp.ones(h_shape, dtype),
-    s=jnp.ones(s_shape, dtype),
-    curvature_mean=jnp.ones(stack, dtype),
-    refreshes=jnp.zeros(stack, jnp.int32),
-    skipped=jnp.zeros(stack, jnp.int32),
-    rule=rule,
-    weight=weight,
-    bias=bias,
-  )
-  if numerics == 'reference':
-    return ReferenceFactors(**common)
-  return PaperFactors(
-    h_ema=jnp.ones(h_shape, dtype), s_ema=jnp.ones(s_shape, dtype), **common
+
+  def ones(rows: Mapping[int, int]) -> dict[str, jax.Array]:
+    return {str(n): jnp.ones((count, n), dtype) for n, count in rows.items()}
+
+  return FactorBuffers(
+    h=ones(layout.h_rows),
+    s=ones(layout.s_rows),
+    h_ema=ones(layout.h_rows) if paper else {},
+    s_ema=ones(layout.s_rows) if paper else {},
+    curvature_mean=jnp.ones(layout.slices, dtype),
+    refreshes=jnp.zeros(layout.slices, jnp.int32),
+    skipped=jnp.zeros(layout.slices, jnp.int32),
+    layout=layout,
   )
 
 
-# ---------------------------------------------------------------------------
-# Sizing the factors of a new state.
-# ---------------------------------------------------------------------------
-
-
-def _kronecker_shapes(params: Mapping[str, Any]):
-  """Factor shapes and parameter names of a ``kernel`` (+ ``bias``) layer.
-
-  Leading axes shared by kernel and bias beyond the bias's own are a stack
-  (``nn.scan`` over layers); without a bias the kernel's last axis is the
-  output, as it is for a bias masked out by ``optax.masked``.
-  """
-  kernel = tuple(params['kernel'].shape)
-  bias = params.get('bias')
-  if bias is not None:
-    bias = tuple(getattr(bias, 'shape', kernel[-1:]))
-  if bias is not None:
-    for n_stack in range(len(bias)):
-      out = bias[n_stack:]
-      fits = (
-        bias[:n_stack] == kernel[:n_stack]
-        and len(kernel) - n_stack - len(out) >= 1
-        and kernel[len(kernel) - len(out) :] == out
+def _assemble(layout, side: str, means: Mapping[BlockKey, jax.Array], dtype):
+  """``{'n': [rows, n]}`` of one side's new statistics, zeros where absent."""
+  out = {}
+  for n in getattr(layout, f'{side}_rows'):
+    parts = []
+    for block in layout.blocks:
+      if getattr(block, f'{side}_length') != n:
+        continue
+      value = means.get(block.key)
+      parts.append(
+        jnp.zeros((block.slices, n), dtype)
+        if value is None
+        else value.reshape(block.slices, n).astype(dtype)
       )
-      if fits:
-        d_in = math.prod(kernel[n_stack : len(kernel) - len(out)])
-        stack = kernel[:n_stack]
-        return (stack + (d_in + 1,), stack + (math.prod(out),)), 'bias'
-  return ((math.prod(kernel[:-1]),), (kernel[-1],)), None
+    out[str(n)] = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+  return out
 
 
-def _conventional_factors(
-  layer_params: Mapping[str, Any], numerics: rules.Numerics, dtype: Any
-) -> Factors | None:
-  """Factors sized from Flax parameter names and shapes, or ``None``.
-
-  ``kernel`` (+ ``bias``): a Dense-like layer (stacked when kernel and bias
-  share leading axes); ``embedding`` ``[V, D]``: an embedding; ``scale``
-  and/or ``bias`` alone: a normalisation layer. Layers stacked without a
-  bias, bias-free ``DenseGeneral`` layers with several output axes and
-  stacked normalisation layers cannot be read from shapes: pass a ``layout``.
-  """
-  shapes = {
-    name: getattr(value, 'shape', None) for name, value in layer_params.items()
-  }
-  kernel = shapes.get('kernel')
-  if kernel is not None and len(kernel) >= 2:
-    (h, s), bias = _kronecker_shapes(layer_params)
-    rule, weight = 'dense', 'kernel'
-  elif shapes.get('embedding') is not None and len(shapes['embedding']) == 2:
-    (h, s), rule, weight, bias = (
-      (shapes['embedding'][:1], shapes['embedding'][1:]),
-      'embed',
-      'embedding',
-      None,
+def _row_slices(layout: FactorLayout, side: str) -> dict[str, np.ndarray]:
+  """``{'n': the slice of each row}`` of one side's arrays."""
+  found: dict[str, list[int]] = {}
+  for block in layout.blocks:
+    n = str(getattr(block, f'{side}_length'))
+    found.setdefault(n, []).extend(
+      range(block.first_slice, block.first_slice + block.slices)
     )
-  elif 'kernel' not in shapes and 'embedding' not in shapes:
-    per_feature = shapes.get('scale') or shapes.get('bias')
-    if per_feature is None:
-      return None
-    n = math.prod(per_feature)
-    h, s = ((2,) if numerics == 'reference' else (n,)), (n,)
-    rule = 'norm'
-    weight = 'scale' if 'scale' in shapes else None
-    bias = 'bias' if 'bias' in shapes else None
-  else:
-    return None
-  return initial(h, s, numerics, dtype, rule=rule, weight=weight, bias=bias)
+  return {n: np.asarray(slices) for n, slices in found.items()}
 
 
-def _layer_dicts(params: Any):
-  """Yields ``(path, mapping)`` for every mapping of array leaves only.
-
-  A mapping that also holds sub-mappings is a module with layers and free
-  parameters (e.g. a top-level ``scale``), not a layer.
-  """
-
-  def visit(node, path):
-    if not isinstance(node, Mapping):
-      return
-    if node and all(not isinstance(v, Mapping) for v in node.values()):
-      yield path, node
-    for key, value in node.items():
-      yield from visit(value, path + (str(key),))
-
-  yield from visit(_tree.unbox_tree(params), ())
-
-
-def initial_factors(params: Any, layout: Any, numerics: rules.Numerics) -> Any:
-  """The ``factors`` tree of a new state (see :func:`scale_by_adafisher`)."""
-  dtype = rules.statistics_dtype()
-  found = {}
-  if layout is not None:
-    for path, stats in statistics_lib.flatten(layout).items():
-      h, s = stats.layer_rule.factor_shapes(
-        [tuple(a.shape) for a in stats.input_sums],
-        [tuple(a.shape) for a in stats.output_sums],
-        numerics,
-      )
-      found[path] = initial(
-        h,
-        s,
-        numerics,
-        dtype,
-        rule=stats.rule,
-        weight=stats.weight_name,
-        bias=stats.bias_name,
-      )
-  else:
-    for path, node in _layer_dicts(params):
-      factors = _conventional_factors(node, numerics, dtype)
-      if factors is not None:
-        found[path] = factors
-  return _tree.nest(found)
-
-
-# ---------------------------------------------------------------------------
-# The refresh.
-# ---------------------------------------------------------------------------
-
-
-class Segments:
-  """Per-layer ``[*stack, n]`` arrays laid end to end in one flat vector.
-
-  Segment ``k`` is one layer's (or one stacked slice's) vector; the same
-  paths and stacks in the same order give matching segments for ``H`` and
-  ``S``.
-  """
-
-  def __init__(self, shapes: Mapping[Any, tuple[int, ...]]):
-    self.shapes = dict(shapes)
-    slices = [int(np.prod(s[:-1])) for s in self.shapes.values()]
-    sizes = np.repeat([s[-1] for s in self.shapes.values()], slices)
-    self.count = len(sizes)
-    self.ids = jnp.asarray(np.repeat(np.arange(self.count), sizes))
-    self.splits = np.cumsum(
-      [n * s[-1] for n, s in zip(slices, self.shapes.values())]
-    )[:-1]
-    self.segment_splits = np.cumsum(slices)[:-1]
-
-  def flatten(self, arrays: Mapping[Any, jax.Array]) -> jax.Array:
-    return jnp.concatenate([arrays[p].reshape(-1) for p in self.shapes])
-
-  def per_segment(self, arrays: Mapping[Any, jax.Array]) -> jax.Array:
-    """Concatenates per-slice values (shape ``[*stack]``) in segment order."""
-    return jnp.concatenate([jnp.reshape(arrays[p], -1) for p in self.shapes])
-
-  def unflatten(self, flat: jax.Array) -> dict[Any, jax.Array]:
-    parts = jnp.split(flat, self.splits)
-    return {p: v.reshape(s) for (p, s), v in zip(self.shapes.items(), parts)}
-
-  def unflatten_per_segment(self, values: jax.Array) -> dict[Any, jax.Array]:
-    """Inverse of :meth:`per_segment`."""
-    parts = jnp.split(values, self.segment_splits)
-    return {
-      p: v.reshape(s[:-1]) for (p, s), v in zip(self.shapes.items(), parts)
-    }
-
-  def reduce(self, op, x: jax.Array) -> jax.Array:
-    """``op`` (``jnp.min``/``jnp.max``) within each segment, broadcast back."""
-    segment_op = {jnp.min: jax.ops.segment_min, jnp.max: jax.ops.segment_max}
-    per_segment = segment_op[op](
-      x, self.ids, self.count, indices_are_sorted=True
-    )
-    return per_segment[self.ids]
-
-  def all(self, x: jax.Array) -> jax.Array:
-    """Whether each segment is all true (``[count]``)."""
-    return jax.ops.segment_min(
-      x.astype(jnp.int32), self.ids, self.count, indices_are_sorted=True
-    ).astype(bool)
+def _in_slice_order(
+  flags: Mapping[str, jax.Array], slices_of_rows
+) -> jax.Array:
+  """``[slices]`` from one side's per-row ``{'n': [rows]}`` (a row a slice)."""
+  order = np.concatenate([slices_of_rows[n] for n in flags])
+  values = jnp.concatenate([flags[n] for n in flags])
+  return values[np.argsort(order, kind='stable')]
 
 
 def refresh(
-  factors: Mapping[Any, Factors],
-  means: Mapping[Any, tuple[jax.Array, jax.Array]],
-  rows: Mapping[Any, jax.Array],
+  buffers: FactorBuffers,
+  means: Mapping[BlockKey, tuple[jax.Array, jax.Array]],
+  rows: Mapping[BlockKey, jax.Array],
   *,
+  numerics: rules.Numerics,
   gamma: Any,
-) -> dict[Any, Factors]:
-  """Folds one refresh step's statistics into the factors of every layer.
+) -> FactorBuffers:
+  """Folds one refresh step's statistics into the factors of every block.
 
-  The refresh of a layer (or of one slice of a stacked layer) is skipped, and
-  its factors kept, when no rows reached it or when its statistics are not
-  finite (counted in ``skipped``): a bad batch never poisons the factors. In
-  ``paper`` numerics a layer's first refresh sets the EMAs to the statistics.
-  ``curvature_mean`` is left to the caller (it needs the parameter shapes).
+  The refresh of a slice is skipped, and its factors kept, when no rows
+  reached it (or its block has no statistics this step) or when its
+  statistics are not finite (counted in ``skipped``): a bad batch never
+  poisons the factors. In ``paper`` numerics a slice's first refresh sets
+  the EMAs to the statistics. ``curvature_mean`` is left to the caller.
 
   Args:
-    factors: the factors per layer (all of one numerics).
-    means: ``(H_hat, S_hat)`` per layer.
-    rows: the rows behind the statistics per layer (``[*stack]``).
+    buffers: the factors.
+    means: ``{block key: (H_hat, S_hat)}`` of the blocks with statistics.
+    rows: ``{block key: rows}`` (``[*stack]``) behind them.
+    numerics: ``'reference'`` or ``'paper'``.
     gamma: the EMA decay.
 
   Returns:
-    The new factors per layer.
+    The new factors.
   """
-  paper = any(isinstance(f, PaperFactors) for f in factors.values())
-  h_seg = Segments({p: f.h.shape for p, f in factors.items()})
-  s_seg = Segments({p: f.s.shape for p, f in factors.items()})
-  h_hat = h_seg.flatten({p: m[0] for p, m in means.items()})
-  s_hat = s_seg.flatten({p: m[1] for p, m in means.items()})
-  refreshes = h_seg.per_segment({p: f.refreshes for p, f in factors.items()})
-  skipped = h_seg.per_segment({p: f.skipped for p, f in factors.items()})
-  finite = h_seg.all(jnp.isfinite(h_hat)) & s_seg.all(jnp.isfinite(s_hat))
-  reached = h_seg.per_segment(rows) > 0
+  layout = buffers.layout
+  dtype = buffers.curvature_mean.dtype
+  hats = {
+    'h': _assemble(layout, 'h', {k: m[0] for k, m in means.items()}, dtype),
+    's': _assemble(layout, 's', {k: m[1] for k, m in means.items()}, dtype),
+  }
+  slices_of = {side: _row_slices(layout, side) for side in ('h', 's')}
+  finite = _in_slice_order(
+    {n: jnp.all(jnp.isfinite(v), -1) for n, v in hats['h'].items()},
+    slices_of['h'],
+  ) & _in_slice_order(
+    {n: jnp.all(jnp.isfinite(v), -1) for n, v in hats['s'].items()},
+    slices_of['s'],
+  )
+  reached = jnp.concatenate(
+    [
+      jnp.zeros(b.slices, bool)
+      if b.key not in rows
+      else jnp.reshape(rows[b.key], -1) > 0
+      for b in layout.blocks
+    ]
+  )
   ok = reached & finite
-  if paper:
-    old_h = h_seg.flatten({p: f.h_ema for p, f in factors.items()})
-    old_s = s_seg.flatten({p: f.s_ema for p, f in factors.items()})
-    first = refreshes == 0
-    new_h = jnp.where(
-      first[h_seg.ids], h_hat, gamma * old_h + (1 - gamma) * h_hat
-    )
-    new_s = jnp.where(
-      first[s_seg.ids], s_hat, gamma * old_s + (1 - gamma) * s_hat
-    )
-  else:
-    old_h = h_seg.flatten({p: f.h for p, f in factors.items()})
-    old_s = s_seg.flatten({p: f.s for p, f in factors.items()})
-    new_h = 0.1 * gamma * old_h + 0.01 * gamma * minmax_reference(
-      h_hat, h_seg.reduce
-    )
-    new_s = 0.1 * gamma * old_s + 0.01 * gamma * minmax_reference(
-      s_hat, s_seg.reduce
-    )
-  new_h = jnp.where(ok[h_seg.ids], new_h, old_h).astype(old_h.dtype)
-  new_s = jnp.where(ok[s_seg.ids], new_s, old_s).astype(old_s.dtype)
-  counts = {
-    'refreshes': h_seg.unflatten_per_segment(refreshes + ok),
-    'skipped': h_seg.unflatten_per_segment(skipped + (reached & ~finite)),
-  }
-  h, s = h_seg.unflatten(new_h), s_seg.unflatten(new_s)
-  if paper:
-    h_used = h_seg.unflatten(minmax_paper(new_h, h_seg.reduce))
-    s_used = s_seg.unflatten(minmax_paper(new_s, s_seg.reduce))
-    return {
-      p: dataclasses.replace(
-        f,
-        h=h_used[p],
-        s=s_used[p],
-        h_ema=h[p],
-        s_ema=s[p],
-        refreshes=counts['refreshes'][p],
-        skipped=counts['skipped'][p],
-      )
-      for p, f in factors.items()
-    }
-  return {
-    p: dataclasses.replace(
-      f,
-      h=h[p],
-      s=s[p],
-      refreshes=counts['refreshes'][p],
-      skipped=counts['skipped'][p],
-    )
-    for p, f in factors.items()
-  }
+  first = buffers.refreshes == 0
+  new = {}
+  for side in ('h', 's'):
+    used, emas = {}, {}
+    for n, hat in hats[side].items():
+      keep = ok[slices_of[side][n]][:, None]
+      if numerics == 'paper':
+        old = getattr(buffers, f'{side}_ema')[n]
+        start = first[slices_of[side][n]][:, None]
+        ema = jnp.where(start, hat, gamma * old + (1 - gamma) * hat)
+        emas[n] = jnp.where(keep, ema, old).astype(dtype)
+        used[n] = jnp.where(
+          keep, minmax_paper(emas[n]), getattr(buffers, side)[n]
+        ).astype(dtype)
+      else:
+        old = getattr(buffers, side)[n]
+        fresh = 0.1 * gamma * old + 0.01 * gamma * minmax_reference(hat)
+        used[n] = jnp.where(keep, fresh, old).astype(dtype)
+    new[side] = used
+    new[f'{side}_ema'] = emas
+  return dataclasses.replace(
+    buffers,
+    **new,
+    refreshes=buffers.refreshes + ok,
+    skipped=buffers.skipped + (reached & ~finite),
+  )

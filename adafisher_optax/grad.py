@@ -14,27 +14,24 @@ from typing import Any
 
 import jax
 
-from adafisher_optax import layers
-from adafisher_optax.capture import (
-  CaptureError,
-  Run,
-  check_call,
-  check_differentiable,
-  check_fisher,
-  drive,
-)
+from adafisher_optax import capture as capture_lib
+from adafisher_optax import registry, tags
+from adafisher_optax.arguments import check_call, check_differentiable
+from adafisher_optax.fisher import check_fisher
 
 
 def _linen_front_end():
-  """:mod:`adafisher_optax.linen` (registering linen layers), or ``None``."""
+  """:mod:`adafisher_optax.linen` with its layers registered, or ``None``
+  without Flax (then only tags ops are captured)."""
   try:
     from adafisher_optax import linen
-  except ImportError:  # no Flax: tags only
+  except ImportError:
     return None
+  linen.register_built_in_layers()
   return linen
 
 
-def _front_end_runner(fun, allowed, args, kwargs) -> Run:
+def _runner(fun, args, kwargs) -> capture_lib.Run:
   """Runs ``fun`` with the linen interceptor (if Flax is there) and tags."""
   linen = _linen_front_end()
 
@@ -43,37 +40,36 @@ def _front_end_runner(fun, allowed, args, kwargs) -> Run:
       if linen is None:
         return fun(p, *args, **kwargs), None
       if session.mode == 'structural':
-        p = linen.with_probes_in_params(p, session.probes)
-      with linen.intercepting(session, allowed):
+        p = linen.with_probes_in_params(p, session)
+      with linen.intercepting(session):
         return fun(p, *args, **kwargs), None
 
   return run
 
 
-def _check_layers(
-  layer_types: Sequence[type] | None,
-) -> tuple[type, ...] | None:
-  if layer_types is None:
-    return None
-  if isinstance(layer_types, type) or not isinstance(layer_types, Sequence):
+_NOTHING_APPLIED = (
+  'value_and_grad_with_curvature: `fun` applied no registered layer (Flax '
+  'linen module or adafisher_optax.tags op) while it was traced. Call the '
+  'model inside `fun`, and do not wrap model.apply in a jax.jit created '
+  'outside `fun`: a cached compilation skips the interception.'
+)
+
+
+def _check_params(params: Any) -> None:
+  if not isinstance(params, Mapping):
     raise TypeError(
-      f'layers must be a sequence of layer classes, got {layer_types!r}.'
+      'value_and_grad_with_curvature: the first argument of `fun` must be '
+      "the model's params (a dict, as model.init(...)['params'] returns "
+      f'it), got {type(params).__name__}.'
     )
-  for layer_type in layer_types:
-    if not (isinstance(layer_type, type) and layers.lookup_class(layer_type)):
-      names = ', '.join(sorted(t.__name__ for t in layers.registered()))
-      raise TypeError(
-        f'layers: {layer_type!r} is not a registered layer class (or a '
-        f'subclass of one); registered: {names}.'
-      )
-  return tuple(layer_types)
 
 
 def value_and_grad_with_curvature(
   fun: Callable[..., Any],
   *,
   has_aux: bool = False,
-  layers: Sequence[type] | None = None,
+  layers: Sequence[Any] | None = None,
+  exclude: Sequence[Any] = (),
   fisher: str = 'empirical',
 ) -> Callable[..., tuple[Any, Any, Any]]:
   """Like ``jax.value_and_grad(fun)``, also returning AdaFisher's statistics.
@@ -96,10 +92,13 @@ def value_and_grad_with_curvature(
     fun: the loss function; differentiated with respect to its first argument.
     has_aux: whether ``fun`` returns ``(loss, aux)``; ``value`` is then
       ``(loss, aux)``, as with ``jax.value_and_grad``.
-    layers: the layer classes to capture (subclasses included); default every
-      registered class (:func:`adafisher_optax.register_layer`).
+    layers: the layer classes (subclasses included) and
+      :mod:`~adafisher_optax.tags` ops to capture; default every registered
+      class (:func:`adafisher_optax.register_layer`) and every tags op.
       :data:`adafisher_optax.REFERENCE_LAYERS` reproduces the coverage of the
       authors' code. Parameters of other layers get ``F~ = 1``.
+    exclude: layer classes (subclasses included) and tags ops not to
+      capture, e.g. one subclass of ``nn.Dense`` while ``nn.Dense`` stays.
     fisher: ``"empirical"`` (the gradients of your loss, as the authors do) or
       ``"sampled"``: output-gradient statistics from labels drawn from the
       model's own softmax (a Monte-Carlo estimate of the true Fisher). Then
@@ -117,40 +116,26 @@ def value_and_grad_with_curvature(
   if not callable(fun):
     raise TypeError(f'fun must be callable, got {type(fun).__name__}.')
   _linen_front_end()
-  allowed = _check_layers(layers)
+  selection = registry.selection(layers, exclude, tags.OPS)
   check_fisher(fisher)
 
   @functools.wraps(fun)
   def value_grads_curvature(
     params, *args, capture=True, fisher_key=None, **kwargs
   ):
-    check_call(capture, fisher, fisher_key)
-    if not isinstance(params, Mapping):
-      raise TypeError(
-        'value_and_grad_with_curvature: the first argument of `fun` must be '
-        "the model's params (a dict, as model.init(...)['params'] returns "
-        f'it), got {type(params).__name__}.'
-      )
+    capture = check_call(capture, fisher, fisher_key)
+    _check_params(params)
     if not capture:
       value, grads = jax.value_and_grad(fun, has_aux=has_aux)(
         params, *args, **kwargs
       )
       return value, grads, None
     check_differentiable(params, 'fun')
-    value, grads, curvature, _ = drive(
-      _front_end_runner(fun, allowed, args, kwargs),
-      params,
-      has_aux=has_aux,
-      fisher=fisher,
-      fisher_key=fisher_key,
-      name='fun',
-      on_nothing_applied=lambda: CaptureError(
-        'value_and_grad_with_curvature: `fun` applied no registered layer '
-        '(Flax linen module or adafisher_optax.tags op) while it was traced. '
-        'Call the model inside `fun`, and do not wrap model.apply in a '
-        'jax.jit created outside `fun`: a cached compilation skips the '
-        'interception.'
-      ),
+    options = capture_lib.Options(
+      'fun', has_aux, fisher, fisher_key, selection, _NOTHING_APPLIED
+    )
+    value, grads, curvature, _ = capture_lib.drive(
+      _runner(fun, args, kwargs), params, options
     )
     return value, grads, curvature
 

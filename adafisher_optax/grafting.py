@@ -24,8 +24,11 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import optax
+from optax import tree as otu
 
 from adafisher_optax import _devices, _tree
+from adafisher_optax.layout import FactorLayout
 
 Grafting = Literal['rms', 'adam'] | None
 GRAFTINGS = (None, 'rms', 'adam')
@@ -36,12 +39,9 @@ GRAFTINGS = (None, 'rms', 'adam')
 RMS_TARGET = 0.2
 
 
-def group_of(path: _tree.Path, layer_roles: Mapping[_tree.Path, Any]) -> Any:
+def group_of(path: _tree.Path, layout: FactorLayout) -> _tree.Path:
   """The group of parameter ``path``: its layer, or itself when alone."""
-  roles = layer_roles.get(path[:-1])
-  if roles is not None and path[-1] in roles:
-    return path[:-1]
-  return path
+  return path[:-1] if layout.blocks_of(path) else path
 
 
 def _wide(x: jax.Array) -> jax.Array:
@@ -107,3 +107,58 @@ def norm_target_square(reference: Mapping[_tree.Path, jax.Array]):
     return sum(_global_sum(jnp.square(_wide(reference[p]))) for p in paths)
 
   return target
+
+
+def _adam_direction(grads, mu, nu, count, b1, b2, eps):
+  """``(Adam's update, new nu)``; non-finite gradient entries change nothing."""
+
+  def second_moment(g, v):
+    return jnp.where(jnp.isfinite(g), (1 - b2) * jnp.square(g) + b2 * v, v)
+
+  nu = jax.tree.map(second_moment, grads, nu)
+  mu_hat = otu.bias_correction(mu, b1, count)
+  nu_hat = otu.bias_correction(nu, b2, count)
+
+  def direction(m, v, g):
+    u = jnp.where(jnp.isfinite(g), m / (jnp.sqrt(v) + eps), 0)
+    return _wide(u)
+
+  return jax.tree.map(direction, mu_hat, nu_hat, grads), nu
+
+
+def graft(
+  mode: Grafting,
+  updates: optax.Updates,
+  grads: optax.Updates,
+  mu: optax.Updates,
+  nu: optax.Updates,
+  layout: FactorLayout,
+  *,
+  count: jax.Array,
+  b1: Any,
+  b2: Any,
+  eps: Any,
+) -> tuple[optax.Updates, optax.Updates]:
+  """``(updates, nu)`` with each group's update rescaled as ``mode`` says.
+
+  Args:
+    mode: ``'rms'`` or ``'adam'``.
+    updates: AdaFisher's updates (the direction).
+    grads: the gradients (for Adam's second moment).
+    mu: the momentum after this step.
+    nu: Adam's second moment before this step (``'adam'`` only).
+    layout: the state's factor layout (which parameters form a layer).
+    count: the step count after this step.
+    b1: momentum decay (Adam's bias correction).
+    b2: Adam's second-moment decay.
+    eps: Adam's epsilon.
+  """
+  paths = dict(_tree.leaves_with_paths(updates))
+  groups = {path: group_of(path, layout) for path in paths}
+  if mode == 'rms':
+    target = rms_target_square(paths)
+  else:
+    adam, nu = _adam_direction(grads, mu, nu, count, b1, b2, eps)
+    target = norm_target_square(dict(_tree.leaves_with_paths(adam)))
+  scaled = rescale(paths, groups, target)
+  return _tree.map_with_path(lambda path, u: scaled[path], updates), nu

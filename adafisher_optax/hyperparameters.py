@@ -13,9 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adafisher_optax.grafting import GRAFTINGS
-from adafisher_optax.preconditioner import ABLATIONS
-from adafisher_optax.rules import NUMERICS, Numerics
+from adafisher_optax.rules import Numerics
 
 #: ``t_cov`` (steps between factor refreshes) by numerics.
 DEFAULT_T_COV: dict[Numerics, int] = {'reference': 100, 'paper': 1}
@@ -30,7 +28,11 @@ _RULES: dict[str, tuple[Callable[[np.ndarray], Any], str]] = {
   'gamma': (lambda v: (v >= 0) & (v <= 1), 'in [0, 1]'),
   'fisher_power': (lambda v: v > 0, 'positive'),
   'weight_decay': (lambda v: v >= 0, 'non-negative'),
-  'relative_damping': (lambda v: v >= 0, 'non-negative (math.inf allowed)'),
+  'relative_damping': (
+    lambda v: v > 0,
+    'positive (math.inf allowed; with 0, F~ = K / mean(K) is 0 wherever K '
+    'is, and the update divides by it: use a small value such as 0.01)',
+  ),
 }
 
 
@@ -76,10 +78,25 @@ def check(name: str, value: Any) -> None:
     raise ValueError(f'{name} must be {requirement}, got {value!r}.')
 
 
-def check_numerics(numerics: Any) -> Numerics:
-  if numerics not in NUMERICS:
-    raise ValueError(f'numerics must be one of {NUMERICS}, got {numerics!r}.')
-  return numerics
+def check_all(**values: Any) -> None:
+  """:func:`check` of each ``name=value``."""
+  for name, value in values.items():
+    check(name, value)
+
+
+def check_choice(name: str, value: Any, allowed: tuple) -> Any:
+  if value not in allowed:
+    raise ValueError(f'{name} must be one of {allowed}, got {value!r}.')
+  return value
+
+
+def check_axis_name(axis_name: Any) -> tuple:
+  """The ``pmap`` axis names as a tuple (empty for ``None``)."""
+  if axis_name is None:
+    return ()
+  if isinstance(axis_name, (tuple, list)):
+    return tuple(axis_name)
+  return (axis_name,)
 
 
 def check_t_cov(t_cov: Any, numerics: Numerics) -> int:
@@ -92,9 +109,14 @@ def check_t_cov(t_cov: Any, numerics: Numerics) -> int:
       'schedule.'
     )
   number = _concrete(t_cov)
+  if number is None:
+    raise TypeError(
+      't_cov is traced: optax.inject_hyperparams passes every numeric '
+      "argument as an array; pass static_args=('t_cov',) to it (t_cov sets "
+      'the structure of the refresh schedule, not a value in the step).'
+    )
   if (
-    number is None
-    or isinstance(t_cov, bool)
+    isinstance(t_cov, bool)
     or number.shape != ()
     or number.dtype.kind not in 'iuf'
     or not np.isfinite(number)
@@ -126,15 +148,3 @@ def check_relative_damping(value: Any) -> Any:
   if value is not None:
     check('relative_damping', value)
   return value
-
-
-def check_ablation(ablation: Any) -> Any:
-  if ablation not in ABLATIONS:
-    raise ValueError(f'ablation must be one of {ABLATIONS}, got {ablation!r}.')
-  return ablation
-
-
-def check_grafting(grafting: Any) -> Any:
-  if grafting not in GRAFTINGS:
-    raise ValueError(f'grafting must be one of {GRAFTINGS}, got {grafting!r}.')
-  return grafting

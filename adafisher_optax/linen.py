@@ -18,142 +18,42 @@ then put next to the params in the first argument, where they follow the
 data into the model, and the user's function sees them.
 
 A subclass of a registered layer is captured at its base class's method, so
-the statistics belong to the layer's true inputs and outputs.
+the statistics belong to the layer's true inputs and outputs; a subclass
+whose method never calls its base's is reported (``F~ = 1``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
-import numpy as np
-from flax.linen.linear import canonicalize_padding
 
-from adafisher_optax import _tree, capture, layers, rules
+from adafisher_optax import _tree, linen_layers, registry
+from adafisher_optax.session import PROBE, CaptureError, LayerCall, Session
 
-PROBE = capture.PROBE
-
-
-# ---------------------------------------------------------------------------
-# Adapters: linen layers as rule configurations.
-# ---------------------------------------------------------------------------
+BUILT_IN = linen_layers.BUILT_IN
+REFERENCE_LAYERS = linen_layers.REFERENCE_LAYERS
 
 
-def _dense(module: nn.Dense, x, kwargs) -> rules.Dense:
-  return rules.Dense(use_bias=module.use_bias)
-
-
-def _dense_general(module: nn.DenseGeneral, x, kwargs) -> rules.Dense:
-  if tuple(np.atleast_1d(module.batch_dims)):
-    raise layers.UnsupportedCall('DenseGeneral with batch_dims')
-  return rules.Dense(
-    in_axes=tuple(int(a) for a in np.atleast_1d(module.axis)),
-    out_ndim=len(np.atleast_1d(module.features)),
-    use_bias=module.use_bias,
-  )
-
-
-def conv_config(module, x, kwargs) -> rules.Conv:
-  """``nn.Conv`` and ``nnx.Conv`` (the same attribute names)."""
-  kernel_size = tuple(np.atleast_1d(module.kernel_size))
-  n = len(kernel_size)
-  padding = canonicalize_padding(module.padding, n)
-  return rules.Conv(
-    kernel_size=kernel_size,
-    strides=rules.per_dim(module.strides, n, 'strides'),
-    padding=padding if isinstance(padding, str) else tuple(map(tuple, padding)),
-    input_dilation=rules.per_dim(module.input_dilation, n, 'input_dilation'),
-    kernel_dilation=rules.per_dim(module.kernel_dilation, n, 'kernel_dilation'),
-    groups=module.feature_group_count,
-    use_bias=module.use_bias,
-  )
-
-
-def embed_config(module, x, kwargs) -> rules.Embed:
-  return rules.Embed(module.num_embeddings)
-
-
-def _norm_axes(feature_axes, ndim: int) -> tuple[int, ...]:
-  return tuple(sorted({int(a) % ndim for a in np.atleast_1d(feature_axes)}))
-
-
-def _check_norm_call(module, x, kwargs) -> None:
-  if kwargs.get('mask') is not None:
-    raise layers.UnsupportedCall(f'{type(module).__name__} called with a mask')
-  if x.ndim < 2:
-    raise layers.UnsupportedCall('input without a batch axis')
-
-
-def token_norm_config(module, x, kwargs) -> rules.Norm:
-  """LayerNorm and RMSNorm (linen or NNX): the reference surrogate axis is
-  axis 1 of the input as given (the token axis of ``[B, T, D]``), as the
-  authors' hooks see a batch-first tensor."""
-  _check_norm_call(module, x, kwargs)
-  return rules.Norm(
-    feature_axes=_norm_axes(module.feature_axes, x.ndim),
-    surrogate_axis=1,
-    use_scale=module.use_scale,
-    use_bias=getattr(module, 'use_bias', False),
-  )
-
-
-def channel_norm_config(module, x, kwargs) -> rules.Norm:
-  """BatchNorm (its ``axis``) and GroupNorm (the last axis), linen or NNX:
-  the reference surrogate axis is the channel axis, which PyTorch's NCHW
-  layout puts at axis 1."""
-  _check_norm_call(module, x, kwargs)
-  axes = (
-    (x.ndim - 1,)
-    if hasattr(module, 'num_groups')
-    else _norm_axes(module.axis, x.ndim)
-  )
-  if len(axes) != 1:
-    raise layers.UnsupportedCall('more than one feature axis')
-  if axes[0] == 0:
-    raise layers.UnsupportedCall('input without a batch axis')
-  return rules.Norm(
-    feature_axes=axes,
-    surrogate_axis=axes[0],
-    use_scale=module.use_scale,
-    use_bias=module.use_bias,
-  )
-
-
-for _cls, _rule, _adapter, _names in (
-  (nn.Dense, rules.DENSE, _dense, ('kernel', 'bias')),
-  (nn.DenseGeneral, rules.DENSE, _dense_general, ('kernel', 'bias')),
-  (nn.Conv, rules.CONV, conv_config, ('kernel', 'bias')),
-  (nn.Embed, rules.EMBED, embed_config, ('embedding', None)),
-  (nn.LayerNorm, rules.NORM, token_norm_config, ('scale', 'bias')),
-  (nn.RMSNorm, rules.NORM, token_norm_config, ('scale', None)),
-  (nn.BatchNorm, rules.NORM, channel_norm_config, ('scale', 'bias')),
-  (nn.GroupNorm, rules.NORM, channel_norm_config, ('scale', 'bias')),
-):
-  layers.register_layer(_cls, _rule, _adapter, weight=_names[0], bias=_names[1])
-
-#: The linen layer types the authors' PyTorch code preconditions (Linear,
-#: Conv2d, BatchNorm2d, LayerNorm). ``layers=REFERENCE_LAYERS`` reproduces
-#: their coverage: everything else gets ``F~ = 1``.
-REFERENCE_LAYERS: tuple[type, ...] = (
-  nn.Dense,
-  nn.DenseGeneral,
-  nn.Conv,
-  nn.BatchNorm,
-  nn.LayerNorm,
-)
+def register_built_in_layers() -> None:
+  """Registers the built-in linen layers (:data:`BUILT_IN`)."""
+  registry.register_all(BUILT_IN)
 
 
 def supported_layers() -> tuple[type, ...]:
   """Every registered linen layer class."""
-  return tuple(c for c in layers.registered() if issubclass(c, nn.Module))
+  register_built_in_layers()
+  return tuple(c for c in registry.registered() if issubclass(c, nn.Module))
 
-
-# ---------------------------------------------------------------------------
-# The interceptor.
-# ---------------------------------------------------------------------------
 
 _BASE_METHODS: dict[type, dict[Any, str]] = {}
+
+
+def _unwrapped(function: Any) -> Any:
+  return getattr(function, '__wrapped__', function)
 
 
 def _base_methods(base: type) -> dict[Any, str]:
@@ -167,7 +67,7 @@ def _base_methods(base: type) -> dict[Any, str]:
       for name, attr in vars(cls).items():
         if name == 'setup' or (name.startswith('_') and name != '__call__'):
           continue
-        found.setdefault(getattr(attr, '__wrapped__', attr), name)
+        found.setdefault(_unwrapped(attr), name)
     _BASE_METHODS[base] = found
   return found
 
@@ -175,7 +75,7 @@ def _base_methods(base: type) -> dict[Any, str]:
 def _original_function(context) -> Any:
   func = getattr(context.orig_method, 'func', None)
   if func is None:
-    raise capture.CaptureError(
+    raise CaptureError(
       'flax.linen.intercept_methods no longer passes the original method as '
       'a functools.partial (InterceptorContext.orig_method.func); this '
       'version of adafisher_optax cannot recognise layer calls with this '
@@ -194,7 +94,7 @@ def _params_of(module: nn.Module) -> list[tuple[_tree.Path, Any]]:
   ]
 
 
-def _by_identity(session: capture.Session, params) -> dict:
+def _by_identity(session: Session, params) -> dict:
   """``{path relative to the entry: layer path in the first argument}``.
 
   A layer matches when each of its params reaching the entry is an array of
@@ -202,7 +102,7 @@ def _by_identity(session: capture.Session, params) -> dict:
   """
   by_layer: dict[_tree.Path, set] = {}
   for rel, leaf in params:
-    found = session.leaf_paths.get(id(leaf))
+    found = session.owner(leaf)
     if found is not None and found[len(found) - len(rel) :] == rel:
       layer = found[:-1]
     else:
@@ -215,7 +115,7 @@ def _by_identity(session: capture.Session, params) -> dict:
   }
 
 
-def _by_structure(session: capture.Session, params) -> dict:
+def _by_structure(session: Session, params) -> dict:
   """Like :func:`_by_identity`, matching paths instead of arrays.
 
   The entry's params are found as one sub-tree of the first argument with
@@ -227,18 +127,24 @@ def _by_structure(session: capture.Session, params) -> dict:
   first = params[0][0]
   prefixes = {
     path[: len(path) - len(first)]
-    for path in session.leaf_paths.values()
+    for path in session.paths
     if path[len(path) - len(first) :] == first
   }
   prefixes = {
     prefix
     for prefix in prefixes
-    if all(prefix + rel in session.first_paths for rel, _ in params)
+    if all(prefix + rel in session.paths for rel, _ in params)
   }
   if len(prefixes) != 1:
     return {}
   (prefix,) = prefixes
   return {rel[:-1]: prefix + rel[:-1] for rel, _ in params}
+
+
+def _named_arguments(function: Any, args: tuple, kwargs: dict) -> dict:
+  """The arguments after the input, by name (``RMSNorm(x, mask)``)."""
+  names = list(inspect.signature(function).parameters)[2:]
+  return {**dict(zip(names, args[1:])), **kwargs}
 
 
 class _Interceptor:
@@ -248,15 +154,12 @@ class _Interceptor:
   matched to the first argument; the calls inside it are the layers'.
   """
 
-  def __init__(
-    self, session: capture.Session, allowed: tuple[type, ...] | None
-  ):
+  def __init__(self, session: Session):
     self.session = session
-    self.allowed = allowed
     self.entries: list[tuple[_tree.Path, dict]] = []
 
   def __call__(self, next_fun, args, kwargs, context):
-    self.session.calls += 1
+    self.session.saw_call()
     module = context.module
     params = [] if module.is_initializing() else _params_of(module)
     if self.entries or not params:
@@ -268,9 +171,9 @@ class _Interceptor:
     self.entries.append((tuple(module.path), matched))
     try:
       inject = {
-        rel + (PROBE,): self.session.probes[path]
+        rel + (PROBE,): self.session.probe(path)
         for rel, path in matched.items()
-        if path in self.session.probes and not structural
+        if self.session.probe(path) is not None and not structural
       }
       if not inject:  # structural: the probes travel in the params
         return self._layer_call(next_fun, args, kwargs, context)
@@ -291,74 +194,90 @@ class _Interceptor:
     finally:
       self.entries.pop()
 
+  def _path_of(self, module: nn.Module) -> _tree.Path | None:
+    """The module's path in the first argument, if its params are there."""
+    entry_path, matched = self.entries[-1] if self.entries else ((), {})
+    return matched.get(tuple(module.path)[len(entry_path) :])
+
+  def _subclass_call(self, next_fun, args, kwargs, context, base, path):
+    """Runs a subclass's own method; reports it when it overrides a
+    registered method of ``base`` without calling it."""
+    before = self.session.applied(path)
+    outputs = next_fun(*args, **kwargs)
+    name = context.method_name
+    registered = name in registry.lookup_class(base)[1]
+    if path is not None and registered and self.session.applied(path) == before:
+      self.session.not_captured(
+        path,
+        type(context.module).__name__,
+        f'its {name} does not call {base.__name__}.{name}',
+      )
+    return outputs
+
   def _layer_call(self, next_fun, args, kwargs, context):
     module = context.module
-    found = layers.lookup(module)
+    function = _original_function(context)
+    equivalent = linen_layers.equivalent_call(module, function)
+    if equivalent is not None:
+      return equivalent(module, *args, **kwargs)
+    found = registry.lookup(module)
     if (
       found is None
       or module.is_initializing()
-      or (self.allowed is not None and not isinstance(module, self.allowed))
+      or not self.session.selection.takes(type(module))
     ):
       return next_fun(*args, **kwargs)
-    base, layer_type = found
-    method = _base_methods(base).get(_original_function(context))
-    entry_path, matched = self.entries[-1] if self.entries else ((), {})
-    path = matched.get(tuple(module.path)[len(entry_path) :])
-    if method is None:  # a subclass's method; its base call is captured
-      before = self.session.applications.get(path, 0)
-      outputs = next_fun(*args, **kwargs)
-      overridden = context.method_name in layer_type.methods
-      if (
-        path is not None
-        and overridden
-        and self.session.applications.get(path, 0) == before
-      ):
-        raise capture.CaptureError(
-          f'Layer {_tree.format_path(path)!r} ({type(module).__name__}) ran '
-          f'but was not captured: its {context.method_name} does not call '
-          f'{base.__name__}.{context.method_name} (or Flax changed how it '
-          'wraps methods). Register its class with '
-          'adafisher_optax.register_layer, or leave it out with layers=.'
-        )
-      return outputs
+    base, entries = found
+    method = _base_methods(base).get(_unwrapped(function))
+    path = self._path_of(module)
+    description = type(module).__name__
+    if method is None:  # a subclass's own method: its base call is captured
+      return self._subclass_call(next_fun, args, kwargs, context, base, path)
     outputs = next_fun(*args, **kwargs)
     if path is None:  # its params are not arrays of the first argument
-      if self.session.discovering:
-        self.session.unmatched.append(
-          f'{_tree.format_path(tuple(module.path))} ({type(module).__name__})'
-        )
+      where = _tree.format_path(tuple(module.path))
+      self.session.params_elsewhere(f'{where} ({description})')
       return outputs
-    if self.session.mode == 'structural' and not (
-      self.session.discovering or _has_probe(module)
-    ):
-      return outputs  # params of another tree with the same paths
+    if method not in entries or not args:
+      why = 'called without a positional input' if args else 'not captured'
+      self.session.not_captured(path, description, f'method {method!r} {why}')
+      return outputs
     return self.session.apply(
-      path,
-      layer_type,
-      method,
-      module,
-      args,
-      kwargs,
-      outputs,
-      get_param=lambda name: _tree.unbox(module.get_variable('params', name)),
-      get_probe=lambda: module.get_variable('params', PROBE),
-      description=type(module).__name__,
+      LayerCall(
+        path=path,
+        layer_type=entries[method],
+        layer=module,
+        inputs=args[0],
+        kwargs=_named_arguments(function, args, kwargs),
+        outputs=outputs,
+        params=_own_params(module),
+        description=description,
+        probe=lambda: module.get_variable('params', PROBE),
+      )
     )
 
 
-def _has_probe(module: nn.Module) -> bool:
-  return module.get_variable('params', PROBE) is not None
+def _own_params(module: nn.Module) -> dict[str, Any]:
+  """The layer's own parameters by name (boxes opened, probe left out)."""
+  params = module.variables.get('params', {})
+  return {
+    name: _tree.unbox(value)
+    for name, value in params.items()
+    if name != PROBE and not isinstance(value, Mapping)
+  }
 
 
-def with_probes_in_params(params: Any, probes: dict) -> Any:
+def with_probes_in_params(params: Any, session: Session) -> Any:
   """``params`` with each layer's probe next to its params (structural mode)."""
-  for path, probe in probes.items():
-    params = _tree.set_in(params, path + (PROBE,), probe)
+  for path in {p[:-1] for p in session.paths}:
+    probe = session.probe(path)
+    if probe is not None:
+      params = _tree.set_in(params, path + (PROBE,), probe)
   return params
 
 
 @contextlib.contextmanager
-def intercepting(session: capture.Session, allowed: tuple[type, ...] | None):
+def intercepting(session: Session):
   """Reports the linen layers applied inside the block to ``session``."""
-  with nn.intercept_methods(_Interceptor(session, allowed)):
+  with nn.intercept_methods(_Interceptor(session)):
     yield

@@ -28,29 +28,30 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 
-from adafisher_optax import _tree, layers, rules
+from adafisher_optax import _tree, registry, rules
 from adafisher_optax import capture as capture_lib
-from adafisher_optax.linen import (
+from adafisher_optax.arguments import check_call
+from adafisher_optax.fisher import check_fisher
+from adafisher_optax.flax_adapters import (
+  attend_config,
   channel_norm_config,
   conv_config,
+  conv_transpose_config,
   embed_config,
   token_norm_config,
 )
+from adafisher_optax.registry import BuiltIn, UnsupportedCall
+from adafisher_optax.session import PROBE, CaptureError, LayerCall, current
 
 #: Static attribute naming a tapped layer's path in the model.
 _PATH = '__adafisher_path__'
-
-
-# ---------------------------------------------------------------------------
-# Adapters: NNX layers as rule configurations.
-# ---------------------------------------------------------------------------
 
 
 def _linear(layer: nnx.Linear, x, kwargs) -> rules.Dense:
@@ -59,7 +60,7 @@ def _linear(layer: nnx.Linear, x, kwargs) -> rules.Dense:
 
 def _linear_general(layer: nnx.LinearGeneral, x, kwargs) -> rules.Dense:
   if layer.batch_axis:
-    raise layers.UnsupportedCall('LinearGeneral with batch_axis')
+    raise UnsupportedCall('LinearGeneral with batch_axis')
   return rules.Dense(
     in_axes=tuple(int(a) for a in np.atleast_1d(layer.axis)),
     out_ndim=len(np.atleast_1d(layer.out_features)),
@@ -67,22 +68,29 @@ def _linear_general(layer: nnx.LinearGeneral, x, kwargs) -> rules.Dense:
   )
 
 
-for _cls, _rule, _adapter, _names in (
-  (nnx.Linear, rules.DENSE, _linear, ('kernel', 'bias')),
-  (nnx.LinearGeneral, rules.DENSE, _linear_general, ('kernel', 'bias')),
-  (nnx.Conv, rules.CONV, conv_config, ('kernel', 'bias')),
-  (nnx.Embed, rules.EMBED, embed_config, ('embedding', None)),
-  (nnx.LayerNorm, rules.NORM, token_norm_config, ('scale', 'bias')),
-  (nnx.RMSNorm, rules.NORM, token_norm_config, ('scale', None)),
-  (nnx.BatchNorm, rules.NORM, channel_norm_config, ('scale', 'bias')),
-  (nnx.GroupNorm, rules.NORM, channel_norm_config, ('scale', 'bias')),
-):
-  layers.register_layer(_cls, _rule, _adapter, weight=_names[0], bias=_names[1])
+BUILT_IN: tuple[BuiltIn, ...] = (
+  BuiltIn(nnx.Linear, rules.DENSE, _linear),
+  BuiltIn(nnx.LinearGeneral, rules.DENSE, _linear_general),
+  BuiltIn(nnx.Conv, rules.CONV, conv_config),
+  BuiltIn(nnx.ConvTranspose, rules.CONV, conv_transpose_config),
+  BuiltIn(nnx.Embed, rules.EMBED, embed_config, 'embedding', None),
+  BuiltIn(nnx.Embed, rules.ATTEND, attend_config, 'embedding', None, 'attend'),
+  BuiltIn(nnx.LayerNorm, rules.NORM, token_norm_config, 'scale', 'bias'),
+  BuiltIn(nnx.RMSNorm, rules.NORM, token_norm_config, 'scale', None),
+  BuiltIn(nnx.BatchNorm, rules.NORM, channel_norm_config, 'scale', 'bias'),
+  BuiltIn(nnx.GroupNorm, rules.NORM, channel_norm_config, 'scale', 'bias'),
+)
+
+
+def register_built_in_layers() -> None:
+  """Registers the built-in NNX layers (:data:`BUILT_IN`)."""
+  registry.register_all(BUILT_IN)
 
 
 def supported_layers() -> tuple[type, ...]:
   """Every registered NNX layer class."""
-  return tuple(c for c in layers.registered() if issubclass(c, nnx.Module))
+  register_built_in_layers()
+  return tuple(c for c in registry.registered() if issubclass(c, nnx.Module))
 
 
 class Probe(nnx.Variable):
@@ -103,6 +111,14 @@ def _model_params(path: tuple, value: Any) -> bool:
 _UPDATED = nnx.All(nnx.Variable, nnx.Not(Probe), nnx.Not(_model_params))
 
 
+def _own_params(layer: nnx.Module) -> dict[str, Any]:
+  return {
+    name: value[...]
+    for name, value in vars(layer).items()
+    if isinstance(value, nnx.Param)
+  }
+
+
 def _tapped_method(base: type, name: str) -> Callable[..., Any]:
   """``base.name`` followed by a report to the current session.
 
@@ -115,24 +131,44 @@ def _tapped_method(base: type, name: str) -> Callable[..., Any]:
   @functools.wraps(original)
   def method(self, *args, **kwargs):
     outputs = original(self, *args, **kwargs)
-    session = capture_lib.current()
+    session = current()
     path = getattr(self, _PATH, None)
     if session is None or path is None:
       return outputs
-    session.calls += 1
-    by_name = {**dict(zip(names, args[1:])), **kwargs}
+    session.saw_call()
     return session.apply(
-      path,
-      layers.lookup_class(base)[1],
-      name,
-      self,
-      args[:1],
-      by_name,
-      outputs,
-      get_param=lambda n: getattr(self, n)[...],
-      get_probe=lambda: _probe(self, session.plan[path], path),
-      description=type(self).__name__,
+      LayerCall(
+        path=path,
+        layer_type=registry.lookup_class(base)[1][name],
+        layer=self,
+        inputs=args[0],
+        kwargs={**dict(zip(names, args[1:])), **kwargs},
+        outputs=outputs,
+        params=_own_params(self),
+        description=type(self).__name__,
+        probe=lambda: _probe(self, path),
+      )
     )
+
+  return method
+
+
+def _checked_override(cls: type, base: type, name: str) -> Callable[..., Any]:
+  """A subclass's own ``name``, reported when it never calls ``base``'s."""
+  override = getattr(cls, name)
+
+  @functools.wraps(override)
+  def method(self, *args, **kwargs):
+    session = current()
+    path = getattr(self, _PATH, None)
+    if session is None or path is None:
+      return override(self, *args, **kwargs)
+    before = session.applied(path)
+    outputs = override(self, *args, **kwargs)
+    if session.applied(path) == before:
+      why = f'its {name} does not call {base.__name__}.{name}'
+      session.not_captured(path, cls.__name__, why)
+    return outputs
 
   return method
 
@@ -146,73 +182,116 @@ def _tapped_class(cls: type) -> type:
   For a user subclass the reporting class of its registered base comes right
   after it in the MRO: the base methods report, also when the subclass wraps
   them, so the statistics belong to the layer's true inputs and outputs (as
-  for linen).
+  for linen); a registered method the subclass overrides without calling the
+  base's is reported as not captured.
   """
   tapped = _TAPPED.get(cls)
   if tapped is None:
-    base, layer_type = layers.lookup_class(cls)
+    base, entries = registry.lookup_class(cls)
     if cls is base:
-      # Also report the other layer-applying methods (Embed.attend).
-      names = layer_type.methods + tuple(
-        m for m in ('attend',) if hasattr(base, m)
-      )
-      namespace = {name: _tapped_method(base, name) for name in names}
+      namespace = {name: _tapped_method(base, name) for name in entries}
       bases = (cls,)
     else:
-      namespace, bases = {}, (cls, _tapped_class(base))
+      namespace = {
+        name: _checked_override(cls, base, name)
+        for name in entries
+        if getattr(cls, name) is not getattr(base, name)
+      }
+      bases = (cls, _tapped_class(base))
     namespace['__module__'] = cls.__module__
     namespace['__qualname__'] = cls.__qualname__
     tapped = _TAPPED[cls] = type(cls)(cls.__name__, bases, namespace)
   return tapped
 
 
-def _probe(
-  layer: nnx.Module, record: capture_lib.LayerRecord, path: tuple
-) -> Any:
+def _probe(layer: nnx.Module, path: tuple) -> Any:
   """The value of ``layer``'s probe, checked against what the capture added."""
-  where = _tree.format_path(path)
-  probe = getattr(layer, capture_lib.PROBE, None)
+  probe = getattr(layer, PROBE, None)
   if probe is None:
     return None
   value = probe.get_value()
-  if tuple(value['rows'].shape) != ():
-    raise capture_lib.CaptureError(
-      f'Layer {where!r}: its probe has stack shape {value["rows"].shape} '
-      'where the layer needs (): a transform inside `loss_fn` did not slice it '
-      "like the layer's parameters. Give adafisher_optax.nnx.Probe the axes "
-      'of nnx.Param, e.g. nnx.StateAxes({(nnx.Param, afo.nnx.Probe): 0, '
-      '...: None}).'
+  stacks = {tuple(v['rows'].shape) for v in value.values()}
+  if stacks != {()}:
+    raise CaptureError(
+      f'Layer {_tree.format_path(path)!r}: its probe has stack shape '
+      f'{sorted(stacks)[0]} where the layer needs (): a transform inside '
+      "`loss_fn` did not slice it like the layer's parameters. Give "
+      'adafisher_optax.nnx.Probe the axes of nnx.Param, e.g. '
+      'nnx.StateAxes({(nnx.Param, afo.nnx.Probe): 0, ...: None}).'
     )
   return value
 
 
-def _registered_layers(model: Any) -> dict[tuple, nnx.Module]:
-  """``{path: layer}`` of the registered layers whose weight is a Param."""
+def _registered_layers(
+  model: Any, selection: registry.Selection
+) -> dict[tuple, nnx.Module]:
+  """``{path: layer}`` of the selected registered layers whose weight or
+  bias is an ``nnx.Param``."""
   found = {}
   for path, node in nnx.iter_graph(model):
-    entry = layers.lookup(node)
-    if entry is None:
+    entry = registry.lookup(node)
+    if entry is None or not selection.takes(type(node)):
       continue
-    weight = getattr(node, entry[1].weight or '', None)
-    bias = getattr(node, entry[1].bias or '', None)
-    if isinstance(weight, nnx.Param) or isinstance(bias, nnx.Param):
+    names = {n for t in entry[1].values() for n in (t.weight, t.bias) if n}
+    if any(isinstance(getattr(node, n, None), nnx.Param) for n in names):
       found[tuple(path)] = node
   return found
 
 
-def _tap(model: nnx.Module, probes: dict[tuple, Any]) -> None:
+def _tap(model: nnx.Module, session, selection) -> None:
   """Makes the registered layers of a model copy report to the session."""
-  for path, layer in _registered_layers(model).items():
+  for path, layer in _registered_layers(model, selection).items():
     object.__setattr__(layer, '__class__', _tapped_class(type(layer)))
     setattr(layer, _PATH, path)
-    if path in probes:
-      setattr(layer, capture_lib.PROBE, Probe(probes[path]))
+    probe = session.probe(path)
+    if probe is not None:
+      setattr(layer, PROBE, Probe(probe))
+
+
+def _runner(graphdef, rest, loss_fn, selection) -> capture_lib.Run:
+  """Runs ``loss_fn`` on a tapped copy of the model merged from ``params``."""
+
+  def run(session, params):
+    # New Variable objects, which loss_fn may update inside this trace.
+    copy = nnx.merge(graphdef, params, jax.tree.map(lambda v: v, rest))
+    _tap(copy[0], session, selection)
+    with session:
+      out = loss_fn(copy[0], *copy[1], **copy[2])
+    return out, nnx.state(copy, _UPDATED)
+
+  return run
+
+
+def _capturable_layers(model: Any, selection: registry.Selection) -> dict:
+  """:func:`_registered_layers`, which must not be empty."""
+  registered = _registered_layers(model, selection)
+  if not registered:
+    names = ', '.join(f'nnx.{t.__name__}' for t in supported_layers())
+    raise CaptureError(
+      f'{type(model).__name__} contains no layer AdaFisher can capture '
+      f'(supported: {names}, their subclasses and layers registered with '
+      'adafisher_optax.register_layer).'
+    )
+  return registered
+
+
+def _nothing_applied(registered: dict) -> str:
+  found = ', '.join(_tree.format_path(path) for path in registered)
+  return (
+    'adafisher_optax.nnx.value_and_grad_with_curvature: `loss_fn` applied '
+    f"none of the model's registered layers ({found}) while it was traced. "
+    'Apply the model `loss_fn` receives as its first argument (not one it '
+    'closes over), and do not call it through an nnx.jit or jax.jit created '
+    'outside `loss_fn`: a cached compilation skips the capture.'
+  )
 
 
 def value_and_grad_with_curvature(
   loss_fn: Callable[..., Any],
   *,
   has_aux: bool = False,
+  layers: Sequence[type] | None = None,
+  exclude: Sequence[type] = (),
   fisher: str = 'empirical',
 ) -> Callable[..., tuple[Any, Any, Any]]:
   """Like ``nnx.value_and_grad(loss_fn)``, also returning AdaFisher's statistics.
@@ -232,6 +311,9 @@ def value_and_grad_with_curvature(
     loss_fn: the loss; its first argument is the model.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``; ``value`` is then
       ``(loss, aux)``.
+    layers: the layer classes to capture (subclasses included); default
+      every registered class.
+    exclude: layer classes (subclasses included) not to capture.
     fisher: ``"empirical"`` or ``"sampled"`` (then ``loss_fn`` computes its
       loss with :func:`adafisher_optax.softmax_cross_entropy` and the returned
       function takes a keyword argument ``fisher_key``), as in
@@ -246,55 +328,36 @@ def value_and_grad_with_curvature(
     :class:`adafisher_optax.LayerStatistics`, for
     ``optimizer.update(model, grads, curvature=curvature)``.
   """
-  capture_lib.check_fisher(fisher)
+  register_built_in_layers()
+  selection = registry.selection(layers, exclude)
+  check_fisher(fisher)
 
   @functools.wraps(loss_fn)
   def value_grads_curvature(
     model, *args, capture=True, fisher_key=None, **kwargs
   ):
     _check_model(model)
-    capture_lib.check_call(capture, fisher, fisher_key)
-    if not capture:
+    if not check_call(capture, fisher, fisher_key):
       value, grads = nnx.value_and_grad(loss_fn, has_aux=has_aux)(
         model, *args, **kwargs
       )
       return value, grads, None
-    registered = _registered_layers(model)
-    if not registered:
-      names = ', '.join(f'nnx.{t.__name__}' for t in supported_layers())
-      raise capture_lib.CaptureError(
-        f'{type(model).__name__} contains no layer AdaFisher can capture '
-        f'(supported: {names}, their subclasses and layers registered with '
-        'adafisher_optax.register_layer).'
-      )
+    registered = _capturable_layers(model, selection)
     graphdef, params, rest = nnx.split(
       (model, args, kwargs), _model_params, ...
     )
-
-    def run(session, params):
-      # New Variable objects, which loss_fn may update inside this trace.
-      copy = nnx.merge(graphdef, params, jax.tree.map(lambda v: v, rest))
-      _tap(copy[0], session.probes)
-      with session:
-        out = loss_fn(copy[0], *copy[1], **copy[2])
-      return out, nnx.state(copy, _UPDATED)
-
-    found = ', '.join(_tree.format_path(path) for path in registered)
+    options = capture_lib.Options(
+      'loss_fn',
+      has_aux,
+      fisher,
+      fisher_key,
+      selection,
+      _nothing_applied(registered),
+    )
     value, grads, curvature, updates = capture_lib.drive(
-      run,
+      _runner(graphdef, rest, loss_fn, selection),
       params,
-      has_aux=has_aux,
-      fisher=fisher,
-      fisher_key=fisher_key,
-      name='loss_fn',
-      on_nothing_applied=lambda: capture_lib.CaptureError(
-        'adafisher_optax.nnx.value_and_grad_with_curvature: `loss_fn` '
-        f"applied none of the model's registered layers ({found}) while it "
-        'was traced. Apply the model `loss_fn` receives as its first argument '
-        '(not one it closes over), and do not call it through an nnx.jit or '
-        'jax.jit created outside `loss_fn`: a cached compilation skips the '
-        'capture.'
-      ),
+      options,
       layer_params=lambda path: _tree.get_node(params, (0, *path)),
     )
     nnx.update((model, args, kwargs), updates)

@@ -3,9 +3,11 @@
 A train step that captures statistics only on refresh steps (and runs plain
 ``jax.value_and_grad`` otherwise) needs to know, on the host, which steps
 those are. :func:`refresh_schedule` reads the optimizer state once (the
-step count, the latest refresh and ``t_cov``), reports a state whose
-refreshes are overdue, and then yields one flag per step without touching
-the device again.
+step count, the latest refresh, and ``t_cov`` from the settings of the
+optimizer that returned the state), reports a state whose refreshes are
+overdue, and then yields one flag per call of ``tx.update`` without
+touching the device again: per micro-batch for a
+:func:`adafisher_optax.multi_steps` state.
 """
 
 from __future__ import annotations
@@ -16,57 +18,42 @@ from typing import Any
 
 import jax
 
-from adafisher_optax.transform import AdaFisherState
+from adafisher_optax.accumulation import MultiStepsState
+from adafisher_optax.state import (
+  StaleFactorsWarning,
+  adafisher_state,
+  overdue,
+  plan_refreshes,
+  refresh_due,
+)
 
 
-class StaleFactorsWarning(UserWarning):
-  """The factors were not refreshed for longer than ``t_cov`` updates."""
-
-
-def adafisher_state(opt_state: Any) -> AdaFisherState:
-  """The one :class:`AdaFisherState` inside a (chained, wrapped) state.
-
-  ``adafisher`` chains the coupled decay first (its AdaFisher state is
-  ``opt_state[1]``), ``adafisherw`` the decoupled decay after (``[0]``);
-  this finds it in either, and inside ``inject_hyperparams``,
-  ``masked``, ``multi_steps`` or an ``nnx.Optimizer``'s ``opt_state``.
-  """
+def _multi_steps_state(opt_state: Any) -> MultiStepsState | None:
   found = [
     node
     for node in jax.tree.leaves(
-      opt_state, is_leaf=lambda n: isinstance(n, AdaFisherState)
+      opt_state, is_leaf=lambda n: isinstance(n, MultiStepsState)
     )
-    if isinstance(node, AdaFisherState)
+    if isinstance(node, MultiStepsState)
   ]
-  if len(found) != 1:
-    raise ValueError(
-      f'opt_state must contain exactly one AdaFisherState, found {len(found)}.'
-    )
-  return found[0]
-
-
-def overdue(state: AdaFisherState) -> int:
-  """Updates since a refresh was due and none happened (0 if none is late)."""
-  count, last, t_cov = (
-    int(state.count),
-    int(state.last_refresh),
-    int(state.t_cov),
-  )
-  if last < 0:
-    return count
-  return max(0, count - last - t_cov)
+  return found[0] if found else None
 
 
 def refresh_schedule(opt_state: Any) -> Iterator[bool]:
-  """Yields, step after step, whether the next update refreshes the factors.
+  """Yields, call after call of ``tx.update``, whether to bring curvature.
 
   Reads the state once (one device sync), so call it after ``init`` and
-  after restoring a checkpoint; it warns (:class:`StaleFactorsWarning`)
-  when refreshes are already overdue. Each ``next()`` is one update:
-  ``True`` when the update should bring ``curvature`` (capture on),
-  ``False`` for a plain step. Passing curvature on other steps does no
-  harm (the optimizer refreshes only when due); never passing it leaves
-  the factors stale, which :func:`adafisher_optax.diagnostics` shows.
+  after restoring a checkpoint (restored into the structure of the
+  optimizer you run now, e.g. ``target=tx.init(params)``: the schedule
+  follows that optimizer's ``t_cov``); it warns
+  (:class:`StaleFactorsWarning`) when refreshes are already overdue.
+  ``True`` means: capture (``capture=True``) and pass the ``curvature``;
+  ``False``: a plain step. For a :func:`adafisher_optax.multi_steps` state
+  there is one flag per micro-batch, the same for every micro-batch of a
+  window, so that a refreshing update sees the statistics of its whole
+  batch. Passing curvature on other steps does no harm (the optimizer
+  refreshes only when due); never passing it leaves the factors stale,
+  which :func:`adafisher_optax.diagnostics` shows.
 
   Example::
 
@@ -76,22 +63,46 @@ def refresh_schedule(opt_state: Any) -> Iterator[bool]:
         params, opt_state, x, y, refresh=next(schedule)
       )
   """
+  plan_refreshes()
   state = adafisher_state(opt_state)
   late = overdue(state)
   if late:
     warnings.warn(
       f'AdaFisher: the factors are {late} updates overdue for a refresh '
-      f'(t_cov={int(state.t_cov)}): the next update should bring curvature.',
+      f'(t_cov={state.settings.t_cov}): the next update should bring '
+      'curvature.',
       StaleFactorsWarning,
       stacklevel=2,
     )
-  return _flags(int(state.count), int(state.last_refresh), int(state.t_cov))
+  flags = _update_flags(
+    int(state.count), int(state.last_refresh), state.settings.t_cov
+  )
+  accumulating = _multi_steps_state(opt_state)
+  if accumulating is None:
+    return flags
+  return _micro_batch_flags(flags, accumulating)
 
 
-def _flags(count: int, last: int, t_cov: int) -> Iterator[bool]:
+def _update_flags(count: int, last: int, t_cov: int) -> Iterator[bool]:
+  """Whether each coming update refreshes (given curvature)."""
   while True:
-    due = last < 0 or count - last >= t_cov
+    due = bool(refresh_due(count, last, t_cov))
     if due:
       last = count
     count += 1
     yield due
+
+
+def _micro_batch_flags(
+  updates: Iterator[bool], state: MultiStepsState
+) -> Iterator[bool]:
+  """Each update's flag repeated over the micro-batches of its window."""
+  mini_step = int(state.inner.mini_step)
+  gradient_step = int(state.inner.gradient_step)
+  while True:
+    every_k = state.settings.micro_batches(gradient_step)
+    due = next(updates)
+    for _ in range(every_k - mini_step):
+      yield due
+    mini_step = 0
+    gradient_step += 1

@@ -18,78 +18,90 @@ and, for a layer stacked along leading axes and sliced inside
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from adafisher_optax import capture, layers, rules
+from adafisher_optax import _tree, rules
+from adafisher_optax.registry import LayerType
+from adafisher_optax.session import CaptureError, LayerCall, Session, current
 
 
-def _record(
-  rule: rules.Rule,
-  config: rules.Config,
+def _path(
+  session: Session, kind: str, params: Mapping[str, Any], weight: str, name
+) -> _tree.Path | None:
+  """The op's layer path: ``name``, or found by the identity of its weight."""
+  if name is not None:
+    return tuple(name.split('/'))
+  found = session.owner(params[weight])
+  if found is None or found[-1] != weight:
+    session.params_elsewhere(
+      f'{kind} (its params are not arrays of the first argument: if they '
+      "are the model's own, transformed or sliced, pass name='path/to/"
+      "layer', their path in params)"
+    )
+    return None
+  return found[:-1]
+
+
+def _sliced_probe(session: Session, kind: str, path, index: Any) -> Any:
+  """The layer's probe, sliced at ``index`` when its params are stacked."""
+  value, stack = session.probe(path), session.stack(path)
+  where = '/'.join(path)
+  if index is not None and not stack:
+    raise CaptureError(
+      f'{kind} {where!r}: index= was given but its params are not stacked.'
+    )
+  if value is None or not stack:
+    return value
+  if index is None:
+    raise CaptureError(
+      f'{kind} {where!r}: its params are stacked {stack} and sliced inside '
+      'the model; pass index= (its position in the stack).'
+    )
+  return jax.tree.map(lambda v: v[index], value)
+
+
+def _report(
+  op: Callable[..., Any],
+  layer_type: LayerType,
   params: Mapping[str, jax.Array],
-  weight: str,
-  bias: str | None,
-  name: str | None,
-  index: Any,
   inputs: jax.Array,
   outputs: jax.Array,
+  name: str | None,
+  index: Any,
 ) -> jax.Array:
-  session = capture.current()
+  """Reports one op's application to the current session, if any."""
+  session = current()
   if session is None:
     return outputs
-  session.calls += 1
-  kind = f'tags.{rule.name}'
-  if name is not None:
-    path = tuple(name.split('/'))
-  else:
-    found = session.leaf_paths.get(id(params[weight]))
-    if found is None or found[-1] != weight:
-      if session.discovering:
-        session.unmatched.append(
-          f'{kind} (its params are not arrays of the first argument: if they '
-          "are the model's own, transformed or sliced, pass name='path/to/"
-          "layer', their path in params)"
-        )
-      return outputs
-    path = found[:-1]
-  layer_type = layers.LayerType(
-    rule, lambda layer, x, kwargs: config, weight=weight, bias=bias
-  )
-
-  def probe():
-    value = session.probes.get(path)
-    record = session.plan[path]
-    if index is not None and not record.stack:
-      raise capture.CaptureError(
-        f'{kind} {"/".join(path)!r}: index= was given but its params are not '
-        'stacked.'
-      )
-    if value is None or not record.stack:
-      return value
-    if index is None:
-      raise capture.CaptureError(
-        f'{kind} {"/".join(path)!r}: its params are stacked '
-        f'{record.stack} and sliced inside the model; pass index= (its '
-        'position in the stack).'
-      )
-    return jax.tree.map(lambda v: v[index], value)
-
+  session.saw_call()
+  kind = f'tags.{op.__name__}'
+  if not session.selection.takes(op):
+    return outputs
+  path = _path(session, kind, params, layer_type.weight, name)
+  if path is None:
+    return outputs
   return session.apply(
-    path,
-    layer_type,
-    '__call__',
-    None,
-    (inputs,),
-    {},
-    outputs,
-    get_param=lambda n: params[n],
-    get_probe=probe,
-    description=kind,
+    LayerCall(
+      path=path,
+      layer_type=layer_type,
+      layer=None,
+      inputs=inputs,
+      kwargs={},
+      outputs=outputs,
+      params=params,
+      description=kind,
+      probe=lambda: _sliced_probe(session, kind, path, index),
+    )
   )
+
+
+def _fixed(rule: rules.Rule, config: rules.Config, **names) -> LayerType:
+  """The layer type of one op call, whose configuration is known."""
+  return LayerType(rule, lambda layer, x, kwargs: config, **names)
 
 
 def dense(
@@ -103,10 +115,8 @@ def dense(
   y = jnp.dot(x, params['kernel'])
   if 'bias' in params:
     y = y + params['bias']
-  config = rules.Dense(use_bias='bias' in params)
-  return _record(
-    rules.DENSE, config, params, 'kernel', 'bias', name, index, x, y
-  )
+  layer_type = _fixed(rules.DENSE, rules.Dense(use_bias='bias' in params))
+  return _report(dense, layer_type, params, x, y, name, index)
 
 
 def conv(
@@ -156,9 +166,7 @@ def conv(
   )
   if 'bias' in params:
     y = y + params['bias']
-  return _record(
-    rules.CONV, config, params, 'kernel', 'bias', name, index, x, y
-  )
+  return _report(conv, _fixed(rules.CONV, config), params, x, y, name, index)
 
 
 def embed(
@@ -171,10 +179,17 @@ def embed(
   """Rows ``params['embedding'][ids]``."""
   table = params['embedding']
   y = jnp.take(table, ids, axis=0)
-  config = rules.Embed(num_embeddings=table.shape[0])
-  return _record(
-    rules.EMBED, config, params, 'embedding', None, name, index, ids, y
+  layer_type = _fixed(
+    rules.EMBED,
+    rules.Embed(num_embeddings=table.shape[0]),
+    weight='embedding',
+    bias=None,
   )
+  return _report(embed, layer_type, params, ids, y, name, index)
 
 
-__all__ = ['conv', 'dense', 'embed']
+#: The ops, as ``layers=`` and ``exclude=`` of
+#: :func:`adafisher_optax.value_and_grad_with_curvature` accept them.
+OPS: tuple[Callable[..., Any], ...] = (dense, conv, embed)
+
+__all__ = ['OPS', 'conv', 'dense', 'embed']

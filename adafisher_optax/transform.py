@@ -1,35 +1,39 @@
 """``scale_by_adafisher``: the AdaFisher step as an optax transformation.
 
 One update: (on a step that brings ``curvature``) fold the statistics into
-the factor EMAs (:mod:`~adafisher_optax.factors`) if a refresh is due; then,
+the factor EMAs if a refresh is due (:mod:`~adafisher_optax.refresh`); then,
 per parameter, momentum and bias correction as in ``optax.scale_by_adam``,
-divided by ``F~`` (:mod:`~adafisher_optax.preconditioner`), which is built on
-the fly from the layer's factor vectors. A step without ``curvature`` is a
-plain step: no statistics, no refresh, the stored factors.
+divided by ``F~`` (:mod:`~adafisher_optax.preconditioner`), optionally
+rescaled per layer (:mod:`~adafisher_optax.grafting`). A step without
+``curvature`` is a plain step: no statistics, no refresh, the stored
+factors.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
+import numbers
 import warnings
-from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from optax import tree as otu
 
-from adafisher_optax import _devices, _tree, rules
+from adafisher_optax import _tree, conventions, rules
 from adafisher_optax import factors as factors_lib
 from adafisher_optax import grafting as grafting_lib
 from adafisher_optax import hyperparameters as hp
-from adafisher_optax import statistics as statistics_lib
-from adafisher_optax.preconditioner import (
-  Ablation,
-  curvature_mean,
-  preconditioner,
+from adafisher_optax import layout as layout_lib
+from adafisher_optax import refresh as refresh_lib
+from adafisher_optax.preconditioner import ABLATIONS, Ablation, preconditioner
+from adafisher_optax.state import (
+  INJECTED,
+  AdaFisherState,
+  Settings,
+  StaleFactorsWarning,
+  plan_refreshes,
+  refreshes_planned,
 )
 
 
@@ -37,43 +41,11 @@ class UnpreconditionedParametersWarning(UserWarning):
   """Parameters without curvature statistics are updated with ``F~ = 1``."""
 
 
-class AdaFisherState(NamedTuple):
-  """State of :func:`scale_by_adafisher`.
-
-  Attributes:
-    count: number of updates so far (int32).
-    mu: first moment of the gradients, like the params.
-    factors: the :class:`adafisher_optax.factors.Factors` of every
-      preconditioned layer, in nested dicts keyed like the params (one entry
-      per layer path). Their type says the numerics (``ReferenceFactors`` or
-      ``PaperFactors``), so a checkpoint of the other numerics does not fit.
-    last_refresh: the ``count`` of the latest refresh (int32; -1 before the
-      first).
-    t_cov: the updates between refreshes (int32), as the latest refresh (or
-      ``init``) saw it; :func:`adafisher_optax.refresh_schedule` reads it.
-    damping: ``damping`` at the latest refresh (-1 before the first).
-    relative_damping: ``relative_damping`` at the latest refresh (-1 when
-      the absolute ``damping`` is used).
-    nu: Adam's second moment, like the params, under ``grafting='adam'``;
-      ``()`` (no leaves) otherwise.
-  """
-
-  count: jax.Array
-  mu: optax.Updates
-  factors: Any
-  last_refresh: jax.Array
-  t_cov: jax.Array
-  damping: jax.Array
-  relative_damping: jax.Array
-  nu: optax.Updates = ()
-
-
-def layer_factors(factors: Any) -> dict[_tree.Path, factors_lib.Factors]:
-  """``{layer path: Factors}`` of a state's ``factors`` tree."""
-  flat = jax.tree_util.tree_flatten_with_path(
-    factors, is_leaf=factors_lib.is_factors
-  )[0]
-  return {_tree.keypath_to_path(kp): f for kp, f in flat}
+def _static(value: Any) -> Any:
+  """A hyperparameter as the state's settings record it."""
+  if value is None or isinstance(value, numbers.Number):
+    return value
+  return INJECTED  # an array: optax.inject_hyperparams passes them
 
 
 def _check_parameters(tree: Any, what: str) -> None:
@@ -110,7 +82,7 @@ def _check_gradients(updates: Any, mu: Any) -> None:
       )
 
 
-def _check_state(state: Any, numerics: str) -> None:
+def _check_state(state: Any, settings: Settings) -> None:
   if not isinstance(state, AdaFisherState):
     raise TypeError(
       'scale_by_adafisher: the state is a '
@@ -118,223 +90,66 @@ def _check_state(state: Any, numerics: str) -> None:
       "this optimizer's init returned (a multi_steps state goes to the "
       'multi_steps optimizer).'
     )
-  wanted = factors_lib.FACTOR_TYPES[numerics]
-  for path, factors in layer_factors(state.factors).items():
-    if type(factors) is not wanted:
-      raise ValueError(
-        f'AdaFisher state: the factors of {_tree.format_path(path)!r} are for '
-        f'numerics={factors_lib.numerics_of(factors)!r}, the optimizer uses '
-        f'numerics={numerics!r} (a checkpoint of another configuration?).'
-      )
-
-
-def _parameter_shapes(updates, path, names: Mapping[str, str]):
-  """``{role: shape}`` of a layer's parameters present in ``updates``."""
-  shapes = {}
-  for name, role in names.items():
-    leaf = _tree.unbox(_tree.get_node(updates, path + (name,)))
-    if leaf is not None and hasattr(leaf, 'shape'):
-      shapes[role] = tuple(leaf.shape)
-  return shapes
-
-
-def _check_layer(path, stats, factors, shapes, numerics):
-  where = _tree.format_path(path)
-  for field in ('input_sums', 'output_sums', 'rows'):
-    for value in jax.tree.leaves(getattr(stats, field)):
-      if not jnp.issubdtype(value.dtype, jnp.floating):
-        raise TypeError(
-          f'curvature[{where!r}].{field} has dtype {value.dtype}; '
-          'statistics are floating-point (pass the curvature of '
-          'value_and_grad_with_curvature unchanged).'
-        )
-  if factors is None:
+  if state.settings.numerics != settings.numerics:
     raise ValueError(
-      f'curvature has statistics for layer {where!r} but the optimizer state '
-      'has no factors for it: the curvature comes from another model, the '
-      "state was initialised for other params, or the layer's weight is "
-      'masked out (then build the optimizer with '
-      'layout=adafisher_optax.curvature_layout(grad_fn, params, *batch)).'
+      'AdaFisher state: its factors are for '
+      f'numerics={state.settings.numerics!r}, the optimizer uses '
+      f'numerics={settings.numerics!r} (a checkpoint of another '
+      'configuration?).'
     )
-  rule = stats.layer_rule
-  if type(rule).curvature is not type(rules.RULES[factors.rule]).curvature or (
-    stats.weight_name,
-    stats.bias_name,
-  ) != (
-    factors.weight,
-    factors.bias,
-  ):
-    raise ValueError(
-      f'Layer {where!r}: the state holds factors of a {factors.rule!r} layer '
-      f'with parameters {sorted(factors.roles())}, the curvature is of a '
-      f'{stats.rule!r} layer with parameters {sorted(stats.parameter_names())}'
-      ': the curvature comes from another model, or the state was sized '
-      'without a layout (build the optimizer with '
-      'layout=adafisher_optax.curvature_layout(grad_fn, params, *batch)).'
+
+
+def _warn_if_never_refreshed(settings: Settings) -> None:
+  """At the trace of a plain update, when nothing in this process plans a
+  refresh (no :func:`adafisher_optax.refresh_schedule` built, no update with
+  curvature traced): a loop that never passes curvature is momentum SGD."""
+  if not refreshes_planned():
+    plan_refreshes()  # once
+    warnings.warn(
+      'AdaFisher: an update without curvature= was traced and no update '
+      'with curvature= (nor a refresh_schedule) exists in this process: '
+      'the factors are never refreshed and F~ stays 1 (momentum SGD at '
+      f'learning_rate). Pass curvature= every t_cov={settings.t_cov} '
+      'updates (afo.refresh_schedule(opt_state) says when); ignore this if '
+      'a later step of your loop does.',
+      StaleFactorsWarning,
+      stacklevel=4,
     )
-  want = (tuple(factors.h.shape), tuple(factors.s.shape))
-  got = rule.factor_shapes(
-    [tuple(a.shape) for a in stats.input_sums],
-    [tuple(a.shape) for a in stats.output_sums],
-    numerics,
-  )
-  if want != got:
-    raise ValueError(
-      f'Layer {where!r}: the optimizer state holds factors of shapes {want} '
-      f'but the curvature needs factors of shapes {got}. Either the '
-      'curvature comes from another model, or the factor sizes could not be '
-      'inferred from parameter names (nn.scan stacks, bias-free DenseGeneral '
-      'with several output axes): build the optimizer with '
-      'layout=adafisher_optax.curvature_layout(grad_fn, params, *batch).'
+
+
+def _warn_on_new_t_cov(held: Settings, settings: Settings) -> None:
+  if held.t_cov != settings.t_cov:
+    warnings.warn(
+      f'AdaFisher: the state was returned by an optimizer with '
+      f't_cov={held.t_cov}; this one refreshes every {settings.t_cov} '
+      'updates. A refresh_schedule built from that state keeps its rhythm: '
+      'build it again from the state this update returns (or restore '
+      'checkpoints into target=tx.init(params) of the new optimizer).',
+      StaleFactorsWarning,
+      stacklevel=4,
     )
-  n_stack = len(want[0]) - 1
-  d_out = want[1][-1]
-  for role, shape in shapes.items():
-    ok = tuple(shape[:n_stack]) == want[0][:-1] and (
-      math.prod(shape[n_stack:]) % d_out == 0
-    )
-    if not ok:
-      raise ValueError(
-        f'The {role} of layer {where!r} has shape {shape}, which does not '
-        f'fit statistics of shapes {got}: the curvature comes from another '
-        'model.'
-      )
 
 
-def _axis_names(axis_name: Any) -> tuple:
-  if axis_name is None:
-    return ()
-  if isinstance(axis_name, (tuple, list)):
-    return tuple(axis_name)
-  return (axis_name,)
+def _warn_unpreconditioned(layout, updates, refreshed: Any) -> None:
+  """One warning listing the parameters updated with ``F~ = 1``.
 
-
-def _over_devices(stats, axis_name):
-  """Global-batch statistics: raw sums added over devices (spec section 4).
-
-  Statistics combine across devices as JAX combines the gradients of
-  replicated parameters: inside ``shard_map`` JAX has already summed them in
-  the backward pass (they flow back through replicated probes), so they no
-  longer vary along the mesh axes. Under ``pmap`` each device's loss is the
-  mean over its own batch and the user averages gradients with ``pmean``;
-  there the statistics still differ between devices, ``axis_name`` sums them
-  and they are rescaled to the averaged objective.
-
-  Args:
-    stats: ``{layer path: LayerStatistics}``.
-    axis_name: the optimizer's ``axis_name``.
-
-  Returns:
-    ``{layer path: LayerStatistics}`` of the global batch.
+  Those no block covers; on a refresh, also those whose blocks got no
+  statistics from this curvature (``refreshed``: the keys that did).
   """
-  names = _axis_names(axis_name)
-  combined = {}
-  for path, layer in stats.items():
-    varying = _devices.varying_axes(layer.rows)
-    stray = varying - set(names)
-    if stray:
-      raise ValueError(
-        f'curvature[{_tree.format_path(path)!r}] differs between devices '
-        f'along mesh axes {sorted(stray)}: pass '
-        f'axis_name={sorted(stray)[0]!r} (or a tuple) to the optimizer, or '
-        'every device preconditions with its own statistics and the '
-        'replicas drift apart.'
-      )
-    axes = tuple(
-      n for n in names if n in varying or not _devices.tracks_varying(n)
-    )
-    if axes:
-      layer = layer.psum(axes).average_of(jax.lax.psum(1, axes))
-    combined[path] = layer
-  return combined
-
-
-def _refresh(
-  state,
-  updates,
-  curvature,
-  *,
-  t_cov,
-  gamma,
-  damping,
-  relative_damping,
-  numerics,
-  axis_name,
-):
-  """``state`` with the factors refreshed from ``curvature`` when one is due.
-
-  A refresh is due when none happened yet or ``t_cov`` updates have passed
-  since the latest one; a step whose statistics come later than that
-  refreshes late rather than never.
-  """
-  current = layer_factors(state.factors)
-  stats = {}
-  for path, layer in statistics_lib.flatten(curvature).items():
-    if not isinstance(_tree.get_node(updates, path), Mapping):
-      raise ValueError(
-        f'curvature has statistics for layer {_tree.format_path(path)!r} '
-        'but the updates have no such layer: the curvature comes from '
-        'another model.'
-      )
-    shapes = _parameter_shapes(updates, path, layer.parameter_names())
-    if not shapes:
-      continue  # every parameter of the layer is masked out
-    _check_layer(path, layer, current.get(path), shapes, numerics)
-    stats[path] = (layer, shapes)
   silent = [
-    _tree.format_path(path + (name,))
-    for path in sorted(set(current) - set(stats))
-    for name in current[path].roles()
-    if _tree.get_node(updates, path + (name,)) is not None
+    _tree.format_path(path)
+    for path, _ in _tree.leaves_with_paths(updates)
+    if not any(
+      refreshed is None or b.key in refreshed for b in layout.blocks_of(path)
+    )
   ]
   if silent:
     warnings.warn(
-      'AdaFisher: the curvature has no statistics for these parameters, '
-      'which keep F~ = 1 (bias-corrected momentum) until statistics reach '
-      'their layer: ' + ', '.join(silent),
+      'AdaFisher: no curvature statistics for these parameters; they are '
+      'updated with F~ = 1 (bias-corrected momentum): ' + ', '.join(silent),
       UnpreconditionedParametersWarning,
       stacklevel=4,
     )
-  if not stats:
-    return state
-  due = (state.last_refresh < 0) | (
-    state.count - state.last_refresh >= jnp.asarray(t_cov, state.count.dtype)
-  )
-  old = {path: current[path] for path in stats}
-
-  def refresh(old):
-    combined = _over_devices({p: s for p, (s, _) in stats.items()}, axis_name)
-    new = factors_lib.refresh(
-      old,
-      {p: s.means(numerics) for p, s in combined.items()},
-      {p: s.rows for p, s in combined.items()},
-      gamma=gamma,
-    )
-    return {
-      path: dataclasses.replace(
-        f,
-        curvature_mean=curvature_mean(
-          rules.RULES[f.rule], f.h, f.s, numerics, stats[path][1]
-        ).astype(f.curvature_mean.dtype),
-      )
-      for path, f in new.items()
-    }
-
-  if _axis_names(axis_name):  # collectives on due steps only
-    new = jax.lax.cond(due, refresh, lambda old: old, old)
-  else:  # a few small kernels, cheaper than a conditional on accelerators
-    new = otu.where(due, refresh(old), old)
-  record = lambda value, old: jnp.where(due, jnp.asarray(value, old.dtype), old)  # noqa: E731
-  return state._replace(
-    factors=_tree.nest({**current, **new}),
-    last_refresh=jnp.where(due, state.count, state.last_refresh),
-    t_cov=jnp.asarray(t_cov, state.t_cov.dtype),
-    damping=record(damping, state.damping),
-    relative_damping=record(
-      -1.0 if relative_damping is None else relative_damping,
-      state.relative_damping,
-    ),
-  )
 
 
 def scale_by_adafisher(
@@ -352,7 +167,6 @@ def scale_by_adafisher(
   axis_name: Any = None,
   mu_dtype: Any = None,
   layout: Any = None,
-  ablation: Ablation = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates by AdaFisher's diagonal Kronecker-factored Fisher.
 
@@ -383,7 +197,7 @@ def scale_by_adafisher(
       epsilon folded in as ``0.08*old + 0.008*new`` at ``gamma=0.8``) or
       ``"paper"`` (plain EMA, scale-free min-max when preconditioning).
     fisher_power: ``p``; 0.5 gives the square-root variant.
-    relative_damping: ``a >= 0`` (``math.inf`` allowed) replaces ``damping``:
+    relative_damping: ``a > 0`` (``math.inf`` allowed) replaces ``damping``:
       ``F~ = (K + a mean(K)) / ((1 + a) mean(K))`` per layer, so ``F~`` has
       mean 1 (spec section 3a); ``math.inf`` is bias-corrected momentum.
     grafting: ``None`` (the authors' step), ``'rms'`` or ``'adam'``: keep
@@ -397,13 +211,10 @@ def scale_by_adafisher(
     axis_name: the ``pmap`` axis (or axes) over which raw statistics are
       summed on refresh steps, giving global-batch factors. Not needed in
       ``shard_map`` or a sharded ``jit``.
-    mu_dtype: optional dtype of the momentum.
+    mu_dtype: optional dtype of the momentum (and of ``nu``).
     layout: the curvature's shapes, from
       :func:`adafisher_optax.curvature_layout`, to size the factors exactly;
-      without it they are inferred from parameter names and shapes.
-    ablation: a benchmark control: ``'layer_mean'`` (``F~`` replaced by its
-      layer mean) or ``'permuted'`` (``H`` and ``S`` shuffled within each
-      layer); ``None`` is the method.
+      without it they are guessed from Flax's parameter names.
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs`.
@@ -412,137 +223,105 @@ def scale_by_adafisher(
     Gomes et al., `AdaFisher: Adaptive Second Order Optimization via Fisher
     Information <https://arxiv.org/abs/2405.16397>`_, ICLR 2025.
   """
-  numerics = hp.check_numerics(numerics)
-  for name, value in dict(
-    b1=b1, damping=damping, gamma=gamma, fisher_power=fisher_power
-  ).items():
-    hp.check(name, value)
+  return _scale_by_adafisher(**locals(), ablation=None)
+
+
+def _scale_by_adafisher(
+  b1, damping, gamma, t_cov, numerics, fisher_power, *, relative_damping,
+  grafting, b2, eps, axis_name, mu_dtype, layout, ablation: Ablation,
+) -> optax.GradientTransformationExtraArgs:  # fmt: skip
+  """:func:`scale_by_adafisher`, with a benchmark control (``ablation``)."""
+  numerics = hp.check_choice('numerics', numerics, rules.NUMERICS)
+  hp.check_all(b1=b1, damping=damping, gamma=gamma, fisher_power=fisher_power)
   t_cov = hp.check_t_cov(t_cov, numerics)
   relative_damping = hp.check_relative_damping(relative_damping)
-  ablation = hp.check_ablation(ablation)
-  grafting = hp.check_grafting(grafting)
+  ablation = hp.check_choice('ablation', ablation, ABLATIONS)
+  grafting = hp.check_choice('grafting', grafting, grafting_lib.GRAFTINGS)
   if grafting == 'adam':
-    hp.check('b2', b2)
-    hp.check('eps', eps)
+    hp.check_all(b2=b2, eps=eps)
   mu_dtype = hp.check_mu_dtype(mu_dtype)
-  if layout is not None:
-    statistics_lib.flatten(layout)  # a clear error for a wrong layout
+  axis_names = hp.check_axis_name(axis_name)
+  settings = Settings(
+    numerics=numerics,
+    t_cov=t_cov,
+    damping=_static(damping),
+    relative_damping=_static(relative_damping),
+    grafting=grafting,
+  )
+  fixed_layout = (
+    None if layout is None else layout_lib.from_curvature(layout, numerics)
+  )
 
   def init_fn(params):
     _check_parameters(params, 'parameter')
-
-    def minus_one():  # one buffer per field, so a donated state is valid
-      return jnp.full([], -1, rules.statistics_dtype())
-
+    factor_layout = fixed_layout or layout_lib.from_guesses(
+      conventions.guess(params), numerics
+    )
     return AdaFisherState(
       count=jnp.zeros([], jnp.int32),
       mu=otu.zeros_like(params, dtype=mu_dtype),
-      factors=factors_lib.initial_factors(params, layout, numerics),
-      last_refresh=jnp.asarray(-1, jnp.int32),
-      t_cov=jnp.asarray(t_cov, jnp.int32),
-      damping=minus_one(),
-      relative_damping=minus_one(),
       nu=otu.zeros_like(params, dtype=mu_dtype) if grafting == 'adam' else (),
+      factors=factors_lib.initial(
+        factor_layout, numerics == 'paper', rules.statistics_dtype()
+      ),
+      last_refresh=jnp.asarray(-1, jnp.int32),
+      settings=settings,
     )
 
   def update_fn(updates, state, params=None, *, curvature=None, **extra_args):
     del params, extra_args
-    _check_state(state, numerics)
+    _check_state(state, settings)
     _check_gradients(updates, state.mu)
-    if curvature is not None:
-      state = _refresh(
-        state,
-        updates,
-        curvature,
-        t_cov=t_cov,
-        gamma=gamma,
-        damping=damping,
-        relative_damping=relative_damping,
-        numerics=numerics,
-        axis_name=axis_name,
+    _warn_on_new_t_cov(state.settings, settings)
+    state = state._replace(settings=settings)
+    layout = state.factors.layout
+    refreshed = None
+    if curvature is None:
+      _warn_if_never_refreshed(settings)
+    else:
+      plan_refreshes()
+      matched = refresh_lib.match(layout, curvature, updates, numerics)
+      refreshed = set(matched)
+      state = refresh_lib.refresh_if_due(
+        state, matched, gamma=gamma, axis_names=axis_names
       )
-    layers = layer_factors(state.factors)
-    count_inc = optax.safe_increment(state.count)
-    correction = 1 - b1**count_inc
-    unpreconditioned = []
+    _warn_unpreconditioned(layout, updates, refreshed)
 
     def moment(path, g, m):
       return jnp.where(jnp.isfinite(g), (1 - b1) * g + b1 * m, m)
 
-    def step(path, g, m):
+    mu = _tree.map_with_path(moment, updates, state.mu)
+    count_inc = optax.safe_increment(state.count)
+    correction = 1 - b1**count_inc
+
+    def precondition(path, g, m):
       m_hat = m / correction.astype(m.dtype)
       m_hat = m_hat.astype(jnp.promote_types(m_hat.dtype, jnp.float32))
-      factors = layers.get(path[:-1])
-      role = None if factors is None else factors.roles().get(path[-1])
-      if role is None:
-        unpreconditioned.append(_tree.format_path(path))
-        u = m_hat
-      else:
-        f = preconditioner(
-          factors,
-          rules.RULES[factors.rule],
-          role,
-          m.shape,
-          damping=damping,
-          relative_damping=relative_damping,
-          ablation=ablation,
-          path=path[:-1],
-        )
-        u = m_hat / (f if _is_one(fisher_power) else f**fisher_power)
-      return jnp.where(jnp.isfinite(g), u, 0)
+      f = preconditioner(
+        state.factors,
+        path,
+        m.shape,
+        numerics=numerics,
+        damping=damping,
+        relative_damping=relative_damping,
+        ablation=ablation,
+      )
+      if f is not None:
+        m_hat = m_hat / (f if _is_one(fisher_power) else f**fisher_power)
+      return jnp.where(jnp.isfinite(g), m_hat, 0)
 
-    mu = _tree.map_with_path(moment, updates, state.mu)
-    new_updates = _tree.map_with_path(step, updates, mu)
+    new_updates = _tree.map_with_path(precondition, updates, mu)
     nu = state.nu
     if grafting is not None:
-      new_updates, nu = _graft(
-        grafting, new_updates, updates, mu, nu, layers, count_inc, b1, b2, eps
-      )
-    if unpreconditioned:
-      warnings.warn(
-        'AdaFisher: no curvature statistics for these parameters; they are '
-        'updated with F~ = 1 (bias-corrected momentum): '
-        + ', '.join(unpreconditioned),
-        UnpreconditionedParametersWarning,
-        stacklevel=3,
-      )
+      new_updates, nu = grafting_lib.graft(
+        grafting, new_updates, updates, mu, nu, layout,
+        count=count_inc, b1=b1, b2=b2, eps=eps,
+      )  # fmt: skip
     return new_updates, state._replace(
-      count=count_inc,
-      mu=otu.cast(mu, mu_dtype),
-      nu=otu.cast(nu, mu_dtype),
+      count=count_inc, mu=otu.cast(mu, mu_dtype), nu=otu.cast(nu, mu_dtype)
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _graft(mode, new_updates, grads, mu, nu, layers, count, b1, b2, eps):
-  """``(updates, nu)`` with each group's update rescaled (``grafting``)."""
-  paths = dict(_tree.leaves_with_paths(new_updates))
-  roles = {path: f.roles() for path, f in layers.items()}
-  groups = {path: grafting_lib.group_of(path, roles) for path in paths}
-  if mode == 'rms':
-    target = grafting_lib.rms_target_square(paths)
-  else:
-
-    def second_moment(path, g, v):
-      return jnp.where(jnp.isfinite(g), (1 - b2) * jnp.square(g) + b2 * v, v)
-
-    nu = _tree.map_with_path(second_moment, grads, nu)
-    mu_hat = otu.bias_correction(mu, b1, count)
-    nu_hat = otu.bias_correction(nu, b2, count)
-    adam = jax.tree.map(
-      lambda m, v, g: jnp.where(
-        jnp.isfinite(g), m / (jnp.sqrt(v) + eps), 0
-      ).astype(jnp.promote_types(m.dtype, jnp.float32)),
-      mu_hat,
-      nu_hat,
-      grads,
-    )
-    target = grafting_lib.norm_target_square(
-      dict(_tree.leaves_with_paths(adam))
-    )
-  scaled = grafting_lib.rescale(paths, groups, target)
-  return _tree.map_with_path(lambda path, u: scaled[path], new_updates), nu
 
 
 def _is_one(value: Any) -> bool:

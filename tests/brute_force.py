@@ -144,3 +144,24 @@ def group_norm_x_hat(x, groups, eps):
   mean = grouped.mean(axis=axes, keepdims=True)
   var = grouped.var(axis=axes, keepdims=True)
   return ((grouped - mean) / np.sqrt(var + eps)).reshape(shape)
+
+
+def tied_embedding(table, mix_apply, ids, r):
+  """``(lookup H, S), (attend H, S)`` of a table used for the lookup and the
+  output of ``logits = tanh(h + mix(h)) @ table.T`` under ``sum(sin(logits)
+  * r)``; the gradients of each use come from perturbing its output (JAX)."""
+  import jax
+  import jax.numpy as jnp
+
+  def loss(perturbations):
+    h = table[ids] + perturbations[0]
+    h = h + mix_apply(h)
+    queries = jnp.tanh(h)
+    logits = queries @ table.T + perturbations[1]
+    return jnp.sum(jnp.sin(logits) * r), queries
+
+  zeros = [jnp.zeros(ids.shape + (table.shape[1],)), jnp.zeros(r.shape)]
+  (g_lookup, g_logits), queries = jax.grad(loss, has_aux=True)(zeros)
+  lookup = embed(ids, g_lookup, table.shape[0])
+  attend = dense(queries, g_logits, [queries.ndim - 1], 1, False)
+  return lookup, attend

@@ -185,12 +185,8 @@ def test_shard_map_equals_one_device(t_cov, numerics, axis_name):
   _assert_close(p, want)
 
 
-def test_pmap_without_axis_name_lets_replicas_drift_apart():
-  """The documented consequence: per-device factors, diverging replicas.
-
-  (pmap gives no public way to see that a value differs between devices, so
-  this cannot be detected; inside shard_map statistics are summed by JAX.)
-  """
+def test_pmap_without_axis_name_is_refused_with_the_fix():
+  """Per-device statistics would let the replicas drift apart (issue 18)."""
   model, params, xs, ys = _problem()
   tx = afo.adafisher(0.05, t_cov=1)
   step = jax.pmap(
@@ -201,12 +197,32 @@ def test_pmap_without_axis_name_lets_replicas_drift_apart():
   replicate = lambda t: jax.tree.map(lambda v: jnp.stack([v] * DEVICES), t)  # noqa: E731
   p, s = replicate(params), replicate(tx.init(params))
   shard = lambda v: v.reshape(DEVICES, PER_DEVICE, *v.shape[1:])  # noqa: E731
-  for x, y in zip(xs, ys):
-    p, s = step(p, s, shard(x), shard(y))
-  kernel = np.asarray(p['hidden']['kernel'])
-  assert not np.allclose(kernel[0], kernel[1], rtol=1e-6)
-  factors = np.asarray(afo.adafisher_state(s).factors['hidden'].h)
-  assert not np.allclose(factors[0], factors[1])
+  with pytest.raises(
+    ValueError, match=r"pmap over axes \['batch'\].*axis_name='batch'"
+  ):
+    step(p, s, shard(xs[0]), shard(ys[0]))
+
+
+def test_named_vmap_is_not_taken_for_a_pmap():
+  """Runs vmapped with an axis name (an ensemble) keep their statistics."""
+  model, params, xs, ys = _problem()
+  tx = afo.adafisher(0.05, t_cov=1)
+  grad_fn = afo.value_and_grad_with_curvature(_loss(model))
+
+  def run_step(params, state, x, y):
+    _, grads, curvature = grad_fn(params, x, y)
+    updates, state = tx.update(grads, state, params, curvature=curvature)
+    return optax.apply_updates(params, updates), state
+
+  step = jax.vmap(run_step, axis_name='runs')
+  stacked = lambda t: jax.tree.map(lambda v: jnp.stack([v] * 2), t)  # noqa: E731
+  p, s = stacked(params), stacked(tx.init(params))
+  p, s = step(p, s, jnp.stack([xs[0], xs[1]]), jnp.stack([ys[0], ys[1]]))
+  h = [
+    np.asarray(afo.adafisher_state(run).factors.view()['hidden'].h)
+    for run in (jax.tree.map(lambda v, i=i: v[i], s) for i in range(2))
+  ]
+  assert not np.allclose(h[0], h[1])  # each run its own statistics
 
 
 class Wide(nn.Module):
@@ -250,7 +266,10 @@ def test_fsdp_sharded_params_and_state():
   params_shardings = jax.tree_util.tree_map_with_path(spec, params)
   state_shardings = afo.state_shardings(tx, params, params_shardings)
   assert state_shardings[1].mu == params_shardings
-  assert state_shardings[1].factors['fc2'].h.spec == P()
+  assert all(
+    sharding.spec == P()
+    for sharding in jax.tree.leaves(state_shardings[1].factors)
+  )
   p = jax.device_put(params, params_shardings)
   s = jax.jit(tx.init, out_shardings=state_shardings)(p)
   assert (

@@ -250,11 +250,9 @@ def test_bfloat16_run_stays_finite_and_close_to_float32():
     assert all(
       np.all(np.isfinite(p.astype(np.float32))) for p in jax.tree.leaves(params)
     )
-    for factors in jax.tree.leaves(
-      afo.adafisher_state(state).factors,
-      is_leaf=lambda n: isinstance(n, afo.Factors),
-    ):
-      assert factors.h.dtype == factors.s.dtype == jnp.float32
+    buffers = afo.adafisher_state(state).factors
+    for factors in jax.tree.leaves((buffers.h, buffers.s)):
+      assert factors.dtype == jnp.float32
     # Stated tolerance: within 3 points of accuracy and 15% of loss.
     assert abs(accuracy - acc32) <= 0.03, (accuracy, acc32)
     assert abs(loss - loss32) <= 0.15 * loss32 + 0.02, (loss, loss32)
@@ -378,4 +376,29 @@ def test_sampled_fisher_uses_labels_drawn_from_the_model(x64):
   np.testing.assert_allclose(s, (np.asarray(g) ** 2).mean(0), rtol=1e-12)
   np.testing.assert_allclose(
     sampled[2]['head'].input_sums, empirical[2]['head'].input_sums, rtol=1e-12
+  )
+
+
+def test_layers_and_exclude_select_tags_ops():
+  params = {
+    'embed': {'embedding': jnp.ones((5, 3))},
+    'fc': {'kernel': jnp.ones((3, 2)), 'bias': jnp.zeros(2)},
+  }
+
+  def loss(p, ids):
+    h = afo.tags.embed(ids, p['embed'])
+    return jnp.sum(afo.tags.dense(h, p['fc']) ** 2)
+
+  ids = jnp.array([0, 3, 4])
+  _, _, everything = afo.value_and_grad_with_curvature(loss)(params, ids)
+  _, _, only_dense = afo.value_and_grad_with_curvature(
+    loss, layers=(afo.tags.dense,)
+  )(params, ids)
+  _, _, no_dense = afo.value_and_grad_with_curvature(
+    loss, exclude=(afo.tags.dense,)
+  )(params, ids)
+  assert sorted(everything) == ['embed', 'fc']
+  assert sorted(only_dense) == ['fc'] and sorted(no_dense) == ['embed']
+  np.testing.assert_array_equal(
+    only_dense['fc'].input_sums[0], everything['fc'].input_sums[0]
   )

@@ -133,6 +133,32 @@ LAYERS = {
     nn.Embed(7, 4),
     None,
   ),
+  'conv_transpose_strided': (
+    lambda r: nnx.ConvTranspose(4, 5, (3, 2), strides=(2, 1), rngs=r),
+    nn.ConvTranspose(5, (3, 2), strides=(2, 1)),
+    (2, 4, 3, 4),
+  ),
+  'conv_transpose_1d_valid_dilated_no_bias': (
+    lambda r: nnx.ConvTranspose(
+      3,
+      2,
+      3,
+      strides=2,
+      padding='VALID',
+      kernel_dilation=2,
+      use_bias=False,
+      rngs=r,
+    ),
+    nn.ConvTranspose(
+      2,
+      (3,),
+      strides=(2,),
+      padding='VALID',
+      kernel_dilation=(2,),
+      use_bias=False,
+    ),
+    (2, 5, 3),
+  ),
   'layer_norm': (lambda r: nnx.LayerNorm(5, rngs=r), nn.LayerNorm(), (3, 4, 5)),
   'layer_norm_2d_no_bias': (
     lambda r: nnx.LayerNorm(5, use_bias=False, rngs=r),
@@ -233,7 +259,7 @@ def test_every_layer_type_gives_the_statistics_of_its_linen_twin():
   )
   for name in names:
     assert type(getattr(model, name)) is types[name]
-    assert not hasattr(getattr(model, name), afo.capture.PROBE)
+    assert not hasattr(getattr(model, name), afo.session.PROBE)
 
 
 # --- training with nnx.Optimizer under nnx.jit ------------------------------
@@ -532,7 +558,9 @@ def test_list_items_are_keyed_by_index():
     updates = nnx.jit(lambda m, o, g, c: o.update(m, g, curvature=c))(
       model, optimizer, grads, curvature
     )
-  assert sorted(afo.adafisher_state(optimizer.opt_state).factors['layers']) == [
+  assert sorted(
+    afo.adafisher_state(optimizer.opt_state).factors.view()['layers']
+  ) == [
     '0',
     '1',
   ]
@@ -582,46 +610,80 @@ def test_values_gradients_and_updates_equal_nnx_value_and_grad():
 # --- reporting and misuse ---------------------------------------------------
 
 
-class Tied(nnx.Module):
-  """A tied embedding (``attend``), a LinearGeneral with a batch axis and an
-  RMSNorm given a mask (positionally)."""
+class TiedGPT(nnx.Module):
+  """A GPT-style model: one ``nnx.Embed`` for the lookup and the output."""
 
   def __init__(self, rngs):
-    self.embed = nnx.Embed(11, 4, rngs=rngs)
+    self.embed = nnx.Embed(11, 4, dtype=jnp.float64, rngs=rngs)
+    self.ln = nnx.LayerNorm(4, rngs=rngs)
     self.mix = nnx.Linear(4, 4, rngs=rngs)
-    self.batched = nnx.LinearGeneral(4, 4, batch_axis={0: 2}, rngs=rngs)
-    self.norm = nnx.RMSNorm(4, rngs=rngs)
 
   def __call__(self, ids):
-    h = self.mix(self.embed(ids))
+    h = self.embed(ids)
+    h = h + self.mix(self.ln(h))
+    return self.embed.attend(jnp.tanh(h))
+
+
+def test_tied_embedding_gets_lookup_and_attend_statistics():
+  model = _init(lambda: TiedGPT(nnx.Rngs(0)))
+  ids = jnp.array([[1, 2, 3, 0], [4, 5, 1, 10]])
+  readout = _readout(ids.shape + (11,))
+  grad_fn = afo.nnx.value_and_grad_with_curvature(
+    lambda m, ids: readout(m(ids))
+  )
+  _, _, curvature = nnx.jit(grad_fn)(model, ids)
+  attend, lookup = curvature['embed']  # sorted by rule name
+  assert (attend.rule, lookup.rule) == ('attend', 'embed')
+  assert lookup.weight_name == attend.weight_name == 'embedding'
+  want_lookup, want_attend = bf.tied_embedding(
+    model.embed.embedding[...],
+    lambda h: model.mix(model.ln(h)),
+    ids,
+    _x(*ids.shape, 11, seed=7),
+  )
+  for got, want in ((lookup, want_lookup), (attend, want_attend)):
+    for a, b in zip(got.means(), want):
+      np.testing.assert_allclose(a, b, **TOL)
+  layout = afo.nnx.curvature_layout(grad_fn, model, ids)
+  assert [s.rule for s in layout['embed']] == ['attend', 'embed']
+
+
+class Unsupported(nnx.Module):
+  """A transposed-kernel ConvTranspose and an RMSNorm given a mask
+  (positionally)."""
+
+  def __init__(self, rngs):
+    self.mix = nnx.Linear(4, 4, rngs=rngs)
+    self.up = nnx.ConvTranspose(4, 4, 3, transpose_kernel=True, rngs=rngs)
+    self.norm = nnx.RMSNorm(4, rngs=rngs)
+
+  def __call__(self, x):
+    h = self.mix(x)
     masked = self.norm(h, jnp.arange(4) > 0)
-    return self.embed.attend(h).sum() + self.batched(h).sum() + masked.sum()
+    return self.up(h).sum() + masked.sum()
 
 
 def test_unsupported_applications_are_reported_and_left_unpreconditioned():
-  model = _init(lambda: Tied(nnx.Rngs(0)))
-  ids = jnp.array([[1, 2, 3], [4, 5, 1]])
-  grad_fn = afo.nnx.value_and_grad_with_curvature(lambda m, ids: m(ids) ** 2)
-  reported = r'(?=.*embed \(Embed: .*attend)(?=.*batched \(.*batch_axis)'
+  model = _init(lambda: Unsupported(nnx.Rngs(0)))
+  x = _x(2, 5, 4)
+  grad_fn = afo.nnx.value_and_grad_with_curvature(lambda m, x: m(x) ** 2)
+  reported = r'(?=.*up \(ConvTranspose: .*transpose_kernel)'
   reported += r'(?=.*norm \(RMSNorm: .*mask)'
   with pytest.warns(afo.UnsupportedLayerWarning, match=reported):
-    _, grads, curvature = nnx.jit(grad_fn)(model, ids)
+    _, grads, curvature = nnx.jit(grad_fn)(model, x)
   assert sorted(curvature) == ['mix']
   assert afo.unpreconditioned_parameters(_linen_params(model), curvature) == [
-    'batched/bias',
-    'batched/kernel',
-    'embed/embedding',
     'norm/scale',
+    'up/bias',
+    'up/kernel',
   ]
   optimizer = nnx.Optimizer(model, afo.adafisher(0.1), wrt=nnx.Param)
-  with pytest.warns(afo.UnpreconditionedParametersWarning, match='embedding'):
+  with pytest.warns(afo.UnpreconditionedParametersWarning, match='up/kernel'):
     updates = nnx.jit(lambda m, o, g, c: o.update(m, g, curvature=c))(
       model, optimizer, grads, curvature
     )
   np.testing.assert_allclose(
-    updates['embed']['embedding'],
-    -0.1 * grads['embed']['embedding'][...],
-    rtol=1e-6,
+    updates['up']['kernel'], -0.1 * grads['up']['kernel'][...], rtol=1e-6
   )
 
 
@@ -720,3 +782,48 @@ def test_registered_nnx_layer_type_gives_brute_force_statistics():
   want_h, want_s = bf.dense(x, jax.grad(readout)(y), [2], 1, True)
   np.testing.assert_allclose(h, want_h, **TOL)
   np.testing.assert_allclose(s, want_s, **TOL)
+
+
+class Monotone(nnx.Linear):
+  """Overrides ``__call__`` without calling ``nnx.Linear.__call__``."""
+
+  def __call__(self, x):
+    return x @ jnp.abs(self.kernel[...]) + self.bias[...]
+
+
+class WithMonotone(nnx.Module):
+  def __init__(self, rngs):
+    self.dense = nnx.Linear(5, 4, rngs=rngs)
+    self.monotone = Monotone(4, 2, rngs=rngs)
+
+  def __call__(self, x):
+    return self.monotone(jnp.tanh(self.dense(x)))
+
+
+def test_subclass_that_bypasses_its_base_is_reported_and_the_rest_captured():
+  model = _init(lambda: WithMonotone(nnx.Rngs(0)))
+  x = _x(3, 5)
+  grad_fn = afo.nnx.value_and_grad_with_curvature(lambda m, x: m(x).sum())
+  with pytest.warns(
+    afo.UnsupportedLayerWarning,
+    match=r'monotone \(Monotone: its __call__ does not call Linear',
+  ):
+    _, _, curvature = grad_fn(model, x)
+  assert sorted(curvature) == ['dense']
+  with warnings.catch_warnings():
+    warnings.simplefilter('error', afo.UnsupportedLayerWarning)
+    _, _, excluded = afo.nnx.value_and_grad_with_curvature(
+      lambda m, x: m(x).sum(), exclude=(Monotone,)
+    )(model, x)
+  _assert_same_statistics(excluded['dense'], curvature['dense'])
+
+
+@pytest.mark.parametrize('cell', [nnx.LSTMCell, nnx.OptimizedLSTMCell])
+def test_lstm_cells_are_preconditioned(cell):
+  model = _init(
+    lambda: nnx.RNN(cell(5, 3, param_dtype=jnp.float64, rngs=nnx.Rngs(0)))
+  )
+  xs = _x(2, 4, 5)
+  grad_fn = afo.nnx.value_and_grad_with_curvature(lambda m, xs: m(xs).sum())
+  _, grads, curvature = grad_fn(model, xs)
+  assert afo.unpreconditioned_parameters(grads, curvature) == []

@@ -198,6 +198,78 @@ def _check_conv(config, x):
   np.testing.assert_allclose(s, want_s, **TOL)
 
 
+CONV_TRANSPOSE_CASES = {
+  'same_stride_2': (dict(kernel_size=(3, 3), strides=(2, 2)), (2, 4, 3, 3)),
+  'same_kernel_below_stride': (
+    dict(kernel_size=(2, 2), strides=(3, 2)),
+    (2, 3, 3, 2),
+  ),
+  'valid_dilated': (
+    dict(kernel_size=(3,), strides=(2,), padding='VALID', kernel_dilation=2),
+    (2, 5, 3),
+  ),
+  'explicit_no_bias': (
+    dict(
+      kernel_size=(3, 2),
+      strides=(2, 1),
+      padding=((1, 2), (0, 1)),
+      use_bias=False,
+    ),
+    (2, 4, 3, 2),
+  ),
+  'unbatched': (dict(kernel_size=(3,), strides=(2,)), (5, 2)),
+}
+
+
+@pytest.mark.parametrize('case', sorted(CONV_TRANSPOSE_CASES))
+def test_conv_transpose(case):
+  """A transposed conv is a stride-1 conv of the input dilated by the
+  strides: its im2col patches reproduce the layer's output exactly."""
+  config, shape = CONV_TRANSPOSE_CASES[case]
+  layer = nn.ConvTranspose(features=4, **config)
+  x = _x(*shape)
+  h, s, y, g, variables = capture_layer(layer, x)
+  conv = afo.flax_adapters.conv_transpose_config(layer, x, {})
+  n_spatial = len(conv.kernel_size)
+  flat_x = x.reshape((-1,) + x.shape[x.ndim - n_spatial - 1 :])
+  patches, out = bf.im2col(
+    flat_x,
+    conv.kernel_size,
+    conv.strides,
+    conv.padding,
+    conv.input_dilation,
+    conv.kernel_dilation,
+  )
+  params = variables['params']
+  np.testing.assert_allclose(
+    bf.conv_output(patches, params['kernel'], params.get('bias'), 1, out),
+    y.reshape((-1,) + y.shape[y.ndim - n_spatial - 1 :]),
+    **TOL,
+  )
+  want_h, want_s = bf.conv(patches, g, 1, layer.use_bias)
+  np.testing.assert_allclose(h, want_h, **TOL)
+  np.testing.assert_allclose(s, want_s, **TOL)
+
+
+@pytest.mark.parametrize(
+  'config,why',
+  [
+    (dict(transpose_kernel=True), 'transpose_kernel'),
+    (dict(padding='CIRCULAR'), 'CIRCULAR'),
+  ],
+)
+def test_conv_transpose_that_is_not_a_dilated_conv_is_reported(config, why):
+  layer = nn.ConvTranspose(3, (3,), strides=(2,), **config)
+  x = _x(2, 5, 2)
+  params = layer.init(jax.random.key(0), x)['params']
+  grad_fn = afo.value_and_grad_with_curvature(
+    lambda p, x: jnp.sum(layer.apply({'params': p}, x) ** 2)
+  )
+  with pytest.warns(afo.UnsupportedLayerWarning, match=why):
+    _, _, curvature = grad_fn(params, x)
+  assert curvature == {}
+
+
 def test_embed():
   ids = jnp.array([[0, 3, 3, 1], [5, 3, 0, 0]])
   layer = nn.Embed(7, 4)
@@ -425,32 +497,66 @@ def test_statistics_rows_and_stack_shapes_are_reported():
   assert math.isclose(h[-1], 1.0)
 
 
-class _TiedEmbedding(nn.Module):
+class _TiedGPT(nn.Module):
+  """A GPT-style model: one ``nn.Embed`` for the lookup and the output."""
+
   @nn.compact
   def __call__(self, ids):
     embed = nn.Embed(11, 4, name='embed')
-    h = nn.Dense(4, name='mix')(embed(ids))
-    return embed.attend(h)
+    h = embed(ids)
+    h = h + nn.Dense(4, name='mix')(nn.LayerNorm(name='ln')(h))
+    return embed.attend(jnp.tanh(h))
 
 
-def test_tied_embedding_attend_is_reported_and_left_unpreconditioned():
-  model = _TiedEmbedding()
-  ids = jnp.array([[1, 2, 3], [4, 5, 1]])
-  params = model.init(jax.random.key(0), ids)['params']
-  grad_fn = afo.value_and_grad_with_curvature(
-    lambda p, ids: jnp.sum(model.apply({'params': p}, ids) ** 2)
+def test_tied_embedding_gets_lookup_and_attend_statistics():
+  model = _TiedGPT()
+  ids = jnp.array([[1, 2, 3, 0], [4, 5, 1, 10]])
+  params = jax.tree.map(
+    lambda p: p.astype(jnp.float64) + 0.1,
+    model.init(jax.random.key(0), ids)['params'],
   )
-  with pytest.warns(afo.UnsupportedLayerWarning, match=r'embed.*attend'):
-    _, grads, curvature = grad_fn(params, ids)
-  assert sorted(curvature) == ['mix']
-  assert afo.unpreconditioned_parameters(params, curvature) == [
-    'embed/embedding'
-  ]
-  tx = afo.adafisher(0.1)
-  with pytest.warns(afo.UnpreconditionedParametersWarning, match='embedding'):
-    updates, _ = tx.update(grads, tx.init(params), params, curvature=curvature)
+  r = jax.random.normal(jax.random.key(7), ids.shape + (11,), jnp.float64)
+  grad_fn = afo.value_and_grad_with_curvature(
+    lambda p, ids: jnp.sum(jnp.sin(model.apply({'params': p}, ids)) * r)
+  )
+  _, _, curvature = jax.jit(grad_fn)(params, ids)
+  attend, lookup = curvature['embed']  # sorted by rule name
+  assert (attend.rule, lookup.rule) == ('attend', 'embed')
+  assert attend.weight_name == lookup.weight_name == 'embedding'
+  assert attend.bias_name is None and float(attend.rows) == ids.size
+
+  def mix(h):
+    ln = nn.LayerNorm().apply({'params': params['ln']}, h)
+    return nn.Dense(4).apply({'params': params['mix']}, ln)
+
+  want_lookup, want_attend = bf.tied_embedding(
+    params['embed']['embedding'], mix, ids, r
+  )
+  for got, want in ((lookup, want_lookup), (attend, want_attend)):
+    for a, b in zip(got.means(), want):
+      np.testing.assert_allclose(a, b, **TOL)
+  layout = afo.curvature_layout(grad_fn, params, ids)
+  assert [s.rule for s in layout['embed']] == ['attend', 'embed']
+  assert layout['embed'][0].input_sums[0].shape == (4,)
+  assert layout['embed'][0].output_sums[0].shape == (11,)
+
+
+def test_attend_curvature_is_the_transpose_of_a_dense_kernels():
+  h, s = jnp.arange(1.0, 4.0), jnp.arange(1.0, 6.0)  # D = 3, V = 5
+  k = afo.rules.ATTEND.curvature(h, s, 'reference', 'weight', (5, 3))
+  want = afo.rules.DENSE.curvature(h, s, 'reference', 'weight', (3, 5)).T
+  np.testing.assert_array_equal(k, want)
+  stacked = afo.rules.ATTEND.curvature(
+    jnp.stack([h, 2 * h]), jnp.stack([s, s]), 'paper', 'weight', (2, 5, 3)
+  )
+  np.testing.assert_array_equal(stacked[1], 2 * want)
+  assert afo.rules.ATTEND.factor_shapes([(3,)], [(5,)], 'paper') == (
+    (3,),
+    (5,),
+  )
   np.testing.assert_allclose(
-    updates['embed']['embedding'], -0.1 * grads['embed']['embedding'], rtol=1e-6
+    afo.rules.ATTEND.curvature_sum(h, s, 'reference', 'weight', (5, 3)),
+    want.sum(),
   )
 
 
@@ -739,3 +845,73 @@ def test_registered_layer_type_is_preconditioned():
   report = afo.diagnostics(state, params)
   assert report.unpreconditioned == []
   assert report.layers['proj'].parameters == ('w', 'b')
+
+
+# --- recurrent cells: the gates' Dense layers (issue 18) ---------------------
+
+
+class _Recurrent(nn.Module):
+  cell: type
+
+  @nn.compact
+  def __call__(self, xs):
+    return nn.RNN(self.cell(3, param_dtype=jnp.float64), name='rnn')(xs)
+
+
+def _manual_lstm(params, xs, r):
+  """Unrolled LSTM; ``(inputs, hidden inputs, g per gate)`` over all steps."""
+  batch, steps, _ = xs.shape
+
+  def loss(perturbations):
+    c = h = jnp.zeros((batch, 3))
+    outs, hiddens = [], []
+    for t in range(steps):
+      hiddens.append(h)
+      pre = {
+        gate: xs[:, t] @ params['i' + gate]['kernel']
+        + h @ params['h' + gate]['kernel']
+        + params['h' + gate]['bias']
+        + perturbations[gate][t]
+        for gate in 'ifgo'
+      }
+      i, f, o = (jax.nn.sigmoid(pre[k]) for k in 'ifo')
+      c = f * c + i * jnp.tanh(pre['g'])
+      h = o * jnp.tanh(c)
+      outs.append(h)
+    return jnp.sum(jnp.sin(jnp.stack(outs, 1)) * r), jnp.stack(hiddens, 1)
+
+  zeros = {gate: jnp.zeros((steps, batch, 3)) for gate in 'ifgo'}
+  g, hiddens = jax.grad(loss, has_aux=True)(zeros)
+  return hiddens, {k: jnp.swapaxes(v, 0, 1) for k, v in g.items()}
+
+
+@pytest.mark.parametrize('cell', [nn.LSTMCell, nn.OptimizedLSTMCell])
+def test_lstm_cells_capture_their_gates_dense_layers(cell):
+  """``OptimizedLSTMCell`` fuses its kernels; inside a capture it runs as the
+  parameter-compatible ``LSTMCell``, whose gates are ``nn.Dense``."""
+  model = _Recurrent(cell)
+  xs = _x(2, 4, 5)
+  params = model.init(jax.random.key(0), xs)['params']
+  r = jax.random.normal(jax.random.key(7), (2, 4, 3), jnp.float64)
+
+  def loss(p, xs):
+    return jnp.sum(jnp.sin(model.apply({'params': p}, xs)) * r)
+
+  value, grads, curvature = jax.jit(afo.value_and_grad_with_curvature(loss))(
+    params, xs
+  )
+  want_value, want_grads = jax.value_and_grad(loss)(params, xs)
+  np.testing.assert_allclose(value, want_value, rtol=1e-12)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, **TOL), grads, want_grads
+  )
+  assert afo.unpreconditioned_parameters(params, curvature) == []
+  (name,) = params  # the cell's params, directly under the model's
+  cell_params, stats = params[name], curvature[name]
+  hiddens, g = _manual_lstm(cell_params, xs, r)
+  for gate in 'ifgo':
+    for source, inputs, bias in (('i', xs, False), ('h', hiddens, True)):
+      want_h, want_s = bf.dense(inputs, g[gate], [2], 1, bias)
+      h, s = stats[source + gate].means()
+      np.testing.assert_allclose(h, want_h, **TOL)
+      np.testing.assert_allclose(s, want_s, **TOL)

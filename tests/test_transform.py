@@ -41,10 +41,10 @@ def test_state_is_keyed_like_params_and_init_maps_over_params():
   assert isinstance(state, afo.AdaFisherState)
   assert state.count.dtype == jnp.int32 and int(state.count) == 0
   chex.assert_trees_all_equal_shapes(state.mu, params)
-  assert set(state.factors) == set(params)
+  assert set(state.factors.view()) == set(params)
   for name, layer in params.items():
-    factors = state.factors[name]
-    assert isinstance(factors, afo.ReferenceFactors)
+    factors = state.factors.view()[name]
+    assert factors.h_ema is None  # reference numerics
     assert factors.h.shape == (layer['kernel'].shape[0] + 1,)
     assert factors.s.shape == layer['bias'].shape
   abstract = jax.eval_shape(tx.init, params)
@@ -103,7 +103,9 @@ def test_paper_numerics_follow_the_equations(x64):
           for old, new in zip(ema[name], (h_hat, s_hat))
         )
       h, s = (np.asarray(minmax_paper(jnp.asarray(v))) for v in ema[name])
-      np.testing.assert_allclose(state.factors[name].h_ema, ema[name][0], **TOL)
+      np.testing.assert_allclose(
+        state.factors.view()[name].h_ema, ema[name][0], **TOL
+      )
       m_hat = {
         k: np.asarray(v) / (1 - b1 ** (t + 1))
         for k, v in momentum[name].items()
@@ -147,7 +149,7 @@ def test_factors_refresh_only_every_t_cov_steps():
   history = []
   for x, y in batches:
     params, state, _ = step(params, state, x, y)
-    history.append(np.asarray(state.factors['head'].h))
+    history.append(np.asarray(state.factors.view()['head'].h))
   changed = [not np.array_equal(a, b) for a, b in itertools.pairwise(history)]
   assert changed == [False, False, True, False]  # refreshes at counts 0, 3
 
@@ -160,7 +162,7 @@ def test_reference_default_t_cov_is_100_and_paper_is_1():
     state, seen, p = tx.init(params), [], params
     for x, y in batches:
       p, state, _ = step(p, state, x, y)
-      seen.append(np.asarray(state.factors['head'].s))
+      seen.append(np.asarray(state.factors.view()['head'].s))
     n = 1 + sum(not np.array_equal(a, b) for a, b in itertools.pairwise(seen))
     assert n == refreshes, numerics
 
@@ -271,7 +273,7 @@ def test_masked_freezes_layers_and_biases():
   assert np.array_equal(new['dense1']['kernel'], params['dense1']['kernel'])
   assert np.array_equal(new['head']['bias'], params['head']['bias'])
   assert not np.array_equal(new['head']['kernel'], params['head']['kernel'])
-  factors = afo.adafisher_state(state).factors
+  factors = afo.adafisher_state(state).factors.view()
   assert 'dense1' not in factors and factors['head'].h.shape == (9,)
 
 
@@ -366,7 +368,9 @@ def test_layout_sizes_factors_of_scanned_and_multi_output_layers():
   assert layout['multi_out'].output_sums[0].shape == (6,)
   tx = afo.adafisher(1e-2, layout=layout)
   new, state = run(model, tx, params, batches)
-  assert afo.adafisher_state(state).factors['blocks']['dense'].s.shape == (
+  assert afo.adafisher_state(state).factors.view()['blocks'][
+    'dense'
+  ].s.shape == (
     3,
     5,
   )
@@ -380,7 +384,7 @@ def test_no_warning_when_everything_is_covered():
     run(model, afo.adafisher(1e-3), params, batches[:2])
 
 
-@pytest.mark.parametrize('a', [0.0, 0.1, 1.0, float('inf')])
+@pytest.mark.parametrize('a', [1e-6, 0.1, 1.0, float('inf')])
 def test_relative_damping_matches_a_direct_computation(x64, a):
   """``F~ = (K + a mean(K)) / ((1 + a) mean(K))`` per layer (spec 3a)."""
   model, params, batches = _setup(ConvNet(), shape=(4, 6, 6, 2))
@@ -392,8 +396,8 @@ def test_relative_damping_matches_a_direct_computation(x64, a):
   tx = afo.scale_by_adafisher(relative_damping=a, t_cov=1)
   updates, state = tx.update(grads, tx.init(params), curvature=curvature)
   for name in ('conv', 'head'):
-    h = np.asarray(state.factors[name].h)
-    s = np.asarray(state.factors[name].s)
+    h = np.asarray(state.factors.view()[name].h)
+    s = np.asarray(state.factors.view()[name].s)
     k = h[:, None] * s[None]
     mean = k.mean()
     f = np.ones_like(k) if a == np.inf else (k + a * mean) / ((1 + a) * mean)
@@ -405,8 +409,8 @@ def test_relative_damping_matches_a_direct_computation(x64, a):
       updates[name]['bias'], grads[name]['bias'] / f[-1], **TOL
     )
   for name in ('gn', 'ln'):  # reference norms: K = [H0 * S, H1 * S]
-    h = np.asarray(state.factors[name].h)
-    s = np.asarray(state.factors[name].s)
+    h = np.asarray(state.factors.view()[name].h)
+    s = np.asarray(state.factors.view()[name].s)
     k = np.concatenate([h[0] * s, h[1] * s])
     mean = k.mean()
     f = np.ones_like(k) if a == np.inf else (k + a * mean) / ((1 + a) * mean)
@@ -461,7 +465,7 @@ def test_plain_step_uses_the_stored_factors():
   assert int(new_state.last_refresh) == 0 and int(new_state.count) == 2
   chex.assert_trees_all_equal(new_state.factors, state.factors)
   for name in params:
-    f = state.factors[name]
+    f = state.factors.view()[name]
     m_hat = np.asarray(new_state.mu[name]['kernel']) / (1 - 0.5**2)
     want = m_hat / (np.asarray(f.h)[:-1, None] * np.asarray(f.s)[None] + 1e-2)
     np.testing.assert_allclose(updates[name]['kernel'], want, rtol=1e-6)
@@ -612,7 +616,7 @@ def test_one_curvature_serves_both_numerics():
     updates, state = tx.update(
       grads, tx.init(params), params, curvature=curvature
     )
-    factors = afo.adafisher_state(state).factors['ln']
+    factors = afo.adafisher_state(state).factors.view()['ln']
     assert factors.h.shape == ((2,) if numerics == 'reference' else (4,))
     assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
 

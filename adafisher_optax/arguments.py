@@ -1,0 +1,70 @@
+"""Checks of what the user's function takes and returns, worded as
+``jax.value_and_grad`` words them, naming the argument at fault."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from adafisher_optax import _tree
+
+
+def split_output(out: Any, has_aux: bool, name: str) -> tuple[Any, Any]:
+  """``(loss, aux)`` of the user's function, checked as ``jax.grad`` does."""
+  if has_aux:
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+      raise TypeError(
+        f'has_aux=True: `{name}` must return a pair (loss, aux), got '
+        f'{type(out).__name__}'
+        + (f' of length {len(out)}' if isinstance(out, (tuple, list)) else '')
+        + '.'
+      )
+    loss, aux = out
+  else:
+    loss, aux = out, None
+  shape = getattr(loss, 'shape', None)
+  if isinstance(loss, (tuple, list)) or shape is None:
+    raise TypeError(
+      f'`{name}` must return a scalar loss; it returned {type(loss).__name__}'
+      + ('. For (loss, aux), pass has_aux=True.' if not has_aux else '.')
+    )
+  if shape != ():
+    raise TypeError(
+      f'Gradient only defined for scalar-output functions: `{name}` returned '
+      f'a loss of shape {shape} (reduce it, e.g. with .mean()).'
+    )
+  if not jnp.issubdtype(loss.dtype, jnp.floating):
+    raise TypeError(
+      f'`{name}` returned a loss of dtype {loss.dtype}; gradients need a '
+      'real floating-point loss.'
+    )
+  return loss, aux
+
+
+def check_differentiable(params: Any, name: str) -> None:
+  found = _tree.first_leaf_not_of(params, jnp.inexact)
+  if found is not None:
+    raise TypeError(
+      f'The first argument of `{name}` must hold floating-point arrays; '
+      f'{_tree.format_path(found[0])!r} has dtype {found[1]} (move integer '
+      'state out of the differentiated params).'
+    )
+
+
+def check_call(capture: Any, fisher: str, fisher_key: Any) -> bool:
+  """The static ``capture`` flag (returned as a bool) and ``fisher_key``."""
+  if not isinstance(capture, (bool, np.bool_)):
+    raise TypeError(
+      'capture must be a bool (Python or NumPy; mark it static, e.g. '
+      "jax.jit(step, static_argnames='refresh')), got "
+      f'{type(capture).__name__}.'
+    )
+  capture = bool(capture)
+  if capture and (fisher == 'sampled') != (fisher_key is not None):
+    raise TypeError(
+      'fisher_key: pass a jax.random key exactly when fisher="sampled" '
+      f'(fisher={fisher!r}).'
+    )
+  return capture

@@ -1,0 +1,45 @@
+"""Which Fisher the output-gradient statistics estimate.
+
+``'empirical'``: the gradients of the user's loss (the authors' choice).
+``'sampled'``: a Monte-Carlo estimate of the true Fisher, from labels drawn
+from the model's own softmax; the user's loss registers its logits through
+:func:`softmax_cross_entropy`, and the capture runs one more backward pass
+with :func:`sampled_cotangent` in place of the loss's gradient.
+"""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+from adafisher_optax import session as session_lib
+
+FISHER = ('empirical', 'sampled')
+
+
+def check_fisher(fisher: str) -> str:
+  if fisher not in FISHER:
+    raise ValueError(f'fisher must be one of {FISHER}, got {fisher!r}.')
+  return fisher
+
+
+def sampled_cotangent(logits: jax.Array, key: jax.Array) -> jax.Array:
+  """Gradient of the mean cross-entropy of labels drawn from the model."""
+  logits = jax.lax.stop_gradient(logits)
+  labels = jax.random.categorical(key, logits)
+  probs = jax.nn.softmax(logits)
+  one_hot = jax.nn.one_hot(labels, logits.shape[-1], dtype=probs.dtype)
+  return (probs - one_hot) / (logits.size // logits.shape[-1])
+
+
+def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Mean softmax cross-entropy with integer labels, registered for capture.
+
+  The same value as ``optax.softmax_cross_entropy_with_integer_labels(logits,
+  labels).mean()``. Inside a capture with ``fisher="sampled"`` the logits are
+  recorded, so that the statistics use labels sampled from the model.
+  """
+  session = session_lib.current()
+  if session is not None:
+    session.register_loss(logits)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()

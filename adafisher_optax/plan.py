@@ -1,0 +1,175 @@
+"""What discovery learns about the model: a record per layer path.
+
+A :class:`LayerRecord` holds one :class:`Contribution` per rule that reads
+the layer (its parameters' roles and the shapes of its statistics), or the
+reason the layer cannot be captured. It makes the layer's zero probe before
+the capture and turns the probe's cotangent into
+:class:`~adafisher_optax.LayerStatistics` after it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from adafisher_optax import _tree, rules
+from adafisher_optax.registry import UnsupportedCall
+from adafisher_optax.session import CaptureError, LayerCall
+from adafisher_optax.statistics import LayerStatistics
+
+
+def _without_gradient(tree: Any) -> Any:
+  """Statistics are constants: cut the arrays in ``tree`` from autodiff."""
+  return jax.tree.map(
+    lambda v: jax.lax.stop_gradient(v) if isinstance(v, jax.Array) else v, tree
+  )
+
+
+def read_call(call: LayerCall) -> tuple[dict[str, str], rules.Application]:
+  """``(roles, statistics)`` of one call, read through its adapter."""
+  inputs, kwargs, outputs = _without_gradient(
+    (call.inputs, dict(call.kwargs), call.outputs)
+  )
+  layer_type = call.layer_type
+  try:
+    config = layer_type.adapter(call.layer, inputs, kwargs)
+  except UnsupportedCall:
+    raise
+  except Exception as error:
+    raise CaptureError(
+      f'Layer {_tree.format_path(call.path)!r} ({call.description}): its '
+      f'adapter raised {type(error).__name__}: {error}'
+    ) from error
+  roles = layer_type.roles(config)
+  if not roles:
+    raise UnsupportedCall('the layer has no parameters to capture')
+  missing = [name for name in roles if name not in call.params]
+  if missing:
+    raise CaptureError(
+      f'Layer {_tree.format_path(call.path)!r} ({call.description}) has no '
+      f'parameter {missing[0]!r} (its parameters: '
+      f'{", ".join(sorted(call.params)) or "none"}): register it with the '
+      "names it uses, e.g. register_layer(..., weight='w', bias='b')."
+    )
+  by_role = {role: _tree.unbox(call.params[n]) for n, role in roles.items()}
+  application = layer_type.rule.statistics(
+    config, inputs, outputs, by_role.get('weight'), by_role.get('bias')
+  )
+  return roles, application
+
+
+@dataclasses.dataclass(frozen=True)
+class Contribution:
+  """What one rule reads from a layer: its parameters and statistics shapes."""
+
+  rule: str
+  roles: dict[str, str]
+  param_shapes: dict[str, tuple[int, ...]]
+  input_shapes: tuple[tuple[int, ...], ...]
+  output_shapes: tuple[tuple[int, ...], ...]
+
+  def probe(self, stack: tuple[int, ...]) -> dict[str, Any]:
+    """A zero probe for the (stacked) layer."""
+    dtype = rules.statistics_dtype()
+
+    def zeros(shape):
+      return jnp.zeros(stack + shape, dtype)
+
+    return {
+      'inputs': tuple(zeros(s) for s in self.input_shapes),
+      'outputs': tuple(zeros(s) for s in self.output_shapes),
+      'rows': zeros(()),
+    }
+
+  def statistics(self, cotangent: dict[str, Any]) -> LayerStatistics:
+    names = {role: name for name, role in self.roles.items()}
+    return LayerStatistics(
+      input_sums=tuple(cotangent['inputs']),
+      output_sums=tuple(cotangent['outputs']),
+      rows=cotangent['rows'],
+      rule=self.rule,
+      weight_name=names.get('weight'),
+      bias_name=names.get('bias'),
+    )
+
+
+@dataclasses.dataclass
+class LayerRecord:
+  """What discovery learned about one layer (one parameter path).
+
+  Attributes:
+    description: the layer's type, for messages.
+    contributions: ``{rule name: Contribution}`` of the rules that read it.
+    unsupported: why the layer cannot be captured (then it gets ``F~ = 1``).
+    stack: the leading axes by which its params are stacked.
+  """
+
+  description: str
+  contributions: dict[str, Contribution] = dataclasses.field(
+    default_factory=dict
+  )
+  unsupported: str | None = None
+  stack: tuple[int, ...] = ()
+
+  def add(self, call: LayerCall) -> None:
+    """Adds one application (raises :class:`UnsupportedCall`)."""
+    roles, application = read_call(call)
+    output_shapes = jax.eval_shape(application.output_sums, call.outputs)
+    contribution = Contribution(
+      call.layer_type.rule.name,
+      roles,
+      {n: tuple(jnp.shape(_tree.unbox(call.params[n]))) for n in roles},
+      tuple(tuple(a.shape) for a in application.input_sums),
+      tuple(tuple(a.shape) for a in output_shapes),
+    )
+    known = self.contributions.setdefault(contribution.rule, contribution)
+    if known != contribution:
+      raise UnsupportedCall('applications with different statistics shapes')
+
+  def probe(self) -> dict[str, Any]:
+    return {r: c.probe(self.stack) for r, c in self.contributions.items()}
+
+  def statistics(self, cotangent: dict[str, Any]) -> Any:
+    """One ``LayerStatistics``, or a tuple of them sorted by rule name."""
+    found = tuple(
+      self.contributions[rule].statistics(cotangent[rule])
+      for rule in sorted(self.contributions)
+    )
+    return found[0] if len(found) == 1 else found
+
+  def stack_shape(self, path: _tree.Path, outer: Any) -> tuple[int, ...]:
+    """Leading axes by which ``outer`` (the layer's params as the caller
+    holds them, boxed or not) exceed the params inside the model."""
+    where = _tree.format_path(path)
+    if outer is None:
+      raise CaptureError(
+        f'Layer {where!r} ({self.description}): the first argument has no '
+        'params at this path (a tags op given a name= that is not its path?).'
+      )
+    stacks = set()
+    for contribution in self.contributions.values():
+      for name, inner in contribution.param_shapes.items():
+        value = _tree.unbox(_tree.get_node(outer, (name,)))
+        shape = tuple(getattr(value, 'shape', ()))
+        n = len(shape) - len(inner)
+        if value is None or n < 0 or shape[n:] != inner:
+          raise CaptureError(
+            f'Layer {where!r}: parameter {name!r} has shape {shape} in params '
+            f'but {inner} inside the model. Lifted transforms (nn.scan, '
+            'nn.vmap, jax.lax.scan over stacked params) must stack parameters '
+            "along leading axes (variable_axes {'params': 0})."
+          )
+        stacks.add(shape[:n])
+    if len(stacks) != 1:
+      raise CaptureError(
+        f'Layer {where!r}: its parameters are stacked differently '
+        f'({sorted(stacks)}): a lifted transform mapped them over different '
+        'axes.'
+      )
+    return stacks.pop()
+
+
+Plan = dict[_tree.Path, LayerRecord]

@@ -1,0 +1,172 @@
+"""The refresh: one step's curvature statistics folded into the factors.
+
+On an update that brings ``curvature``: match each layer's statistics to its
+block in the state (checking that they belong to this model and state),
+combine them over devices (:func:`adafisher_optax.statistics.over_devices`),
+and, when a refresh is due (:func:`adafisher_optax.state.refresh_due`),
+fold them into the factor EMAs (:func:`adafisher_optax.factors.refresh`)
+and recompute each layer's ``mean(K)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from optax import tree as otu
+
+from adafisher_optax import _tree, rules
+from adafisher_optax import factors as factors_lib
+from adafisher_optax import statistics as statistics_lib
+from adafisher_optax.layout import Block, BlockKey, FactorLayout, same_maths
+from adafisher_optax.preconditioner import with_curvature_means
+from adafisher_optax.state import AdaFisherState, refresh_due
+
+_WITH_LAYOUT = (
+  'build the optimizer with '
+  'layout=adafisher_optax.curvature_layout(grad_fn, params, *batch)'
+)
+
+
+def _present_shapes(updates, path, roles: Mapping[str, str]):
+  """``{role: shape}`` of a layer's parameters present in ``updates``."""
+  shapes = {}
+  for name, role in roles.items():
+    leaf = _tree.unbox(_tree.get_node(updates, path + (name,)))
+    if leaf is not None and hasattr(leaf, 'shape'):
+      shapes[role] = tuple(leaf.shape)
+  return shapes
+
+
+def _find_block(layout: FactorLayout, path, stats) -> Block:
+  where = _tree.format_path(path)
+  block = layout.by_key.get((path, stats.rule)) or next(
+    (
+      b
+      for b in layout.layers.get(path, ())
+      if same_maths(b.rule, stats.rule)
+      and b.roles == tuple(sorted(stats.roles().items()))
+    ),
+    None,
+  )
+  if block is not None:
+    return block
+  held = layout.layers.get(path)
+  if not held:
+    raise ValueError(
+      f'curvature has statistics for layer {where!r} but the optimizer state '
+      'has no factors for it: the curvature comes from another model, the '
+      "state was initialised for other params, or the layer's weight is "
+      f'masked out (then {_WITH_LAYOUT}).'
+    )
+  raise ValueError(
+    f'Layer {where!r}: the state holds factors of '
+    + ', '.join(f'a {b.rule!r} block over {dict(b.roles)}' for b in held)
+    + f', the curvature is of a {stats.rule!r} layer with parameters '
+    f'{sorted(stats.roles())}: the curvature comes from another model, or '
+    f'the state was sized without a layout ({_WITH_LAYOUT}).'
+  )
+
+
+def _check_block(block: Block, stats, shapes, numerics) -> None:
+  where = _tree.format_path(block.path)
+  for field in ('input_sums', 'output_sums', 'rows'):
+    for value in jax.tree.leaves(getattr(stats, field)):
+      if not jnp.issubdtype(value.dtype, jnp.floating):
+        raise TypeError(
+          f'curvature[{where!r}].{field} has dtype {value.dtype}; '
+          'statistics are floating-point (pass the curvature of '
+          'value_and_grad_with_curvature unchanged).'
+        )
+  want = (block.stack + (block.h_length,), block.stack + (block.s_length,))
+  got = stats.layer_rule.factor_shapes(
+    [tuple(a.shape) for a in stats.input_sums],
+    [tuple(a.shape) for a in stats.output_sums],
+    numerics,
+  )
+  if want != tuple(map(tuple, got)):
+    raise ValueError(
+      f'Layer {where!r}: the optimizer state holds factors of shapes {want} '
+      f'but the curvature needs factors of shapes {got}. Either the '
+      'curvature comes from another model, or the factor sizes could not be '
+      'inferred from parameter names (nn.scan stacks, bias-free DenseGeneral '
+      f'with several output axes, tied embeddings): {_WITH_LAYOUT}.'
+    )
+  n_stack, d_out = len(block.stack), block.s_length
+  for role, shape in shapes.items():
+    fits = tuple(shape[:n_stack]) == block.stack and (
+      math.prod(shape[n_stack:]) % d_out == 0
+    )
+    if not fits:
+      raise ValueError(
+        f'The {role} of layer {where!r} has shape {shape}, which does not '
+        f'fit statistics of shapes {got}: the curvature comes from another '
+        'model.'
+      )
+
+
+def match(
+  layout: FactorLayout, curvature: Any, updates: Any, numerics
+) -> dict[BlockKey, tuple[statistics_lib.LayerStatistics, dict]]:
+  """``{block key: (statistics, {role: parameter shape})}`` of a curvature.
+
+  Raises when the curvature does not belong to the model and state.
+  Statistics whose parameters are all masked out of ``updates`` are left
+  out.
+  """
+  matched = {}
+  for (path, _), stats in statistics_lib.by_block(curvature).items():
+    if not isinstance(_tree.get_node(updates, path), Mapping):
+      raise ValueError(
+        f'curvature has statistics for layer {_tree.format_path(path)!r} '
+        'but the updates have no such layer: the curvature comes from '
+        'another model.'
+      )
+    shapes = _present_shapes(updates, path, stats.roles())
+    if not shapes:
+      continue  # every parameter of the layer is masked out
+    block = _find_block(layout, path, stats)
+    _check_block(block, stats, shapes, numerics)
+    matched[block.key] = (stats, shapes)
+  return matched
+
+
+def refresh_if_due(
+  state: AdaFisherState,
+  matched: Mapping[BlockKey, tuple[Any, dict]],
+  *,
+  gamma: Any,
+  axis_names: tuple,
+) -> AdaFisherState:
+  """``state`` with the factors refreshed from ``matched`` when one is due."""
+  if not matched:
+    return state
+  settings = state.settings
+  numerics: rules.Numerics = settings.numerics  # type: ignore[assignment]
+  due = refresh_due(state.count, state.last_refresh, settings.t_cov)
+
+  def refreshed(buffers):
+    combined = statistics_lib.over_devices(
+      {key: stats for key, (stats, _) in matched.items()}, axis_names
+    )
+    new = factors_lib.refresh(
+      buffers,
+      {key: stats.means(numerics) for key, stats in combined.items()},
+      {key: stats.rows for key, stats in combined.items()},
+      numerics=numerics,
+      gamma=gamma,
+    )
+    shapes = {key: shapes for key, (_, shapes) in matched.items()}
+    return with_curvature_means(new, shapes, numerics)
+
+  if axis_names:  # collectives on due steps only
+    buffers = jax.lax.cond(due, refreshed, lambda old: old, state.factors)
+  else:  # a few kernels, cheaper than a conditional on accelerators
+    buffers = otu.where(due, refreshed(state.factors), state.factors)
+  return state._replace(
+    factors=buffers,
+    last_refresh=jnp.where(due, state.count, state.last_refresh),
+  )

@@ -1,0 +1,174 @@
+"""What every rule shares: the :class:`Rule` interface, the Kronecker-factored
+family, the statistics dtype and the reductions of one application."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Numerics = Literal['reference', 'paper']
+NUMERICS: tuple[Numerics, ...] = ('reference', 'paper')
+Shape = tuple[int, ...]
+
+
+def statistics_dtype() -> jnp.dtype:
+  """float32, or float64 when ``jax_enable_x64`` is on."""
+  return jnp.dtype(jax.dtypes.canonicalize_dtype(jnp.float64))
+
+
+class Application(NamedTuple):
+  """The statistics of one application of a layer.
+
+  Attributes:
+    input_sums: forward-pass sums over rows (the ``H`` side).
+    rows: the number of rows behind them (static).
+    output_sums: maps the gradient ``g`` of the layer's output to the
+      backward-pass sums (the ``S`` side).
+  """
+
+  input_sums: tuple[jax.Array, ...]
+  rows: int
+  output_sums: Callable[[jax.Array], tuple[jax.Array, ...]]
+
+
+def sum_over_all_but(x: jax.Array, keep: Sequence[int]) -> jax.Array:
+  return jnp.sum(x, axis=tuple(i for i in range(x.ndim) if i not in keep))
+
+
+def sum_of_squares_over_leading(n_trailing: int):
+  def reduce(g: jax.Array) -> tuple[jax.Array]:
+    g = g.astype(statistics_dtype())
+    return (jnp.sum(g * g, axis=tuple(range(g.ndim - n_trailing))).reshape(-1),)
+
+  return reduce
+
+
+def count(shape: Shape) -> int:
+  return math.prod(shape) if shape else 1
+
+
+def per_dim(value: Any, n: int, name: str) -> tuple[int, ...]:
+  """``value`` (an int, ``None`` or a sequence) as ``n`` ints, for configs."""
+  if value is None:
+    return (1,) * n
+  if isinstance(value, (int, np.integer)):
+    return (int(value),) * n
+  value = tuple(int(v) for v in value)
+  if len(value) != n:
+    raise ValueError(f'{name} must have {n} entries, got {value}.')
+  return value
+
+
+class Rule:
+  """The maths of one family of layers.
+
+  Subclasses define :meth:`statistics` (one application), :meth:`means`,
+  :meth:`factor_shapes` and :meth:`curvature`; ``output_degrees`` gives the
+  power of ``g`` in each backward sum (to rescale sums to an averaged loss).
+  """
+
+  name: str
+  output_degrees: tuple[int, ...] = (2,)
+
+  def has_parameters(self, config: Any) -> tuple[bool, bool]:
+    """Whether the layer has a weight and a bias (shift)."""
+    raise NotImplementedError
+
+  def statistics(
+    self,
+    config: Any,
+    inputs: jax.Array,
+    outputs: jax.Array,
+    weight: jax.Array | None,
+    bias: jax.Array | None,
+  ) -> Application:
+    """Statistics of one application, from its inputs, outputs and params."""
+    raise NotImplementedError
+
+  def means(
+    self,
+    input_sums: tuple[jax.Array, ...],
+    output_sums: tuple[jax.Array, ...],
+    rows: jax.Array,
+    numerics: Numerics,
+  ) -> tuple[jax.Array, jax.Array]:
+    """The instantaneous ``(H_hat, S_hat)`` from (combined) sums."""
+    raise NotImplementedError
+
+  def factor_shapes(
+    self,
+    input_shapes: Sequence[Shape],
+    output_shapes: Sequence[Shape],
+    numerics: Numerics,
+  ) -> tuple[Shape, Shape]:
+    """Shapes ``[*stack, n]`` of the factors ``H`` and ``S``."""
+    raise NotImplementedError
+
+  def curvature(
+    self,
+    h: jax.Array,
+    s: jax.Array,
+    numerics: Numerics,
+    role: Literal['weight', 'bias'],
+    shape: Shape,
+  ) -> jax.Array:
+    """The undamped ``K`` of one parameter, shaped like it.
+
+    ``h`` and ``s`` are the factors as ``F~`` uses them (min-max normalised
+    in ``paper`` numerics).
+    """
+    raise NotImplementedError
+
+  def curvature_sum(
+    self,
+    h: jax.Array,
+    s: jax.Array,
+    numerics: Numerics,
+    role: Literal['weight', 'bias'],
+    shape: Shape,
+  ) -> jax.Array:
+    """``sum(K)`` over one parameter per stacked slice, without building it."""
+    k = self.curvature(h, s, numerics, role, shape)
+    n_stack = h.ndim - 1
+    return jnp.sum(k, axis=tuple(range(n_stack, k.ndim)))
+
+
+class KroneckerRule(Rule):
+  """Dense-like layers: ``K[i, o] = H[i] * S[o]``, the bias uses ``H[-1]``.
+
+  ``H`` holds one entry per (flattened) kernel input, plus the ones-column
+  entry last when the layer has a bias; ``S`` one entry per output.
+  """
+
+  def has_parameters(self, config):
+    return True, bool(getattr(config, 'use_bias', False))
+
+  def means(self, input_sums, output_sums, rows, numerics):
+    del numerics
+    rows = jnp.maximum(rows, 1)[..., None].astype(input_sums[0].dtype)
+    return input_sums[0] / rows, output_sums[0] / rows
+
+  def factor_shapes(self, input_shapes, output_shapes, numerics):
+    del numerics
+    return tuple(input_shapes[0]), tuple(output_shapes[0])
+
+  def curvature(self, h, s, numerics, role, shape):
+    del numerics
+    if role == 'bias':
+      return (h[..., -1:] * s).reshape(shape)
+    n_stack = h.ndim - 1
+    d_in = count(shape[n_stack:]) // s.shape[-1]
+    return (h[..., :d_in, None] * s[..., None, :]).reshape(shape)
+
+  def curvature_sum(self, h, s, numerics, role, shape):
+    del numerics
+    if role == 'bias':
+      return h[..., -1] * jnp.sum(s, axis=-1)
+    n_stack = h.ndim - 1
+    d_in = count(shape[n_stack:]) // s.shape[-1]
+    return jnp.sum(h[..., :d_in], axis=-1) * jnp.sum(s, axis=-1)

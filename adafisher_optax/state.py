@@ -1,0 +1,139 @@
+"""The optimizer state of AdaFisher, and what the host reads from it.
+
+:class:`AdaFisherState` is optax-shaped (a NamedTuple with ``count``); its
+``settings`` (:class:`Settings`) is static, a node without leaves: it says
+what the optimizer that returned the state does (numerics, ``t_cov``,
+damping), so that :func:`adafisher_optax.refresh_schedule` and
+:func:`adafisher_optax.diagnostics` follow the optimizer the user runs now.
+A state restored into the structure of a new optimizer's ``init`` (as orbax
+restores into a target) carries the new optimizer's settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import optax
+
+from adafisher_optax.factors import FactorBuffers
+
+#: Marks a hyperparameter that ``optax.inject_hyperparams`` passes traced.
+INJECTED = 'injected'
+
+
+class StaleFactorsWarning(UserWarning):
+  """The factors are not refreshed: no update brought curvature in time."""
+
+
+_PLANNED = {'refreshes': False}
+
+
+def plan_refreshes() -> None:
+  """Notes that this process runs a loop that refreshes the factors (a
+  :func:`adafisher_optax.refresh_schedule` was built, or an update with
+  curvature traced)."""
+  _PLANNED['refreshes'] = True
+
+
+def refreshes_planned() -> bool:
+  return _PLANNED['refreshes']
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The static settings of the optimizer that returned a state.
+
+  Attributes:
+    numerics: ``'reference'`` or ``'paper'``.
+    t_cov: updates between factor refreshes.
+    damping: the absolute damping, or :data:`INJECTED`.
+    relative_damping: the relative damping (``None``: absolute damping is
+      used), or :data:`INJECTED`.
+    grafting: ``None``, ``'rms'`` or ``'adam'``.
+  """
+
+  numerics: str
+  t_cov: int
+  damping: float | str
+  relative_damping: float | str | None
+  grafting: str | None
+
+
+class AdaFisherState(NamedTuple):
+  """State of :func:`adafisher_optax.scale_by_adafisher`.
+
+  Attributes:
+    count: number of updates so far (int32).
+    mu: first moment of the gradients, like the params.
+    nu: Adam's second moment, like the params, under ``grafting='adam'``;
+      ``()`` (no leaves) otherwise.
+    factors: the factor vectors of every captured layer
+      (:class:`adafisher_optax.factors.FactorBuffers`: a few arrays for the
+      whole model; ``factors[layer path]`` views one layer).
+    last_refresh: the ``count`` of the latest refresh (int32; -1 before the
+      first).
+    settings: the optimizer's :class:`Settings` (static, no leaves).
+  """
+
+  count: jax.Array
+  mu: optax.Updates
+  nu: optax.Updates
+  factors: FactorBuffers
+  last_refresh: jax.Array
+  settings: Settings
+
+
+def refresh_due(count: Any, last_refresh: Any, t_cov: Any) -> Any:
+  """Whether an update at ``count`` refreshes the factors (given statistics).
+
+  Due when none happened yet or ``t_cov`` updates have passed since the
+  latest one: a refresh whose statistics come late happens late, never
+  never. Python ints give a bool, arrays an array.
+  """
+  return (last_refresh < 0) | (count - last_refresh >= t_cov)
+
+
+def overdue(state: AdaFisherState) -> int:
+  """Updates since a refresh was due and none happened (0 if none is late)."""
+  count, last = int(state.count), int(state.last_refresh)
+  if last < 0:
+    return count
+  return max(0, count - last - state.settings.t_cov)
+
+
+def adafisher_state(opt_state: Any) -> AdaFisherState:
+  """The one :class:`AdaFisherState` inside a (chained, wrapped) state.
+
+  Found inside chains, ``inject_hyperparams``, ``masked``, ``multi_steps``
+  or an ``nnx.Optimizer``'s ``opt_state``.
+  """
+  found = [
+    node
+    for node in jax.tree.leaves(
+      opt_state, is_leaf=lambda n: isinstance(n, AdaFisherState)
+    )
+    if isinstance(node, AdaFisherState)
+  ]
+  if len(found) != 1:
+    raise ValueError(
+      f'opt_state must contain exactly one AdaFisherState, found {len(found)}.'
+    )
+  return found[0]
+
+
+def injected_hyperparameters(opt_state: Any) -> dict[str, Any]:
+  """The hyperparameters of the ``optax.inject_hyperparams`` around AdaFisher.
+
+  Empty when there is none (the settings are then all static).
+  """
+  found = [
+    node
+    for node in jax.tree.leaves(
+      opt_state, is_leaf=lambda n: isinstance(n, optax.InjectHyperparamsState)
+    )
+    if isinstance(node, optax.InjectHyperparamsState)
+  ]
+  return dict(found[0].hyperparams) if len(found) == 1 else {}
