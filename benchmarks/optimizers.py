@@ -125,9 +125,19 @@ def make(
 
 
 def _control(alias: str, learning_rate, control: str, options: dict):
-  """A benchmark control (``permuted`` factors, ``layer_mean`` F~) of an
-  AdaFisher alias: the one place that names the library's control API."""
-  return getattr(afo, alias)(learning_rate, ablation=control, **options)
+  """A benchmark control (``permuted`` factors, ``layer_mean`` F~) of the
+  ``adafisher`` or ``adafisherw`` chain: the one place that names the
+  library's control API (``afo.controls``)."""
+  decay = options.pop('weight_decay', 0.0 if alias == 'adafisher' else 1e-2)
+  mask = options.pop('mask', None)
+  core = afo.controls.scale_by_adafisher_control(control, **options)
+  if alias == 'adafisher':
+    chain = [optax.add_decayed_weights(decay, mask), core]
+  elif alias == 'adafisherw':
+    chain = [core, optax.add_decayed_weights(decay, mask)]
+  else:
+    raise ValueError(f'no control of {alias}')
+  return optax.chain(*chain, optax.scale_by_learning_rate(learning_rate))
 
 
 def _optax(kind: str, learning_rate, options: dict):

@@ -76,24 +76,36 @@ def curve_steps(horizon: int, curve_points: int) -> int:
   return max(1, math.ceil(horizon / curve_points))
 
 
-def _transformation(arm: Arm, hyper):
+def _transformation(arm: Arm, hyper, layout=None):
   """The arm's optax transformation for ``hyper = (peak, horizon,
-  weight_decay)`` (traced)."""
+  weight_decay)`` (traced); ``layout``: AdaFisher's factor shapes."""
   peak, horizon, decay = hyper
   return optimizers.make(
     arm,
     lambda c: schedule(c, peak, horizon),
     weight_decay=decay if arm.decays else None,
+    layout=layout,
   )
 
 
-def step_fn(task: Task, arm: Arm, capture: bool = True):
+def layout_of(task: Task, arm: Arm):
+  """AdaFisher's factor shapes for the task's model (``None`` for other
+  arms), as the README sizes them: ``curvature_layout`` on one batch."""
+  if not arm.captures:
+    return None
+  params, model_state = task.init(jax.random.key(0))
+  x, y = task.gather(task.data, task.indices(0, 1)[0])
+  grad_fn = optimizers.curvature_grad(task.loss)
+  return optimizers.curvature_layout(grad_fn, params, model_state, x, y)
+
+
+def step_fn(task: Task, arm: Arm, capture: bool = True, layout=None):
   """``step(params, model_state, opt_state, hyper, x, y)`` of one run;
   ``capture`` (static): whether AdaFisher's statistics are captured."""
   grad_fn = optimizers.gradients(arm, task.loss)
 
   def step(params, model_state, opt_state, hyper, x, y):
-    tx = _transformation(arm, hyper)
+    tx = _transformation(arm, hyper, layout)
     (loss, model_state), grads, curvature = grad_fn(
       params, model_state, x, y, capture=capture
     )
@@ -105,12 +117,13 @@ def step_fn(task: Task, arm: Arm, capture: bool = True):
   return step
 
 
-def init_fn(task: Task, arm: Arm):
+def init_fn(task: Task, arm: Arm, layout=None):
   """``init(seed, hyper) -> (params, model_state, opt_state)``."""
 
   def init(seed, hyper):
     params, model_state = task.init(jax.random.key(seed))
-    return params, model_state, _transformation(arm, hyper).init(params)
+    tx = _transformation(arm, hyper, layout)
+    return params, model_state, tx.init(params)
 
   return init
 
@@ -154,10 +167,12 @@ class Program:
 
   def __init__(self, task: Task, arm: Arm):
     self.task, self.arm = task, arm
-    self.init = jax.jit(init_fn(task, arm))
+    layout = layout_of(task, arm)
+    self.init = jax.jit(init_fn(task, arm, layout))
     self.steps = {}
     for capture in (True, False) if arm.captures else (False,):
-      self.steps[capture] = self._compile(step_fn(task, arm, capture))
+      step = step_fn(task, arm, capture, layout)
+      self.steps[capture] = self._compile(step)
     self._flags = np.zeros(0, bool)
 
   def _compile(self, step):

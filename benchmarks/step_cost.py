@@ -200,7 +200,7 @@ def build_run(
       memory,
       note=note,
     )
-  tx = opt.make(arm, LEARNING_RATE)
+  tx = opt.make(arm, LEARNING_RATE, layout=_layout(arm, work, params))
   opt_state = tx.init(params)
   step = make_train_step(work.model, tx, adafisher=arm.captures)
   seconds, compiled = compile_seconds(
@@ -471,11 +471,23 @@ def _abstract_program(name: str, work: Workload, program: str):
   """``(fresh jitted step, abstract arguments, abstract opt_state)``."""
   arm = OPTIMIZERS[name]
   params, model_state = jax.eval_shape(lambda: init_model(work.model, work.x))
-  tx = opt.make(arm, LEARNING_RATE)
+  tx = opt.make(arm, LEARNING_RATE, layout=_layout(arm, work, params))
   opt_state = jax.eval_shape(tx.init, params)
   step = make_train_step(work.model, tx, adafisher=arm.captures)
   args = (params, model_state, opt_state, work.x, work.y, program != 'plain')
   return step, args, opt_state
+
+
+def _layout(arm: opt.Arm, work: Workload, params):
+  """AdaFisher's factor shapes (``curvature_layout``, as the README sizes
+  the state; tied embeddings need it), ``None`` for other optimizers."""
+  if not arm.captures:
+    return None
+  from benchmarks.training import cross_entropy_loss
+
+  model_state = jax.eval_shape(lambda: init_model(work.model, work.x))[1]
+  grad_fn = opt.curvature_grad(cross_entropy_loss(work.model))
+  return opt.curvature_layout(grad_fn, params, model_state, work.x, work.y)
 
 
 def _layout_seconds(work: Workload) -> float:

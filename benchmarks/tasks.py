@@ -352,7 +352,7 @@ def autoencoder(config: AutoencoderConfig = AutoencoderConfig()) -> Task:
     metric='loss',
     higher_is_better=False,
     margin=0.5,
-    trains_threshold=100.0,
+    trains_threshold=90.0,
     output='sigmoid',
   )
 
