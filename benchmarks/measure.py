@@ -54,6 +54,11 @@ def tree_bytes(tree) -> int:
   return total
 
 
+def mb(value) -> str:
+  """Bytes as MiB for a table (``-`` for ``None``)."""
+  return '-' if value is None else f'{value / 2**20:.1f}'
+
+
 def compiled_memory(compiled) -> dict[str, int] | None:
   """XLA's memory analysis of a compiled program (``None`` if unavailable):
   ``argument``, ``output``, ``alias``, ``temp`` bytes and ``total =

@@ -222,6 +222,14 @@ def refresh_period(arm: Arm) -> int:
   return default if t_cov is None else t_cov
 
 
+def programs(arm: Arm) -> list[str]:
+  """The compiled programs of a training step: ``['step']``, or AdaFisher's
+  ``['refresh']`` (``t_cov=1``) or ``['refresh', 'plain']``."""
+  if not arm.captures:
+    return ['step']
+  return ['refresh'] + ['plain'] * (refresh_period(arm) > 1)
+
+
 def refresh_flags(arm: Arm, opt_state) -> Iterator[bool]:
   """Per step, whether it captures statistics (AdaFisher's refresh steps:
   :func:`adafisher_optax.refresh_schedule`; never for other arms)."""

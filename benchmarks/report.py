@@ -255,6 +255,8 @@ def write_report(out: Path, tier_name: str) -> Path:
   path = out / 'report.md'
   path.write_text(text)
   summary = report_text.readme_summary(tier_name, tasks, recommendation)
-  (out / 'README_results.md').write_text(summary)
-  print(f'wrote {path} and {out / "README_results.md"}')
+  # The full tier's summary goes beside the other results, ready to paste.
+  readme = (out.parent if tier_name == 'full' else out) / 'README_results.md'
+  readme.write_text(summary)
+  print(f'wrote {path} and {readme}')
   return path

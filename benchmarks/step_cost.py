@@ -64,12 +64,13 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from tqdm import tqdm
 
-from benchmarks import cli, kfac, stats
+from benchmarks import cli, kfac
+from benchmarks import compile_cost as cc
 from benchmarks import optimizers as opt
 from benchmarks import workloads as wl
+from benchmarks.compile_cost import compile_markdown, compile_notes
 from benchmarks.measure import (
   bytes_accessed,
   compile_seconds,
@@ -78,6 +79,7 @@ from benchmarks.measure import (
   interleaved_rounds,
   kernel_count,
   machine,
+  mb,
   tree_bytes,
 )
 from benchmarks.training import init_model, make_train_step
@@ -166,12 +168,7 @@ def _copy(tree):
 
 
 def programs_of(name: str) -> list[str]:
-  """``['step']``, or AdaFisher's ``['refresh']`` (``t_cov=1``) or
-  ``['refresh', 'plain']``."""
-  arm = OPTIMIZERS[name]
-  if not arm.captures:
-    return ['step']
-  return ['refresh'] + ['plain'] * (opt.refresh_period(arm) > 1)
+  return opt.programs(OPTIMIZERS[name])
 
 
 def build_runs(name: str, work: Workload, params, model_state) -> list[Run]:
@@ -200,7 +197,7 @@ def build_run(
       memory,
       note=note,
     )
-  tx = opt.make(arm, LEARNING_RATE, layout=_layout(arm, work, params))
+  tx = opt.make(arm, LEARNING_RATE, layout=cc.layout(arm, work, params))
   opt_state = tx.init(params)
   step = make_train_step(work.model, tx, adafisher=arm.captures)
   seconds, compiled = compile_seconds(
@@ -464,179 +461,7 @@ def isolated_peaks(rows: list[dict], steps: int) -> None:
       row['note'] += f' peak probe failed: {result.stderr.strip()[-300:]}'
 
 
-# ------------------------------------------------------------ compile only
-
-
-def _abstract_program(name: str, work: Workload, program: str):
-  """``(fresh jitted step, abstract arguments, abstract opt_state)``."""
-  arm = OPTIMIZERS[name]
-  params, model_state = jax.eval_shape(lambda: init_model(work.model, work.x))
-  tx = opt.make(arm, LEARNING_RATE, layout=_layout(arm, work, params))
-  opt_state = jax.eval_shape(tx.init, params)
-  step = make_train_step(work.model, tx, adafisher=arm.captures)
-  args = (params, model_state, opt_state, work.x, work.y, program != 'plain')
-  return step, args, opt_state
-
-
-def _layout(arm: opt.Arm, work: Workload, params):
-  """AdaFisher's factor shapes (``curvature_layout``, as the README sizes
-  the state; tied embeddings need it), ``None`` for other optimizers."""
-  if not arm.captures:
-    return None
-  from benchmarks.training import cross_entropy_loss
-
-  model_state = jax.eval_shape(lambda: init_model(work.model, work.x))[1]
-  grad_fn = opt.curvature_grad(cross_entropy_loss(work.model))
-  return opt.curvature_layout(grad_fn, params, model_state, work.x, work.y)
-
-
-def _layout_seconds(work: Workload) -> float:
-  """Seconds of ``curvature_layout`` for the model (abstract parameters)."""
-  import time
-
-  from benchmarks.training import cross_entropy_loss
-
-  params, model_state = jax.eval_shape(lambda: init_model(work.model, work.x))
-  grad_fn = opt.curvature_grad(cross_entropy_loss(work.model))
-  start = time.perf_counter()
-  opt.curvature_layout(grad_fn, params, model_state, work.x, work.y)
-  return time.perf_counter() - start
-
-
-def compile_costs(
-  model_name: str, names: list[str], rounds: int, work: Workload
-) -> list[dict]:
-  """Trace+lower and compile seconds, kernels and memory of every program
-  of ``names`` on one model, in ``rounds`` interleaved rounds (a fresh
-  program each time, the order shuffled per round)."""
-  keys = [(n, p) for n in names for p in programs_of(n)]
-  seconds = {key: [] for key in keys}
-  last = {}
-  rng = np.random.default_rng(0)
-  for _ in tqdm(range(rounds), desc=f'{model_name}: compile', leave=False):
-    for i in rng.permutation(len(keys)):
-      name, program = keys[i]
-      with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter('always', opt.Unpreconditioned)
-        warnings.simplefilter('always', opt.UnsupportedLayer)
-        step, args, opt_state = _abstract_program(name, work, program)
-        timing, compiled = compile_seconds(step, *args)
-      seconds[keys[i]].append(timing)
-      notes = sorted({str(w.message) for w in caught})
-      last[keys[i]] = (compiled, opt_state, ' '.join(notes))
-  layout = None
-  if any(OPTIMIZERS[n].captures for n in names):
-    with warnings.catch_warnings():
-      warnings.simplefilter('ignore', opt.UnsupportedLayer)
-      layout = _layout_seconds(work)
-  return _compile_rows(model_name, keys, seconds, last, layout)
-
-
-def _compile_rows(model_name, keys, seconds, last, layout) -> list[dict]:
-  base_key = ('adam', 'step')
-  base_memory = compiled_memory(last[base_key][0]) if base_key in last else {}
-  base_state = tree_bytes(last[base_key][1]) if base_key in last else math.nan
-  rows = []
-  for key in keys:
-    name, program = key
-    compiled, opt_state, note = last[key]
-    memory = compiled_memory(compiled) or {}
-    row = {
-      'model': model_name,
-      'optimizer': name,
-      'label': OPTIMIZERS[name].label,
-      'program': program,
-      'rounds': len(seconds[key]),
-      'seconds': seconds[key],
-      'kernels': kernel_count(compiled.as_text()),
-      'compiled_memory': memory,
-      'state_bytes': tree_bytes(opt_state),
-      'state_vs_adam': tree_bytes(opt_state) / base_state,
-      'peak_vs_adam': (
-        memory.get('total', math.nan) / base_memory['total']
-        if base_memory
-        else math.nan
-      ),
-      'curvature_layout_seconds': (
-        layout if OPTIMIZERS[name].captures else None
-      ),
-      'note': note,
-    }
-    for part in ('trace_lower', 'compile'):
-      values = [s[part] for s in seconds[key]]
-      row[f'{part}_seconds'] = statistics.median(values)
-      if base_key in seconds:
-        base = [s[part] for s in seconds[base_key]]
-        row[f'{part}_vs_adam'] = stats.ratio(values, base)
-    rows.append(row)
-  return rows
-
-
-def _ratio_cell(ratio: dict | None) -> str:
-  if not ratio:
-    return '-'
-  low, high = ratio['ci']
-  if math.isfinite(low):
-    return f'{ratio["ratio"]:.2f} [{low:.2f}, {high:.2f}]'
-  return f'{ratio["ratio"]:.2f}'
-
-
-def compile_markdown(rows) -> str:
-  """Per program: trace+lower and compile seconds and their ratios to
-  Adam's step, kernels, XLA's memory plan and the state."""
-  lines = [
-    '| model | optimizer | program | trace+lower (s) | / Adam | compile (s) '
-    '| / Adam | kernels | state (MB) | state / Adam | peak (MB) | '
-    'peak / Adam |',
-    '|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
-  ]
-  for r in rows:
-    memory = r['compiled_memory'] or {}
-    lines.append(
-      f'| {r["model"]} | {r["optimizer"]} | {r["program"]} | '
-      f'{r["trace_lower_seconds"]:.2f} | '
-      f'{_ratio_cell(r.get("trace_lower_vs_adam"))} | '
-      f'{r["compile_seconds"]:.2f} | '
-      f'{_ratio_cell(r.get("compile_vs_adam"))} | {r["kernels"]} | '
-      f'{_mb(r["state_bytes"])} | {r["state_vs_adam"]:.3f} | '
-      f'{_mb(memory.get("total"))} | {r["peak_vs_adam"]:.3f} |'
-    )
-  return '\n'.join(lines)
-
-
-def compile_notes(rows) -> list[str]:
-  """The layout seconds and the library's warnings, once per model."""
-  lines, seen = [], set()
-  for r in rows:
-    if r['curvature_layout_seconds'] is not None and r['model'] not in seen:
-      seen.add(r['model'])
-      lines.append(
-        f'* {r["model"]}: `curvature_layout` '
-        f'{r["curvature_layout_seconds"]:.2f} s (once)'
-      )
-    if r['note'] and (r['model'], r['note']) not in seen:
-      seen.add((r['model'], r['note']))
-      lines.append(f'* {r["model"]}: warning: {r["note"]}')
-  return [''] + lines if lines else []
-
-
-COMPILE_LEGEND = (
-  'trace+lower: `jit(step).trace(...).lower()` seconds; compile: '
-  '`.compile()` (XLA) seconds; each the median over rounds, each round a '
-  'freshly built program with abstract arguments, all programs of a model '
-  'interleaved in a new random order per round, in one process; / Adam: '
-  "the geometric mean over rounds of the ratio to Adam's step in the same "
-  'round, [95% CI] with two rounds or more; peak: XLA memory analysis of '
-  'the compiled program, argument + output - alias + temp (donated '
-  'buffers counted once); state: bytes of the optimizer state.'
-)
-
-
 # ------------------------------------------------------------------ report
-
-
-def _mb(value) -> str:
-  return '-' if value is None else f'{value / 2**20:.1f}'
 
 
 def targets(row) -> list[tuple[str, float, float, bool]]:
@@ -668,9 +493,9 @@ def markdown(rows) -> str:
     lines.append(
       f'| {r["model"]} | {r["label"]} | {r["step_ms"]:.2f} | '
       f'{r["time_vs_adam"]:.3f} | {r["best_vs_adam"]:.3f} | '
-      f'{_mb(r["state_bytes"])} | '
-      f'{r["state_vs_adam"]:.3f} | {_mb(memory.get("total"))} | '
-      f'{_mb(r["peak_bytes_in_use"])} | {marks} |'
+      f'{mb(r["state_bytes"])} | '
+      f'{r["state_vs_adam"]:.3f} | {mb(memory.get("total"))} | '
+      f'{mb(r["peak_bytes_in_use"])} | {marks} |'
     )
   return '\n'.join(lines)
 
@@ -842,14 +667,14 @@ def main_compile_only(args, names, models) -> None:
   for model_name in models:
     work = wl.build(model_name, **shape)
     workloads[model_name] = {'description': work.description, **work.data}
-    rows += compile_costs(model_name, names, args.compile_rounds, work)
+    rows += _compile_costs(model_name, names, args.compile_rounds, work)
   header = (
     f'{machine()}; compile cost, {args.compile_rounds} round(s); '
     f'`{_command(args)}`; commit {cli.git_commit()}'
   )
   text = '\n'.join(
     [header, '', *workload_lines(workloads), '', compile_markdown(rows)]
-    + ['', COMPILE_LEGEND, *compile_notes(rows)]
+    + ['', cc.COMPILE_LEGEND, *compile_notes(rows)]
   )
   print(text)
   result = {
@@ -862,6 +687,11 @@ def main_compile_only(args, names, models) -> None:
   }
   suffix = f'_{args.tag}' if args.tag else ''
   _write(Path(args.out_dir), f'step_cost_compile{suffix}', text, result)
+
+
+def _compile_costs(model_name, names, rounds, work) -> list[dict]:
+  arms = {n: OPTIMIZERS[n] for n in names}
+  return cc.compile_costs(model_name, arms, rounds, work, LEARNING_RATE)
 
 
 def _command(args) -> str:
@@ -887,7 +717,7 @@ def main(argv=None):
     workloads[model_name] = {'description': work.description, **work.data}
     if work.large and cpu and not args.time_large:
       plain = [n for n in names if OPTIMIZERS[n].family != 'kfac']
-      compile_rows += compile_costs(model_name, plain, 1, work)
+      compile_rows += _compile_costs(model_name, plain, 1, work)
       skipped.append(
         f'{model_name}: step time not measured on CPU (pass '
         '--time-large); compile cost and memory below'
@@ -922,7 +752,7 @@ def _report(args, rows, compile_rows, workloads, skipped) -> None:
     parts += [PROGRAMS_LEGEND]
   if compile_rows:
     parts += ['', 'Compile cost:', '', compile_markdown(compile_rows), '']
-    parts += [COMPILE_LEGEND, *compile_notes(compile_rows)]
+    parts += [cc.COMPILE_LEGEND, *compile_notes(compile_rows)]
   text = '\n'.join(parts)
   print(text)
   notes = [

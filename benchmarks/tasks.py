@@ -40,6 +40,7 @@ import optax
 
 from benchmarks import datasets
 from benchmarks.models import MLP, Autoencoder, CharGPT, ResNet
+from benchmarks.training import model_loss, reconstruction
 
 FASHION_SPLIT_SEED = 12345
 FASHION_MEAN, FASHION_STD = 72.94, 90.02  # training-set pixel statistics
@@ -140,7 +141,7 @@ class Task:
     return params, {k: v for k, v in variables.items() if k != 'params'}
 
   def make_loss(self, on_output=None):
-    return _loss(self.model, self.output, on_output)
+    return model_loss(self.model, self.output, on_output)
 
   def loss(self, params, model_state, x, y):
     return self.make_loss()(params, model_state, x, y)
@@ -149,7 +150,7 @@ class Task:
     variables = {'params': params, **model_state}
     out = self.model.apply(variables, x, train=False).astype(jnp.float32)
     if self.output == 'sigmoid':
-      return jnp.zeros((), jnp.int32), _reconstruction(out, x).sum()
+      return jnp.zeros((), jnp.int32), reconstruction(out, x).sum()
     ce = optax.softmax_cross_entropy_with_integer_labels(out, y)
     return (out.argmax(-1) == y).sum(), ce.sum()
 
@@ -170,38 +171,6 @@ class Task:
     if not math.isfinite(b):
       return True
     return a > b if self.higher_is_better else a < b
-
-
-def _reconstruction(logits, x):
-  """Per image: the sigmoid cross-entropy summed over its pixels."""
-  target = x.reshape(x.shape[0], -1)
-  return optax.sigmoid_binary_cross_entropy(logits, target).sum(-1)
-
-
-def _loss(model, output: str, on_output=None):
-  """``loss(params, model_state, x, y) -> (loss, new_model_state)``: the
-  mean cross-entropy over labels, or over images of the summed pixel
-  cross-entropy (``output='sigmoid'``)."""
-
-  def loss(params, model_state, x, y):
-    variables = {'params': params, **model_state}
-    if model_state:
-      out, new_state = model.apply(
-        variables, x, train=True, mutable=list(model_state)
-      )
-    else:
-      out, new_state = model.apply(variables, x), model_state
-    if output == 'sigmoid':
-      target = x.reshape(x.shape[0], -1)
-      if on_output is not None:
-        on_output(out, target)
-      return _reconstruction(out, x).mean(), new_state
-    if on_output is not None:
-      on_output(out, y)
-    ce = optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
-    return ce, new_state
-
-  return loss
 
 
 def sha256(array: np.ndarray) -> str:
