@@ -208,13 +208,18 @@ def recommendation_lines(rec: dict, tasks: dict) -> list[str]:
     '| candidate | ' + ' | '.join(rec['tasks']) + ' | mean deficit |',
     '|---|' + '---:|' * (len(rec['tasks']) + 1),
   ]
+
+  def deficit(value):
+    return 'out' if value == math.inf else _fmt(value, 2)
+
   for n in names:
-    cells = ' | '.join(_fmt(rec['deficits'][n][t], 2) for t in rec['tasks'])
-    lines.append(f'| {n} | {cells} | {_fmt(rec["means"][n], 2)} |')
+    cells = ' | '.join(deficit(rec['deficits'][n][t]) for t in rec['tasks'])
+    lines.append(f'| {n} | {cells} | {deficit(rec["means"][n])} |')
   return lines + [
     '',
     "Deficit: (Adam's tuning score - the candidate's) / margin (sign "
-    'flipped for a loss): positive is worse than Adam, in margins.',
+    'flipped for a loss): positive is worse than Adam, in margins; out: '
+    'not run or did not train on that task.',
     '',
   ]
 
