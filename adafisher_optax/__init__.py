@@ -26,7 +26,7 @@ from adafisher_optax.diagnostics import (
   LayerDiagnostics,
   diagnostics,
 )
-from adafisher_optax.factors import FactorBuffers, LayerFactors
+from adafisher_optax.factors import Factors
 from adafisher_optax.fisher import softmax_cross_entropy
 from adafisher_optax.grad import curvature_layout, value_and_grad_with_curvature
 from adafisher_optax.registry import LayerType, UnsupportedCall, register_layer
@@ -76,9 +76,8 @@ __all__ = [
   'AdaFisherState',
   'CaptureError',
   'Diagnostics',
-  'FactorBuffers',
+  'Factors',
   'LayerDiagnostics',
-  'LayerFactors',
   'LayerStatistics',
   'LayerType',
   'MultiStepsState',

@@ -71,6 +71,29 @@ def _check_every_k(every_k_schedule: Any) -> None:
     )
 
 
+def _check_state(state: Any, curvature: Any, structure: Any) -> None:
+  if not isinstance(state, MultiStepsState):
+    raise TypeError(
+      f'multi_steps: the state is a {type(state).__name__}, not the '
+      "MultiStepsState of this optimizer's init."
+    )
+  if curvature is not None and jax.tree.structure(curvature) != structure:
+    raise ValueError(
+      'multi_steps: curvature does not match the layout given at '
+      f'construction:\n  layout:    {structure}\n  curvature: '
+      f'{jax.tree.structure(curvature)}'
+    )
+
+
+def _averaged(total: Any, parts: jax.Array) -> Any:
+  """The statistics of the mean of ``parts`` micro-batch losses."""
+  return jax.tree.map(
+    lambda s: s.average_of(parts),
+    total,
+    is_leaf=statistics_lib.is_layer_statistics,
+  )
+
+
 def multi_steps(
   tx: optax.GradientTransformation,
   every_k_schedule: int | optax.Schedule,
@@ -122,45 +145,22 @@ def multi_steps(
       settings=settings,
     )
 
-  def window_closed(new_updates, inner_state, total, captured):
-    """The new state; a window's statistics go with it when it ends."""
-    emitted = inner_state.mini_step == 0
+  def update_fn(updates, state, params=None, *, curvature=None, **extra_args):
+    _check_state(state, curvature, structure)
+    total, captured, inner_args = state.curvature, state.captured, {}
+    if curvature is not None:
+      total = jax.tree.map(jnp.add, total, curvature)
+      captured = captured + 1
+      inner_args['curvature'] = _averaged(total, captured)
+    new_updates, inner_state = inner.update(
+      updates, state.inner, params, **inner_args, **extra_args
+    )
+    emitted = inner_state.mini_step == 0  # a window's statistics end with it
     return new_updates, MultiStepsState(
       inner=inner_state,
       curvature=jax.tree.map(lambda t: jnp.where(emitted, 0, t), total),
       captured=jnp.where(emitted, 0, captured),
       settings=settings,
     )
-
-  def update_fn(updates, state, params=None, *, curvature=None, **extra_args):
-    if not isinstance(state, MultiStepsState):
-      raise TypeError(
-        f'multi_steps: the state is a {type(state).__name__}, not the '
-        "MultiStepsState of this optimizer's init."
-      )
-    if curvature is None:
-      new_updates, inner_state = inner.update(
-        updates, state.inner, params, **extra_args
-      )
-      return window_closed(
-        new_updates, inner_state, state.curvature, state.captured
-      )
-    if jax.tree.structure(curvature) != structure:
-      raise ValueError(
-        'multi_steps: curvature does not match the layout given at '
-        f'construction:\n  layout:    {structure}\n  curvature: '
-        f'{jax.tree.structure(curvature)}'
-      )
-    total = jax.tree.map(jnp.add, state.curvature, curvature)
-    captured = state.captured + 1
-    averaged = jax.tree.map(
-      lambda s: s.average_of(captured),
-      total,
-      is_leaf=statistics_lib.is_layer_statistics,
-    )
-    new_updates, inner_state = inner.update(
-      updates, state.inner, params, curvature=averaged, **extra_args
-    )
-    return window_closed(new_updates, inner_state, total, captured)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

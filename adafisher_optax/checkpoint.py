@@ -1,26 +1,22 @@
 """Restoring orbax checkpoints with errors that name the mismatching path.
 
-The factors of all layers sit in a few arrays (one per vector length), so a
-mismatch there is explained in terms of the layers whose vectors have that
-length. Checkpoints written by adafisher_optax 0.2 (one dict of factors per
-layer) are recognised: :func:`restore` refuses them with the fix, and
-:func:`restore_legacy` converts them.
+Checkpoints written by adafisher_optax 0.2 (whose AdaFisher state also held
+``t_cov``, ``damping`` and ``relative_damping`` arrays) are recognised:
+:func:`restore` refuses them with the fix, and :func:`restore_legacy`
+converts them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import re
 from typing import Any
 
 import jax
 import numpy as np
 
 from adafisher_optax import _tree
-from adafisher_optax.state import AdaFisherState
-
-_BUCKET = re.compile(r'/factors/(h|s|h_ema|s_ema)/(\d+)$')
-_LEGACY_FIELDS = ('h', 's', 'h_ema', 's_ema', 'curvature_mean', 'refreshes')
+from adafisher_optax.factors import Factors
 
 
 def _shapes(tree: Any) -> dict[str, tuple]:
@@ -32,75 +28,39 @@ def _shapes(tree: Any) -> dict[str, tuple]:
 
 def _numerics(paths) -> str | None:
   """The numerics of the AdaFisher factors among ``paths``, if any."""
-  if not any('/factors/' in path for path in paths):
+  names = {path.rsplit('/', 1)[-1] for path in paths if '/factors/' in path}
+  if not names:
     return None
-  paper = any('/factors/h_ema/' in path for path in paths)
-  return 'paper' if paper else 'reference'
+  return 'paper' if names & {'h_ema', 's_ema'} else 'reference'
 
 
 def _is_legacy(paths) -> bool:
-  """Whether ``paths`` are of a 0.2 state (``t_cov`` and ``damping`` leaves)."""
+  """Whether ``paths`` are of a 0.2 state (``relative_damping`` leaves)."""
   return any(path.endswith('/relative_damping') for path in paths)
 
 
-def _adafisher_states(target: Any) -> dict[str, AdaFisherState]:
-  """``{path: AdaFisherState}`` inside ``target``."""
-  flat = jax.tree_util.tree_flatten_with_path(
-    target, is_leaf=lambda n: isinstance(n, AdaFisherState)
-  )[0]
-  return {
-    _tree.format_path(_tree.keypath_to_path(kp)): node
-    for kp, node in flat
-    if isinstance(node, AdaFisherState)
-  }
-
-
-def _layers_of(path: str, target: Any) -> str:
-  """For a factor array of the target: the layers whose vectors it holds."""
-  found = _BUCKET.search(path)
-  if found is None:
-    return ''
-  side, length = found.group(1)[0], int(found.group(2))
-  for prefix, state in _adafisher_states(target).items():
-    if path.startswith(prefix + '/'):
-      names = [
-        _tree.format_path(b.path)
-        for b in state.factors.layout.blocks
-        if getattr(b, f'{side}_length') == length
-      ]
-      return f' (the {side.upper()} vectors of length {length}: ' + (
-        ', '.join(names) + ')'
-      )
-  return ''
-
-
-def _compare(directory, stored: dict, wanted: dict, target: Any) -> None:
+def _compare(directory, stored: dict, wanted: dict) -> None:
   saved, asked = _numerics(stored), _numerics(wanted)
   if saved and asked and saved != asked:
     raise ValueError(
       f'checkpoint {directory}: its AdaFisher factors are for '
       f'numerics={saved!r}, the target optimizer uses numerics={asked!r}.'
     )
-  # Parameters and moments first: their paths name the layer.
-  paths = sorted(set(stored) | set(wanted), key=lambda p: ('/factors/' in p, p))
-  for path in paths:
-    where = f'checkpoint {directory}: '
+  for path in sorted(set(stored) | set(wanted)):
     if path not in stored:
       raise ValueError(
-        f'{where}no entry {path!r}, which the target has'
-        f'{_layers_of(path, target)} (a checkpoint of another model or '
-        'optimizer?).'
+        f'checkpoint {directory}: no entry {path!r}, which the target has '
+        '(a checkpoint of another model or optimizer?).'
       )
     if path not in wanted:
       raise ValueError(
-        f'{where}entry {path!r} is not in the target (a checkpoint of '
-        'another model or optimizer?).'
+        f'checkpoint {directory}: entry {path!r} is not in the target (a '
+        'checkpoint of another model or optimizer?).'
       )
     if stored[path] != wanted[path]:
       raise ValueError(
-        f'{where}{path!r} has shape {stored[path]}, the target '
-        f'{wanted[path]}{_layers_of(path, target)} (a checkpoint of another '
-        'model?).'
+        f'checkpoint {directory}: {path!r} has shape {stored[path]}, the '
+        f'target {wanted[path]} (a checkpoint of another model?).'
       )
 
 
@@ -142,54 +102,40 @@ def restore(directory: Any, target: Any, checkpointer: Any = None) -> Any:
       'adafisher_optax.checkpoint.restore_legacy(directory, target), then '
       'save it again.'
     )
-  _compare(directory, stored, _shapes(target), target)
+  _compare(directory, stored, _shapes(target))
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
   return checkpointer.restore(directory, abstract)
 
 
-def _get(raw: Any, path: _tree.Path) -> Any:
-  for key in path:
-    raw = raw[int(key)] if isinstance(raw, list) else raw[key]
+def _get(raw: Any, keypath) -> Any:
+  """The entry of a raw (target-free) restore at a ``jax`` key path."""
+  for key in _tree.keypath_to_path(keypath):
+    raw = raw[int(key)] if isinstance(raw, list) else raw.get(key)
+    if raw is None:
+      return None
   return raw
 
 
-def _converted(state: AdaFisherState, old: dict) -> AdaFisherState:
-  """``state`` (the target's) filled from a 0.2 AdaFisher state ``old``."""
-  buffers = state.factors
-  arrays = {
-    field: {n: np.array(v) for n, v in getattr(buffers, field).items()}
-    for field in ('h', 's', 'h_ema', 's_ema')
-  }
-  per_slice = {
-    f: np.array(getattr(buffers, f)) for f in ('curvature_mean', 'refreshes')
-  }
-  for block in buffers.layout.blocks:
-    layer = _tree.get_node(old['factors'], block.path)
-    if layer is None or block.rule == 'attend':  # new in 0.3
-      continue
-    for field in _LEGACY_FIELDS:
-      if field in per_slice:
-        first = block.first_slice
-        per_slice[field][first : first + block.slices] = np.ravel(layer[field])
-      elif arrays[field]:
-        side = field[0]
-        n, first = (
-          getattr(block, f'{side}_length'),
-          getattr(block, f'{side}_row'),
-        )
-        rows = np.reshape(layer[field], (-1, n))
-        arrays[field][str(n)][first : first + block.slices] = rows
-  return state._replace(
-    count=np.asarray(old['count']),
-    mu=jax.tree.map(np.asarray, old['mu']),
-    factors=type(buffers)(
-      **arrays,
-      **per_slice,
-      skipped=np.array(buffers.skipped),
-      layout=buffers.layout,
-    ),
-    last_refresh=np.asarray(old['last_refresh']),
+def _legacy_factors(raw: Any, keypath, factors: Factors) -> Factors:
+  """A block's factors from a 0.2 checkpoint, or ``factors`` (the target's
+  initial ones) for a block 0.2 did not have (a tied table's ``attend``)."""
+  in_tuple = isinstance(keypath[-1], jax.tree_util.SequenceKey)
+  if factors.rule == 'attend':
+    return factors
+  old = _get(raw, keypath[:-1] if in_tuple else keypath)
+  if old is None:
+    return factors
+  return dataclasses.replace(
+    factors,
+    **{
+      field: np.asarray(old[field]).reshape(np.shape(value))
+      for field in _FIELDS
+      if (value := getattr(factors, field)) is not None
+    },
   )
+
+
+_FIELDS = ('h', 's', 'curvature_mean', 'refreshes', 'skipped', 'h_ema', 's_ema')
 
 
 def restore_legacy(
@@ -197,10 +143,11 @@ def restore_legacy(
 ) -> Any:
   """Converts a checkpoint of adafisher_optax 0.2 into ``target``'s structure.
 
-  Every entry but the AdaFisher factors is read at its path; each layer's
-  factors are placed in the arrays of the new state (a tied embedding's
-  ``attend`` block, new in this version, starts unrefreshed). Save the
-  result to have a checkpoint of this version.
+  Every entry of the target is read at its path (the 0.2 state's
+  ``t_cov``, ``damping`` and ``relative_damping`` are dropped: the target
+  optimizer's settings apply); a tied embedding's ``attend`` factors, new in
+  this version, and ``grafting='adam'``'s second moment start afresh. Save
+  the result to have a checkpoint of this version.
 
   Args:
     directory: the 0.2 checkpoint (an orbax ``StandardCheckpointer`` save).
@@ -217,11 +164,16 @@ def restore_legacy(
   raw = checkpointer.restore(directory)
 
   def fill(keypath, node):
-    path = _tree.keypath_to_path(keypath)
-    if isinstance(node, AdaFisherState):
-      return _converted(node, _get(raw, path))
-    return np.asarray(_get(raw, path))
+    if isinstance(node, Factors):
+      return _legacy_factors(raw, keypath, node)
+    value = _get(raw, keypath)
+    if value is None:
+      where = _tree.format_path(_tree.keypath_to_path(keypath))
+      if '/nu/' not in f'/{where}/':
+        raise ValueError(f'checkpoint {directory}: no entry {where!r}.')
+      return node
+    return np.asarray(value)
 
   return jax.tree_util.tree_map_with_path(
-    fill, target, is_leaf=lambda n: isinstance(n, AdaFisherState)
+    fill, target, is_leaf=lambda n: isinstance(n, Factors)
   )

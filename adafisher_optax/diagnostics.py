@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adafisher_optax import _tree
+from adafisher_optax import factors as factors_lib
 from adafisher_optax.preconditioner import curvature, preconditioner
 from adafisher_optax.state import (
   INJECTED,
@@ -125,13 +126,14 @@ def diagnostics(opt_state: Any, params: Any) -> Diagnostics:
   numerics = state.settings.numerics
   damping = _hyperparameter(state, opt_state, 'damping')
   relative = _hyperparameter(state, opt_state, 'relative_damping')
-  buffers = state.factors
+  factors = factors_lib.by_block(state.factors)
+  layout = factors_lib.layout_of(state.factors)
   shapes = {
     path: tuple(np.shape(leaf))
     for path, leaf in _tree.leaves_with_paths(params)
   }
   report = {}
-  for layer, blocks in buffers.layout.layers.items():
+  for layer, blocks in layout.layers.items():
     names = sorted(
       {name for b in blocks for name, _ in b.roles if layer + (name,) in shapes}
     )
@@ -140,9 +142,10 @@ def diagnostics(opt_state: Any, params: Any) -> Diagnostics:
     values, dominated = [], []
     for name in names:
       path, shape = layer + (name,), shapes[layer + (name,)]
-      k, mean, _ = curvature(buffers, path, shape, numerics=numerics)
+      k, mean, _ = curvature(factors, layout, path, shape, numerics=numerics)
       f = preconditioner(
-        buffers,
+        factors,
+        layout,
         path,
         shape,
         numerics=numerics,
@@ -152,7 +155,7 @@ def diagnostics(opt_state: Any, params: Any) -> Diagnostics:
       term = damping if relative is None else relative * mean
       values.append(jnp.ravel(f))
       dominated.append(jnp.ravel(jnp.broadcast_to(k < term, shape)))
-    views = [buffers.block(b) for b in blocks]
+    views = [factors[b.key] for b in blocks]
     refreshes = min(int(jnp.min(v.refreshes)) for v in views)
     values = jnp.concatenate(values)
     nan = math.nan
@@ -170,7 +173,7 @@ def diagnostics(opt_state: Any, params: Any) -> Diagnostics:
   return Diagnostics(
     layers=report,
     unpreconditioned=[
-      _tree.format_path(p) for p in shapes if not buffers.layout.blocks_of(p)
+      _tree.format_path(p) for p in shapes if not layout.blocks_of(p)
     ],
     numerics=numerics,
     count=int(state.count),

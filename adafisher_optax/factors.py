@@ -7,18 +7,19 @@ statistics and min-max normalise it (scale-free) for ``F~``; the normalised
 vectors are computed at refresh time and kept, so a step that does not
 refresh reads them as they are.
 
-The factors of the whole model live in :class:`FactorBuffers`: one
-``[rows, n]`` array per vector length ``n`` (rows placed by
-:class:`~adafisher_optax.layout.FactorLayout`). Each row is normalised on
-its own, but a refresh processes every row of a length at once, so it costs
-a handful of large ops whatever the number of layers.
+The state keeps each block's :class:`Factors` at its layer's path, keyed
+like the params (a tuple sorted by rule where several rules read a layer).
+Every block refreshes on its own, with a few small fused ops: XLA compiles
+independent small computations in time linear in their number, whereas
+gathering all layers into shared arrays and splitting them back costs it
+time that grows faster than the number of layers (``docs/performance.md``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,9 +38,7 @@ def minmax_reference(x: jax.Array) -> jax.Array:
   """``(x - min) / (max - min + 1e-6)`` over the last axis, as the authors do
   (``+-inf`` first mapped to 1 and 0)."""
   x = jnp.where(jnp.isposinf(x), 1.0, jnp.where(jnp.isneginf(x), 0.0, x))
-  lo = jnp.min(x, axis=-1, keepdims=True)
-  hi = jnp.max(x, axis=-1, keepdims=True)
-  return (x - lo) / (hi - lo + REFERENCE_MINMAX_EPS)
+  return _minmax_reference(x, *_range(x))
 
 
 def minmax_paper(x: jax.Array) -> jax.Array:
@@ -48,37 +47,34 @@ def minmax_paper(x: jax.Array) -> jax.Array:
   The denominator ``max - min + eps * max|x| + tiny`` makes the result
   invariant to rescaling ``x``, so every float precision agrees.
   """
-  lo = jnp.min(x, axis=-1, keepdims=True)
-  hi = jnp.max(x, axis=-1, keepdims=True)
-  magnitude = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
-  tiny = jnp.finfo(x.dtype).tiny
-  return (x - lo) / (hi - lo + PAPER_MINMAX_EPS * magnitude + tiny)
+  return _minmax_paper(x, *_range(x))
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class LayerFactors:
-  """A view of one block's factors (``[*stack, n]`` vectors).
+class Factors:
+  """One block's factor vectors (``[*stack, n]``) and refresh counters.
 
   Attributes:
     h: ``H`` as ``F~`` uses it (the bias entry last, if any).
     s: ``S`` as ``F~`` uses it.
-    h_ema: ``paper`` numerics: the EMA of ``H_hat`` (``None`` otherwise).
-    s_ema: ``paper`` numerics: the EMA of ``S_hat``.
     curvature_mean: the mean of ``K`` over the layer's parameters at the
       latest refresh (``[*stack]``; relative damping divides by it).
-    refreshes: refreshes that folded statistics in (``[*stack]``).
+    refreshes: refreshes that folded statistics in (int32, ``[*stack]``).
     skipped: refreshes skipped because the statistics were not finite.
-    block: where it lives, its rule and the parameters it covers.
+    h_ema: ``paper`` numerics: the EMA of ``H_hat`` (``None`` otherwise).
+    s_ema: ``paper`` numerics: the EMA of ``S_hat``.
+    block: the rule and the parameters it covers (static).
   """
 
   h: jax.Array
   s: jax.Array
-  h_ema: jax.Array | None
-  s_ema: jax.Array | None
   curvature_mean: jax.Array
   refreshes: jax.Array
   skipped: jax.Array
-  block: Block
+  h_ema: jax.Array | None
+  s_ema: jax.Array | None
+  block: Block = dataclasses.field(metadata=dict(static=True))
 
   @property
   def rule(self) -> str:
@@ -88,203 +84,212 @@ class LayerFactors:
     return dict(self.block.roles)
 
 
-def _rows(buffer: Mapping[str, jax.Array], length: int, first: int, block):
-  # dynamic_slice at a constant offset: XLA:CPU compiles a program with many
-  # of them about 25% faster than one with as many static slices.
-  rows = jax.lax.dynamic_slice_in_dim(buffer[str(length)], first, block.slices)
-  return rows.reshape(block.stack + (length,))
+def is_factors(node: Any) -> bool:
+  return isinstance(node, Factors)
 
 
-def _per_slice(values: jax.Array, block: Block) -> jax.Array:
-  rows = jax.lax.dynamic_slice_in_dim(values, block.first_slice, block.slices)
-  return rows.reshape(block.stack)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class FactorBuffers:
-  """The factor vectors of every block, a few arrays for the whole model.
-
-  :meth:`view` gives :class:`LayerFactors` views keyed like the params; a
-  layer read by several rules gives a tuple of views sorted by rule name.
-
-  Attributes:
-    h: ``{'n': [rows, n]}``, every ``H`` vector of length ``n``.
-    s: the same for ``S``.
-    h_ema: ``paper`` numerics: the EMAs behind ``h`` (empty otherwise).
-    s_ema: ``paper`` numerics: the EMAs behind ``s``.
-    curvature_mean: ``mean(K)`` per slice (``[slices]``).
-    refreshes: refreshes per slice (int32).
-    skipped: refreshes skipped per slice (non-finite statistics).
-    layout: the :class:`~adafisher_optax.layout.FactorLayout` (static).
-  """
-
-  h: dict[str, jax.Array]
-  s: dict[str, jax.Array]
-  h_ema: dict[str, jax.Array]
-  s_ema: dict[str, jax.Array]
-  curvature_mean: jax.Array
-  refreshes: jax.Array
-  skipped: jax.Array
-  layout: FactorLayout = dataclasses.field(metadata=dict(static=True))
-
-  def block(self, block: Block) -> LayerFactors:
-    """The view of one block."""
-    paper = bool(self.h_ema)
-    return LayerFactors(
-      h=_rows(self.h, block.h_length, block.h_row, block),
-      s=_rows(self.s, block.s_length, block.s_row, block),
-      h_ema=_rows(self.h_ema, block.h_length, block.h_row, block)
-      if paper
-      else None,
-      s_ema=_rows(self.s_ema, block.s_length, block.s_row, block)
-      if paper
-      else None,
-      curvature_mean=_per_slice(self.curvature_mean, block),
-      refreshes=_per_slice(self.refreshes, block),
-      skipped=_per_slice(self.skipped, block),
-      block=block,
-    )
-
-  def view(self) -> Any:
-    """Nested dicts keyed like the params, of :class:`LayerFactors`."""
-    return _tree.nest(
-      {
-        path: views[0] if len(views) == 1 else views
-        for path, blocks in self.layout.layers.items()
-        for views in [tuple(self.block(b) for b in blocks)]
-      }
-    )
-
-
-def initial(layout: FactorLayout, paper: bool, dtype: Any) -> FactorBuffers:
-  """Factors before any refresh: ones (the authors' initialisation)."""
-
-  def ones(rows: Mapping[int, int]) -> dict[str, jax.Array]:
-    return {str(n): jnp.ones((count, n), dtype) for n, count in rows.items()}
-
-  return FactorBuffers(
-    h=ones(layout.h_rows),
-    s=ones(layout.s_rows),
-    h_ema=ones(layout.h_rows) if paper else {},
-    s_ema=ones(layout.s_rows) if paper else {},
-    curvature_mean=jnp.ones(layout.slices, dtype),
-    refreshes=jnp.zeros(layout.slices, jnp.int32),
-    skipped=jnp.zeros(layout.slices, jnp.int32),
-    layout=layout,
+def _is_layer_node(node: Any) -> bool:
+  return is_factors(node) or (
+    isinstance(node, tuple) and bool(node) and all(map(is_factors, node))
   )
 
 
-def _assemble(layout, side: str, means: Mapping[BlockKey, jax.Array], dtype):
-  """``{'n': [rows, n]}`` of one side's new statistics, zeros where absent."""
-  out = {}
-  for n in getattr(layout, f'{side}_rows'):
-    parts = []
-    for block in layout.blocks:
-      if getattr(block, f'{side}_length') != n:
-        continue
-      value = means.get(block.key)
-      parts.append(
-        jnp.zeros((block.slices, n), dtype)
-        if value is None
-        else value.reshape(block.slices, n).astype(dtype)
-      )
-    out[str(n)] = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
-  return out
+def by_block(tree: Any) -> dict[BlockKey, Factors]:
+  """``{(layer path, rule): Factors}`` of a state's ``factors`` tree."""
+  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_layer_node)[0]
+  return {
+    factors.block.key: factors
+    for _, node in flat
+    for factors in (node if isinstance(node, tuple) else (node,))
+  }
 
 
-def _row_slices(layout: FactorLayout, side: str) -> dict[str, np.ndarray]:
-  """``{'n': the slice of each row}`` of one side's arrays."""
-  found: dict[str, list[int]] = {}
-  for block in layout.blocks:
-    n = str(getattr(block, f'{side}_length'))
-    found.setdefault(n, []).extend(
-      range(block.first_slice, block.first_slice + block.slices)
+def layout_of(tree: Any) -> FactorLayout:
+  """The layout of a state's ``factors`` tree."""
+  return FactorLayout({k: f.block for k, f in by_block(tree).items()})
+
+
+def _initial(block: Block, paper: bool, dtype: Any) -> Factors:
+  """Factors before any refresh: ones (the authors' initialisation)."""
+  return Factors(
+    h=jnp.ones(block.h_shape, dtype),
+    s=jnp.ones(block.s_shape, dtype),
+    curvature_mean=jnp.ones(block.stack, dtype),
+    refreshes=jnp.zeros(block.stack, jnp.int32),
+    skipped=jnp.zeros(block.stack, jnp.int32),
+    h_ema=jnp.ones(block.h_shape, dtype) if paper else None,
+    s_ema=jnp.ones(block.s_shape, dtype) if paper else None,
+    block=block,
+  )
+
+
+def nest(factors: dict[BlockKey, Factors]) -> Any:
+  """The ``factors`` tree of a state: keyed like the params, a tuple sorted
+  by rule where several rules read one layer."""
+  layers: dict[_tree.Path, list[Factors]] = {}
+  for key in sorted(factors):
+    layers.setdefault(key[0], []).append(factors[key])
+  return _tree.nest(
+    {
+      path: nodes[0] if len(nodes) == 1 else tuple(nodes)
+      for path, nodes in layers.items()
+    }
+  )
+
+
+def initial(layout: FactorLayout, paper: bool, dtype: Any) -> Any:
+  """The ``factors`` tree of a new state."""
+  return nest({b.key: _initial(b, paper, dtype) for b in layout.blocks})
+
+
+class _Summary(NamedTuple):
+  """One reduction over the last axis of a new vector ``x`` (and the old)."""
+
+  lo: jax.Array
+  hi: jax.Array
+  weighted: jax.Array  # sum(w * x)
+  weighted_old: jax.Array  # sum(w * old)
+
+
+def _weights(weights: np.ndarray, n: int, dtype) -> Any:
+  """``weights`` as a scalar or an iota expression, not a large constant
+  (which costs XLA:CPU far more compile time)."""
+  if np.all(weights == weights[0]):
+    return jnp.asarray(weights[0], dtype)
+  if np.all(weights[:-1] == weights[0]):
+    last = jnp.arange(n) == n - 1
+    return jnp.where(last, weights[-1], weights[0]).astype(dtype)
+  return jnp.asarray(weights, dtype)
+
+
+def _summary(x: jax.Array, old: jax.Array, weights: Any) -> _Summary:
+  """Min, max and weighted sums in one variadic reduction: one XLA kernel
+  (separate reductions are a kernel each, split in two above 32 entries)."""
+
+  def combine(a, b):
+    return (
+      jnp.minimum(a[0], b[0]),
+      jnp.maximum(a[1], b[1]),
+      a[2] + b[2],
+      a[3] + b[3],
     )
-  return {n: np.asarray(slices) for n, slices in found.items()}
+
+  zero = jnp.zeros((), x.dtype)
+  lo, hi, weighted, weighted_old = jax.lax.reduce(
+    (x, x, x * weights, old * weights),
+    (zero + jnp.inf, zero - jnp.inf, zero, zero),
+    combine,
+    (x.ndim - 1,),
+  )
+  return _Summary(lo[..., None], hi[..., None], weighted, weighted_old)
 
 
-def _in_slice_order(
-  flags: Mapping[str, jax.Array], slices_of_rows
-) -> jax.Array:
-  """``[slices]`` from one side's per-row ``{'n': [rows]}`` (a row a slice)."""
-  order = np.concatenate([slices_of_rows[n] for n in flags])
-  values = jnp.concatenate([flags[n] for n in flags])
-  return values[np.argsort(order, kind='stable')]
+def _fold(old, x, summary, weight_total, numerics, gamma):
+  """``(new vector, sum(w * new))`` of one factor from its new statistic
+  ``x`` (the EMA in ``paper`` numerics)."""
+  lo, hi = summary.lo, summary.hi
+  if numerics == 'paper':
+    magnitude = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+    tiny = jnp.finfo(x.dtype).tiny
+    scale = 1 / (hi - lo + PAPER_MINMAX_EPS * magnitude + tiny)
+    weighted = (summary.weighted - weight_total * lo[..., 0]) * scale[..., 0]
+    return (x - lo) * scale, weighted
+  scale = 0.01 * gamma / (hi - lo + REFERENCE_MINMAX_EPS)
+  new = 0.1 * gamma * old + (x - lo) * scale
+  weighted = 0.1 * gamma * summary.weighted_old + scale[..., 0] * (
+    summary.weighted - weight_total * lo[..., 0]
+  )
+  return new, weighted
 
 
 def refresh(
-  buffers: FactorBuffers,
-  means: Mapping[BlockKey, tuple[jax.Array, jax.Array]],
-  rows: Mapping[BlockKey, jax.Array],
+  factors: Factors,
+  means: tuple[jax.Array, jax.Array],
+  rows: jax.Array,
   *,
+  due: Any,
   numerics: rules.Numerics,
   gamma: Any,
-) -> FactorBuffers:
-  """Folds one refresh step's statistics into the factors of every block.
+  form: rules.CurvatureSum | None,
+  entries: int,
+  mean_of: Callable[[jax.Array, jax.Array], jax.Array],
+) -> Factors:
+  """One block's factors with one refresh step's statistics folded in.
 
-  The refresh of a slice is skipped, and its factors kept, when no rows
-  reached it (or its block has no statistics this step) or when its
-  statistics are not finite (counted in ``skipped``): a bad batch never
-  poisons the factors. In ``paper`` numerics a slice's first refresh sets
-  the EMAs to the statistics. ``curvature_mean`` is left to the caller.
+  A slice refreshes when the refresh is ``due``, rows reached it, and its
+  statistics are finite; a due slice with non-finite statistics is counted
+  in ``skipped`` and keeps its factors (a bad batch never poisons them). In
+  ``paper`` numerics a slice's first refresh sets the EMAs to the
+  statistics. Written for few XLA kernels per block: one reduction per
+  vector gives its min and max (which propagate NaN and infinities, so
+  they also tell whether it is finite) and, for an outer
+  :class:`~adafisher_optax.rules.CurvatureSum`, the sums behind ``mean(K)``.
 
   Args:
-    buffers: the factors.
-    means: ``{block key: (H_hat, S_hat)}`` of the blocks with statistics.
-    rows: ``{block key: rows}`` (``[*stack]``) behind them.
+    factors: the block's factors.
+    means: its ``(H_hat, S_hat)``.
+    rows: the rows behind them (``[*stack]``).
+    due: whether a refresh is due (a bool scalar).
     numerics: ``'reference'`` or ``'paper'``.
     gamma: the EMA decay.
-
-  Returns:
-    The new factors.
+    form: the block's ``sum(K)`` form (``None``: use ``mean_of``).
+    entries: the entries of the layer's parameters (``mean(K)``'s divisor).
+    mean_of: ``mean(K)`` per slice from new ``(h, s)``, for other forms.
   """
-  layout = buffers.layout
-  dtype = buffers.curvature_mean.dtype
-  hats = {
-    'h': _assemble(layout, 'h', {k: m[0] for k, m in means.items()}, dtype),
-    's': _assemble(layout, 's', {k: m[1] for k, m in means.items()}, dtype),
-  }
-  slices_of = {side: _row_slices(layout, side) for side in ('h', 's')}
-  finite = _in_slice_order(
-    {n: jnp.all(jnp.isfinite(v), -1) for n, v in hats['h'].items()},
-    slices_of['h'],
-  ) & _in_slice_order(
-    {n: jnp.all(jnp.isfinite(v), -1) for n, v in hats['s'].items()},
-    slices_of['s'],
+  dtype = factors.h.dtype
+  h_hat, s_hat = (m.astype(dtype) for m in means)
+  if numerics == 'paper':
+    first = (factors.refreshes == 0)[..., None]
+    h_hat = jnp.where(first, h_hat, gamma * factors.h_ema + (1 - gamma) * h_hat)
+    s_hat = jnp.where(first, s_hat, gamma * factors.s_ema + (1 - gamma) * s_hat)
+  outer = form is not None and form.outer
+  h_weights = form.weights if outer else np.ones(h_hat.shape[-1])
+  s_weights = np.ones(s_hat.shape[-1])
+  h_summary = _summary(
+    h_hat, factors.h, _weights(h_weights, h_hat.shape[-1], dtype)
   )
-  reached = jnp.concatenate(
-    [
-      jnp.zeros(b.slices, bool)
-      if b.key not in rows
-      else jnp.reshape(rows[b.key], -1) > 0
-      for b in layout.blocks
-    ]
+  s_summary = _summary(s_hat, factors.s, jnp.ones((), dtype))
+  finite = jnp.isfinite(
+    h_summary.lo + h_summary.hi + s_summary.lo + s_summary.hi
   )
-  ok = reached & finite
-  first = buffers.refreshes == 0
-  new = {}
-  for side in ('h', 's'):
-    used, emas = {}, {}
-    for n, hat in hats[side].items():
-      keep = ok[slices_of[side][n]][:, None]
-      if numerics == 'paper':
-        old = getattr(buffers, f'{side}_ema')[n]
-        start = first[slices_of[side][n]][:, None]
-        ema = jnp.where(start, hat, gamma * old + (1 - gamma) * hat)
-        emas[n] = jnp.where(keep, ema, old).astype(dtype)
-        used[n] = jnp.where(
-          keep, minmax_paper(emas[n]), getattr(buffers, side)[n]
-        ).astype(dtype)
-      else:
-        old = getattr(buffers, side)[n]
-        fresh = 0.1 * gamma * old + 0.01 * gamma * minmax_reference(hat)
-        used[n] = jnp.where(keep, fresh, old).astype(dtype)
-    new[side] = used
-    new[f'{side}_ema'] = emas
+  reached = (rows > 0) & due
+  ok = reached & finite[..., 0]
+  keep = ok[..., None]
+  h, h_sum = _fold(
+    factors.h, h_hat, h_summary, h_weights.sum(), numerics, gamma
+  )
+  s, s_sum = _fold(
+    factors.s, s_hat, s_summary, s_weights.sum(), numerics, gamma
+  )
+  h = jnp.where(keep, h, factors.h)
+  s = jnp.where(keep, s, factors.s)
+  mean = h_sum * s_sum / entries if outer else mean_of(h, s)
+  emas = {}
+  if numerics == 'paper':
+    emas = dict(
+      h_ema=jnp.where(keep, h_hat, factors.h_ema).astype(dtype),
+      s_ema=jnp.where(keep, s_hat, factors.s_ema).astype(dtype),
+    )
   return dataclasses.replace(
-    buffers,
-    **new,
-    refreshes=buffers.refreshes + ok,
-    skipped=buffers.skipped + (reached & ~finite),
+    factors,
+    h=h.astype(dtype),
+    s=s.astype(dtype),
+    curvature_mean=jnp.where(ok, mean, factors.curvature_mean).astype(dtype),
+    refreshes=factors.refreshes + ok,
+    skipped=factors.skipped + (reached & ~ok),
+    **emas,
   )
+
+
+def _range(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  return jnp.min(x, axis=-1, keepdims=True), jnp.max(x, axis=-1, keepdims=True)
+
+
+def _minmax_reference(x, lo, hi):
+  return (x - lo) / (hi - lo + REFERENCE_MINMAX_EPS)
+
+
+def _minmax_paper(x, lo, hi):
+  magnitude = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+  tiny = jnp.finfo(x.dtype).tiny
+  return (x - lo) / (hi - lo + PAPER_MINMAX_EPS * magnitude + tiny)

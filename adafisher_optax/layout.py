@@ -1,23 +1,18 @@
-"""Where each layer's factor vectors live in the optimizer state.
+"""Which factor vectors the state keeps, and which parameters they cover.
 
-The state keeps the factors of the whole model in a few arrays: every ``H``
-vector of length ``n`` is one row of the ``[rows, n]`` array of that length,
-and likewise for ``S`` (a GPT has a handful of distinct lengths, so a
-refresh is a handful of large ops whatever the number of layers). A
-:class:`Block` is one contribution to the curvature of a layer's
+A :class:`Block` is one rule's contribution to the curvature of a layer's
 parameters: a layer read by one rule (a Dense layer) has one block; a
 parameter read by two rules (a tied embedding: lookup and ``attend``) has
 one block per rule, and its ``F~`` sums their curvatures. A layer stacked
-along leading axes (``nn.scan``) has one row, and one *slice*, per stacked
-layer. The :class:`FactorLayout` of all blocks is static: it is part of the
-state's structure, not of its data.
+along leading axes (``nn.scan``) has one *slice* per stacked layer. The
+:class:`FactorLayout` of all blocks is static: it sizes a new state, and
+each block's factors carry their block in the state's structure.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,31 +35,23 @@ class Block:
       kernel reads as ``dense``, whose factors and ``K`` are a
       convolution's too).
     roles: ``((parameter name, 'weight' | 'bias'), ...)`` it covers.
-    stack: the leading axes of stacked layers (``()`` for one layer).
-    h_length: the length of its ``H`` vectors.
-    s_length: the length of its ``S`` vectors.
-    h_row: its first row in the ``H`` array of its length.
-    s_row: its first row in the ``S`` array of its length.
-    first_slice: its first index in the per-slice arrays.
+    h_shape: the shape ``[*stack, n]`` of its ``H`` factor.
+    s_shape: the shape of its ``S`` factor.
   """
 
   path: _tree.Path
   rule: str
   roles: tuple[tuple[str, str], ...]
-  stack: Shape
-  h_length: int
-  s_length: int
-  h_row: int = 0
-  s_row: int = 0
-  first_slice: int = 0
+  h_shape: Shape
+  s_shape: Shape
 
   @property
   def key(self) -> BlockKey:
     return self.path, self.rule
 
   @property
-  def slices(self) -> int:
-    return math.prod(self.stack)
+  def stack(self) -> Shape:
+    return self.h_shape[:-1]
 
   @property
   def layer_rule(self) -> rules.Rule:
@@ -76,55 +63,15 @@ class Block:
 
 def same_maths(rule_a: str, rule_b: str) -> bool:
   """Whether two rules build ``K`` from factors of one kind the same way."""
-  return (
-    type(rules.RULES[rule_a]).curvature is type(rules.RULES[rule_b]).curvature
-  )
+  curvature = [type(rules.RULES[r]).curvature for r in (rule_a, rule_b)]
+  return curvature[0] is curvature[1]
 
 
 class FactorLayout:
-  """Every block of a model, with its rows in the arrays of the state.
-
-  Static (hashable, compared by content) and cheap to compare with itself,
-  since it is part of the state's tree structure.
-  """
+  """Every block of a model, by key and by layer."""
 
   def __init__(self, blocks: Mapping[BlockKey, Block]):
-    rows = {'h': {}, 's': {}}
-    slices = 0
-    placed = []
-    for key in sorted(blocks):
-      block = blocks[key]
-      h_row = rows['h'].get(block.h_length, 0)
-      s_row = rows['s'].get(block.s_length, 0)
-      placed.append(
-        dataclasses.replace(block, h_row=h_row, s_row=s_row, first_slice=slices)
-      )
-      rows['h'][block.h_length] = h_row + block.slices
-      rows['s'][block.s_length] = s_row + block.slices
-      slices += block.slices
-    self.blocks: tuple[Block, ...] = tuple(placed)
-    self.h_rows: dict[int, int] = dict(sorted(rows['h'].items()))
-    self.s_rows: dict[int, int] = dict(sorted(rows['s'].items()))
-    self.slices = slices
-
-  @functools.cached_property
-  def _identity(self) -> tuple:
-    return self.blocks
-
-  def __eq__(self, other: Any) -> bool:
-    return self is other or (
-      isinstance(other, FactorLayout) and self._identity == other._identity
-    )
-
-  @functools.cached_property
-  def _hash(self) -> int:
-    return hash(self._identity)
-
-  def __hash__(self) -> int:
-    return self._hash
-
-  def __repr__(self) -> str:
-    return f'FactorLayout({len(self.blocks)} blocks, {self.slices} slices)'
+    self.blocks: tuple[Block, ...] = tuple(blocks[k] for k in sorted(blocks))
 
   @functools.cached_property
   def by_key(self) -> dict[BlockKey, Block]:
@@ -132,7 +79,7 @@ class FactorLayout:
 
   @functools.cached_property
   def layers(self) -> dict[_tree.Path, tuple[Block, ...]]:
-    """``{layer path: its blocks}``."""
+    """``{layer path: its blocks, sorted by rule}``."""
     found: dict[_tree.Path, list[Block]] = {}
     for block in self.blocks:
       found.setdefault(block.path, []).append(block)
@@ -147,22 +94,14 @@ class FactorLayout:
     )
 
 
-def _block(
-  path: _tree.Path,
-  rule: rules.Rule,
-  input_shapes: list[Shape],
-  output_shapes: list[Shape],
-  roles: Mapping[str, str],
-  numerics: rules.Numerics,
-) -> Block:
+def _block(path, rule, input_shapes, output_shapes, roles, numerics) -> Block:
   h, s = rule.factor_shapes(input_shapes, output_shapes, numerics)
   return Block(
     path=path,
     rule=rule.name,
     roles=tuple(sorted(roles.items())),
-    stack=tuple(h[:-1]),
-    h_length=h[-1],
-    s_length=s[-1],
+    h_shape=tuple(h),
+    s_shape=tuple(s),
   )
 
 

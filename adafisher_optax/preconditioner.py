@@ -18,7 +18,6 @@ same values of ``F~``, at scrambled coordinates).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
 import zlib
@@ -30,50 +29,77 @@ import jax.numpy as jnp
 import numpy as np
 
 from adafisher_optax import _tree, rules
-from adafisher_optax.factors import FactorBuffers, LayerFactors
-from adafisher_optax.layout import BlockKey
+from adafisher_optax.factors import Factors
+from adafisher_optax.layout import BlockKey, FactorLayout
 
 Ablation = Literal['layer_mean', 'permuted'] | None
 ABLATIONS = (None, 'layer_mean', 'permuted')
 
 
-def with_curvature_means(
-  buffers: FactorBuffers,
-  shapes: Mapping[BlockKey, Mapping[str, tuple[int, ...]]],
+def parameter_entries(
+  layout: FactorLayout, shapes: Mapping[BlockKey, Mapping[str, tuple]]
+) -> dict[_tree.Path, int]:
+  """``{layer path: entries of its parameters present}`` (every block's)."""
+  entries: dict[_tree.Path, dict[str, int]] = {}
+  for block in layout.blocks:
+    present = shapes.get(block.key, {})
+    for name, role in block.roles:
+      if role in present:
+        size = math.prod(present[role][len(block.stack) :])
+        entries.setdefault(block.path, {})[name] = size
+  return {path: sum(sizes.values()) for path, sizes in entries.items()}
+
+
+def curvature_mean(
+  rule: rules.Rule,
+  h: jax.Array,
+  s: jax.Array,
   numerics: rules.Numerics,
-) -> FactorBuffers:
-  """``buffers`` with ``mean(K)`` recomputed for the blocks in ``shapes``.
-
-  Args:
-    buffers: the (refreshed) factors.
-    shapes: ``{block key: {role: shape}}`` of the parameters present.
-    numerics: the optimizer's numerics.
-
-  Returns:
-    The factors with ``curvature_mean`` updated. Every block of a layer
-    divides its ``sum(K)`` by the entries of all the layer's parameters, so
-    that the blocks' means add up to the layer's.
-  """
-  layout = buffers.layout
-  counts: dict[_tree.Path, int] = {}
-  for block in layout.blocks:
-    if block.key in shapes:
-      n_stack = len(block.stack)
-      entries = sum(math.prod(s[n_stack:]) for s in shapes[block.key].values())
-      counts[block.path] = max(counts.get(block.path, 0), entries)
-  parts = []
-  for block in layout.blocks:
-    view = buffers.block(block)
-    if block.key not in shapes:
-      parts.append(jnp.reshape(view.curvature_mean, -1))
-      continue
+  shapes: Mapping[str, tuple[int, ...]],
+  entries: int,
+) -> jax.Array:
+  """``sum(K)`` over a block's parameters ``{role: shape}``, per slice,
+  divided by ``entries`` (those of all the layer's parameters, so that the
+  blocks of a layer add up to its mean)."""
+  stack = h.shape[:-1]
+  form = rule.curvature_sum_form(
+    numerics, dict(shapes), stack, (h.shape[-1], s.shape[-1])
+  )
+  if form is None:
     total = sum(
-      block.layer_rule.curvature_sum(view.h, view.s, numerics, role, shape)
-      for role, shape in shapes[block.key].items()
+      rule.curvature_sum(h, s, numerics, role, shape)
+      for role, shape in shapes.items()
     )
-    mean = total / counts[block.path]
-    parts.append(jnp.reshape(mean, -1).astype(view.curvature_mean.dtype))
-  return dataclasses.replace(buffers, curvature_mean=jnp.concatenate(parts))
+  elif form.outer:
+    total = _weighted_sum(h, form.weights) * jnp.sum(s, -1)
+  else:
+    total = jnp.sum(
+      (_scaled(h, form.weights) + _constant(form.offsets)) * s, -1
+    )
+  return total / entries
+
+
+def _constant(values: np.ndarray) -> Any:
+  """``values`` as one number when they are all equal: a large constant
+  array costs XLA far more compile time than a scalar."""
+  return values[0] if np.all(values == values[0]) else jnp.asarray(values)
+
+
+def _scaled(x: jax.Array, weights: np.ndarray) -> jax.Array:
+  return (
+    x * _constant(weights).astype(x.dtype) if not np.all(weights == 1) else x
+  )
+
+
+def _weighted_sum(x: jax.Array, weights: np.ndarray) -> jax.Array:
+  """``sum(x * weights, -1)``; a run of ones and a last entry (Dense layers)
+  as slices, not as a constant array."""
+  if np.all(weights == weights[0]):
+    return weights[0] * jnp.sum(x, -1)
+  head = weights[:-1]
+  if np.all(head == head[0]):
+    return head[0] * jnp.sum(x[..., :-1], -1) + weights[-1] * x[..., -1]
+  return jnp.sum(x * jnp.asarray(weights, x.dtype), -1)
 
 
 def _permutation(path: _tree.Path, n: int) -> np.ndarray:
@@ -85,19 +111,18 @@ def is_infinite(value: Any) -> bool:
   return isinstance(value, numbers.Number) and value == math.inf
 
 
-def _curvature(
-  view: LayerFactors, numerics, role, shape, ablation: Ablation
-) -> jax.Array:
+def _block_curvature(factors: Factors, numerics, role, shape, ablation):
   """One block's undamped ``K`` of one parameter, shaped like it."""
-  h, s = view.h, view.s
+  h, s = factors.h, factors.s
   if ablation == 'permuted':
-    h = h[..., _permutation(view.block.path, h.shape[-1])]
-    s = s[..., _permutation(view.block.path, s.shape[-1])]
-  return view.block.layer_rule.curvature(h, s, numerics, role, shape)
+    h = h[..., _permutation(factors.block.path, h.shape[-1])]
+    s = s[..., _permutation(factors.block.path, s.shape[-1])]
+  return factors.block.layer_rule.curvature(h, s, numerics, role, shape)
 
 
 def curvature(
-  buffers: FactorBuffers,
+  factors: Mapping[BlockKey, Factors],
+  layout: FactorLayout,
   path: _tree.Path,
   shape: tuple[int, ...],
   *,
@@ -110,25 +135,25 @@ def curvature(
   slice, broadcastable to it) sum the blocks that were refreshed;
   ``refreshed`` says where any was. ``None`` when no block covers it.
   """
-  blocks = buffers.layout.blocks_of(path)
+  blocks = layout.blocks_of(path)
   if not blocks:
     return None
   k = mean = 0
   refreshed = False
   for block in blocks:
-    view = buffers.block(block)
+    block_factors = factors[block.key]
     n_stack = len(block.stack)
 
     def per_slice(v, n_stack=n_stack):
       return v.reshape(v.shape + (1,) * (len(shape) - n_stack))
 
-    done = per_slice(view.refreshes) > 0
-    block_mean = per_slice(view.curvature_mean)
+    done = per_slice(block_factors.refreshes) > 0
+    block_mean = per_slice(block_factors.curvature_mean)
     if ablation == 'layer_mean':
       block_k = jnp.broadcast_to(block_mean, shape)
     else:
       role = block.role_of(path[-1])
-      block_k = _curvature(view, numerics, role, shape, ablation)
+      block_k = _block_curvature(block_factors, numerics, role, shape, ablation)
     if len(blocks) > 1:  # a block not refreshed yet adds nothing
       block_k = jnp.where(done, block_k, 0.0)
       block_mean = jnp.where(done, block_mean, 0.0)
@@ -139,7 +164,8 @@ def curvature(
 
 
 def preconditioner(
-  buffers: FactorBuffers,
+  factors: Mapping[BlockKey, Factors],
+  layout: FactorLayout,
   path: _tree.Path,
   shape: tuple[int, ...],
   *,
@@ -150,12 +176,14 @@ def preconditioner(
 ) -> jax.Array | None:
   """``F~`` of the parameter at ``path`` (shaped like it), or ``None``
   when no block covers it (the caller uses ``F~ = 1``)."""
-  found = curvature(buffers, path, shape, numerics=numerics, ablation=ablation)
+  found = curvature(
+    factors, layout, path, shape, numerics=numerics, ablation=ablation
+  )
   if found is None:
     return None
-  if relative_damping is not None and is_infinite(relative_damping):
-    return jnp.ones(shape, buffers.curvature_mean.dtype)
   k, mean, refreshed = found
+  if relative_damping is not None and is_infinite(relative_damping):
+    return jnp.ones(shape, k.dtype)
   if relative_damping is None:
     f = k + damping
   else:  # a traced a = inf (inject_hyperparams) also gives F~ = 1

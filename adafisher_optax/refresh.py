@@ -10,19 +10,19 @@ and recompute each layer's ``mean(K)``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from optax import tree as otu
 
 from adafisher_optax import _tree, rules
 from adafisher_optax import factors as factors_lib
 from adafisher_optax import statistics as statistics_lib
 from adafisher_optax.layout import Block, BlockKey, FactorLayout, same_maths
-from adafisher_optax.preconditioner import with_curvature_means
+from adafisher_optax.preconditioner import curvature_mean, parameter_entries
 from adafisher_optax.state import AdaFisherState, refresh_due
 
 _WITH_LAYOUT = (
@@ -81,7 +81,7 @@ def _check_block(block: Block, stats, shapes, numerics) -> None:
           'statistics are floating-point (pass the curvature of '
           'value_and_grad_with_curvature unchanged).'
         )
-  want = (block.stack + (block.h_length,), block.stack + (block.s_length,))
+  want = (block.h_shape, block.s_shape)
   got = stats.layer_rule.factor_shapes(
     [tuple(a.shape) for a in stats.input_sums],
     [tuple(a.shape) for a in stats.output_sums],
@@ -95,7 +95,7 @@ def _check_block(block: Block, stats, shapes, numerics) -> None:
       'inferred from parameter names (nn.scan stacks, bias-free DenseGeneral '
       f'with several output axes, tied embeddings): {_WITH_LAYOUT}.'
     )
-  n_stack, d_out = len(block.stack), block.s_length
+  n_stack, d_out = len(block.stack), block.s_shape[-1]
   for role, shape in shapes.items():
     fits = tuple(shape[:n_stack]) == block.stack and (
       math.prod(shape[n_stack:]) % d_out == 0
@@ -147,26 +147,50 @@ def refresh_if_due(
   settings = state.settings
   numerics: rules.Numerics = settings.numerics  # type: ignore[assignment]
   due = refresh_due(state.count, state.last_refresh, settings.t_cov)
+  layout = factors_lib.layout_of(state.factors)
+  entries = parameter_entries(
+    layout, {key: shapes for key, (_, shapes) in matched.items()}
+  )
 
-  def refreshed(buffers):
+  def refreshed(tree, due):
+    current = factors_lib.by_block(tree)
     combined = statistics_lib.over_devices(
       {key: stats for key, (stats, _) in matched.items()}, axis_names
     )
-    new = factors_lib.refresh(
-      buffers,
-      {key: stats.means(numerics) for key, stats in combined.items()},
-      {key: stats.rows for key, stats in combined.items()},
-      numerics=numerics,
-      gamma=gamma,
-    )
-    shapes = {key: shapes for key, (_, shapes) in matched.items()}
-    return with_curvature_means(new, shapes, numerics)
+    new = dict(current)
+    for key, stats in combined.items():
+      factors, shapes = current[key], matched[key][1]
+      rule = factors.block.layer_rule
+      new[key] = factors_lib.refresh(
+        factors,
+        stats.means(numerics),
+        stats.rows,
+        due=due,
+        numerics=numerics,
+        gamma=gamma,
+        form=rule.curvature_sum_form(
+          numerics, dict(shapes), factors.block.stack,
+          (factors.block.h_shape[-1], factors.block.s_shape[-1]),
+        ),
+        entries=entries[key[0]],
+        mean_of=functools.partial(
+          curvature_mean, rule, numerics=numerics, shapes=shapes,
+          entries=entries[key[0]],
+        ),
+      )  # fmt: skip
+    return factors_lib.nest(new)
 
   if axis_names:  # collectives on due steps only
-    buffers = jax.lax.cond(due, refreshed, lambda old: old, state.factors)
-  else:  # a few kernels, cheaper than a conditional on accelerators
-    buffers = otu.where(due, refreshed(state.factors), state.factors)
+    tree = jax.lax.cond(
+      due, lambda t: refreshed(t, True), lambda t: t, state.factors
+    )
+  else:  # a refresh that is not due changes nothing: no conditional
+    tree = refreshed(state.factors, due)
+  # The update reads the new factors as the plain step reads the stored
+  # ones: without the barrier XLA fuses each refresh into every parameter's
+  # update, which costs compile time, not run time.
+  tree = jax.lax.optimization_barrier(tree)
   return state._replace(
-    factors=buffers,
+    factors=tree,
     last_refresh=jnp.where(due, state.count, state.last_refresh),
   )

@@ -17,8 +17,6 @@ from typing import Any, NamedTuple
 import jax
 import optax
 
-from adafisher_optax.factors import FactorBuffers
-
 #: Marks a hyperparameter that ``optax.inject_hyperparams`` passes traced.
 INJECTED = 'injected'
 
@@ -70,9 +68,10 @@ class AdaFisherState(NamedTuple):
     mu: first moment of the gradients, like the params.
     nu: Adam's second moment, like the params, under ``grafting='adam'``;
       ``()`` (no leaves) otherwise.
-    factors: the factor vectors of every captured layer
-      (:class:`adafisher_optax.factors.FactorBuffers`: a few arrays for the
-      whole model; ``factors[layer path]`` views one layer).
+    factors: the :class:`adafisher_optax.Factors` of every captured layer,
+      in nested dicts keyed like the params (a tuple sorted by rule where
+      several rules read one layer, as a tied embedding's lookup and
+      ``attend``).
     last_refresh: the ``count`` of the latest refresh (int32; -1 before the
       first).
     settings: the optimizer's :class:`Settings` (static, no leaves).
@@ -81,7 +80,7 @@ class AdaFisherState(NamedTuple):
   count: jax.Array
   mu: optax.Updates
   nu: optax.Updates
-  factors: FactorBuffers
+  factors: Any
   last_refresh: jax.Array
   settings: Settings
 
@@ -124,6 +123,15 @@ def adafisher_state(opt_state: Any) -> AdaFisherState:
   return found[0]
 
 
+def _injected(node: Any) -> bool:
+  """An ``optax.inject_hyperparams`` state (stateless or stateful flavour)."""
+  kinds = (
+    getattr(optax, 'InjectHyperparamsState', ()),
+    getattr(optax, 'InjectStatefulHyperparamsState', ()),
+  )
+  return isinstance(node, kinds)
+
+
 def injected_hyperparameters(opt_state: Any) -> dict[str, Any]:
   """The hyperparameters of the ``optax.inject_hyperparams`` around AdaFisher.
 
@@ -131,9 +139,7 @@ def injected_hyperparameters(opt_state: Any) -> dict[str, Any]:
   """
   found = [
     node
-    for node in jax.tree.leaves(
-      opt_state, is_leaf=lambda n: isinstance(n, optax.InjectHyperparamsState)
-    )
-    if isinstance(node, optax.InjectHyperparamsState)
+    for node in jax.tree.leaves(opt_state, is_leaf=_injected)
+    if _injected(node)
   ]
   return dict(found[0].hyperparams) if len(found) == 1 else {}

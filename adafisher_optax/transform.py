@@ -226,28 +226,50 @@ def scale_by_adafisher(
   return _scale_by_adafisher(**locals(), ablation=None)
 
 
+def _settings(numerics, t_cov, damping, relative_damping, grafting) -> Settings:
+  """The checked static settings of an optimizer."""
+  numerics = hp.check_choice('numerics', numerics, rules.NUMERICS)
+  return Settings(
+    numerics=numerics,
+    t_cov=hp.check_t_cov(t_cov, numerics),
+    damping=_static(damping),
+    relative_damping=_static(hp.check_relative_damping(relative_damping)),
+    grafting=hp.check_choice('grafting', grafting, grafting_lib.GRAFTINGS),
+  )
+
+
+def _with_curvature(state, updates, curvature, gamma, axis_names):
+  """``(state, layout)`` after the refresh a ``curvature`` may bring, with
+  one warning listing the parameters updated with ``F~ = 1``."""
+  settings = state.settings
+  layout = factors_lib.layout_of(state.factors)
+  refreshed = None
+  if curvature is None:
+    _warn_if_never_refreshed(settings)
+  else:
+    plan_refreshes()
+    matched = refresh_lib.match(layout, curvature, updates, settings.numerics)
+    refreshed = set(matched)
+    state = refresh_lib.refresh_if_due(
+      state, matched, gamma=gamma, axis_names=axis_names
+    )
+  _warn_unpreconditioned(layout, updates, refreshed)
+  return state, layout
+
+
 def _scale_by_adafisher(
   b1, damping, gamma, t_cov, numerics, fisher_power, *, relative_damping,
   grafting, b2, eps, axis_name, mu_dtype, layout, ablation: Ablation,
 ) -> optax.GradientTransformationExtraArgs:  # fmt: skip
   """:func:`scale_by_adafisher`, with a benchmark control (``ablation``)."""
-  numerics = hp.check_choice('numerics', numerics, rules.NUMERICS)
+  settings = _settings(numerics, t_cov, damping, relative_damping, grafting)
+  numerics = settings.numerics
   hp.check_all(b1=b1, damping=damping, gamma=gamma, fisher_power=fisher_power)
-  t_cov = hp.check_t_cov(t_cov, numerics)
-  relative_damping = hp.check_relative_damping(relative_damping)
-  ablation = hp.check_choice('ablation', ablation, ABLATIONS)
-  grafting = hp.check_choice('grafting', grafting, grafting_lib.GRAFTINGS)
   if grafting == 'adam':
     hp.check_all(b2=b2, eps=eps)
+  ablation = hp.check_choice('ablation', ablation, ABLATIONS)
   mu_dtype = hp.check_mu_dtype(mu_dtype)
   axis_names = hp.check_axis_name(axis_name)
-  settings = Settings(
-    numerics=numerics,
-    t_cov=t_cov,
-    damping=_static(damping),
-    relative_damping=_static(relative_damping),
-    grafting=grafting,
-  )
   fixed_layout = (
     None if layout is None else layout_lib.from_curvature(layout, numerics)
   )
@@ -273,19 +295,10 @@ def _scale_by_adafisher(
     _check_state(state, settings)
     _check_gradients(updates, state.mu)
     _warn_on_new_t_cov(state.settings, settings)
-    state = state._replace(settings=settings)
-    layout = state.factors.layout
-    refreshed = None
-    if curvature is None:
-      _warn_if_never_refreshed(settings)
-    else:
-      plan_refreshes()
-      matched = refresh_lib.match(layout, curvature, updates, numerics)
-      refreshed = set(matched)
-      state = refresh_lib.refresh_if_due(
-        state, matched, gamma=gamma, axis_names=axis_names
-      )
-    _warn_unpreconditioned(layout, updates, refreshed)
+    state, layout = _with_curvature(
+      state._replace(settings=settings), updates, curvature, gamma, axis_names
+    )
+    factors = factors_lib.by_block(state.factors)
 
     def moment(path, g, m):
       return jnp.where(jnp.isfinite(g), (1 - b1) * g + b1 * m, m)
@@ -298,17 +311,12 @@ def _scale_by_adafisher(
       m_hat = m / correction.astype(m.dtype)
       m_hat = m_hat.astype(jnp.promote_types(m_hat.dtype, jnp.float32))
       f = preconditioner(
-        state.factors,
-        path,
-        m.shape,
-        numerics=numerics,
-        damping=damping,
-        relative_damping=relative_damping,
-        ablation=ablation,
-      )
+        factors, layout, path, m.shape, numerics=numerics, damping=damping,
+        relative_damping=relative_damping, ablation=ablation,
+      )  # fmt: skip
       if f is not None:
         m_hat = m_hat / (f if _is_one(fisher_power) else f**fisher_power)
-      return jnp.where(jnp.isfinite(g), m_hat, 0)
+      return jnp.where(jnp.isfinite(g), m_hat, 0)  # the non-finite guard
 
     new_updates = _tree.map_with_path(precondition, updates, mu)
     nu = state.nu

@@ -66,3 +66,17 @@ def run(model, tx, params, batches):
   for x, y in batches:
     params, opt_state, _ = step(params, opt_state, x, y)
   return params, opt_state
+
+
+class TiedGPT(nn.Module):
+  """A GPT-style model: one ``nn.Embed`` for the lookup and the output."""
+
+  vocab: int = 11
+  features: int = 4
+
+  @nn.compact
+  def __call__(self, ids):
+    embed = nn.Embed(self.vocab, self.features, name='embed')
+    h = embed(ids)
+    h = h + nn.Dense(self.features, name='mix')(nn.LayerNorm(name='ln')(h))
+    return embed.attend(jnp.tanh(h))

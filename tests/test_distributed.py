@@ -219,7 +219,7 @@ def test_named_vmap_is_not_taken_for_a_pmap():
   p, s = stacked(params), stacked(tx.init(params))
   p, s = step(p, s, jnp.stack([xs[0], xs[1]]), jnp.stack([ys[0], ys[1]]))
   h = [
-    np.asarray(afo.adafisher_state(run).factors.view()['hidden'].h)
+    np.asarray(afo.adafisher_state(run).factors['hidden'].h)
     for run in (jax.tree.map(lambda v, i=i: v[i], s) for i in range(2))
   ]
   assert not np.allclose(h[0], h[1])  # each run its own statistics

@@ -30,14 +30,7 @@ def test_the_readme_example_uses_adams_learning_rate():
   assert LOSS.search(_readme_example())
 
 
-TIED = pytest.mark.xfail(
-  strict=True, reason='tied embeddings (Embed.attend) not captured yet'
-)
-
-
-@pytest.mark.parametrize(
-  'name', [pytest.param(n, marks=TIED) if n == 'tied_gpt' else n for n in LINEN]
-)
+@pytest.mark.parametrize('name', LINEN)
 def test_readme_example_trains(name):
   problem = zoo.PROBLEMS[name]
   batches = problem.batches(0)

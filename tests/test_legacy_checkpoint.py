@@ -50,7 +50,7 @@ def test_restore_legacy_converts_every_layer(numerics):
   state = afo.adafisher_state(restored['opt_state'])
   assert int(state.count) == int(expected['count']) == 3
   assert int(state.last_refresh) == int(expected['last_refresh'])
-  view = state.factors.view()
+  view = state.factors
   for name in ('hidden', 'ln', 'head'):
     for field in ('h', 's', 'curvature_mean', 'refreshes'):
       np.testing.assert_array_equal(

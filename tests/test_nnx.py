@@ -558,9 +558,7 @@ def test_list_items_are_keyed_by_index():
     updates = nnx.jit(lambda m, o, g, c: o.update(m, g, curvature=c))(
       model, optimizer, grads, curvature
     )
-  assert sorted(
-    afo.adafisher_state(optimizer.opt_state).factors.view()['layers']
-  ) == [
+  assert sorted(afo.adafisher_state(optimizer.opt_state).factors['layers']) == [
     '0',
     '1',
   ]
@@ -646,6 +644,18 @@ def test_tied_embedding_gets_lookup_and_attend_statistics():
       np.testing.assert_allclose(a, b, **TOL)
   layout = afo.nnx.curvature_layout(grad_fn, model, ids)
   assert [s.rule for s in layout['embed']] == ['attend', 'embed']
+  # The optimizer preconditions the table with both contributions.
+  optimizer = nnx.Optimizer(
+    model, afo.adafisher(1e-3, t_cov=1, layout=layout), wrt=nnx.Param
+  )
+  with warnings.catch_warnings():
+    warnings.simplefilter('error', afo.UnpreconditionedParametersWarning)
+    _, grads, curvature = grad_fn(model, ids)
+    optimizer.update(model, grads, curvature=curvature)
+  report = afo.diagnostics(optimizer.opt_state, nnx.state(model, nnx.Param))
+  assert report.layers['embed'].rule == 'attend+embed'
+  assert report.layers['embed'].refreshes == 1
+  assert report.unpreconditioned == []
 
 
 class Unsupported(nnx.Module):

@@ -70,7 +70,7 @@ def test_reference_numerics_match_authors_code(name):
         h_hat = pm.conv_h_to_torch_order(h_hat, kernel_shape)
       assert _rel(h_hat, data[f'{layer}_H_raw'][t]) < RTOL, (layer, t)
       assert _rel(s_hat, data[f'{layer}_S_raw'][t]) < RTOL, (layer, t)
-      factors = inner.factors.view()[layer]
+      factors = inner.factors[layer]
       h_d = np.asarray(factors.h)
       if name == 'cnn' and layer.startswith('conv'):
         h_d = pm.conv_h_to_torch_order(h_d, kernel_shape)

@@ -18,7 +18,7 @@ from optax import tree as otu
 import adafisher_optax as afo
 from adafisher_optax.factors import minmax_paper, minmax_reference
 
-from models import MLP, ConvNet, batch, loss_fn, make_step, run
+from models import MLP, ConvNet, TiedGPT, batch, loss_fn, make_step, run
 
 TOL = dict(rtol=1e-10, atol=1e-13)
 
@@ -41,9 +41,9 @@ def test_state_is_keyed_like_params_and_init_maps_over_params():
   assert isinstance(state, afo.AdaFisherState)
   assert state.count.dtype == jnp.int32 and int(state.count) == 0
   chex.assert_trees_all_equal_shapes(state.mu, params)
-  assert set(state.factors.view()) == set(params)
+  assert set(state.factors) == set(params)
   for name, layer in params.items():
-    factors = state.factors.view()[name]
+    factors = state.factors[name]
     assert factors.h_ema is None  # reference numerics
     assert factors.h.shape == (layer['kernel'].shape[0] + 1,)
     assert factors.s.shape == layer['bias'].shape
@@ -103,9 +103,7 @@ def test_paper_numerics_follow_the_equations(x64):
           for old, new in zip(ema[name], (h_hat, s_hat))
         )
       h, s = (np.asarray(minmax_paper(jnp.asarray(v))) for v in ema[name])
-      np.testing.assert_allclose(
-        state.factors.view()[name].h_ema, ema[name][0], **TOL
-      )
+      np.testing.assert_allclose(state.factors[name].h_ema, ema[name][0], **TOL)
       m_hat = {
         k: np.asarray(v) / (1 - b1 ** (t + 1))
         for k, v in momentum[name].items()
@@ -149,7 +147,7 @@ def test_factors_refresh_only_every_t_cov_steps():
   history = []
   for x, y in batches:
     params, state, _ = step(params, state, x, y)
-    history.append(np.asarray(state.factors.view()['head'].h))
+    history.append(np.asarray(state.factors['head'].h))
   changed = [not np.array_equal(a, b) for a, b in itertools.pairwise(history)]
   assert changed == [False, False, True, False]  # refreshes at counts 0, 3
 
@@ -162,7 +160,7 @@ def test_reference_default_t_cov_is_100_and_paper_is_1():
     state, seen, p = tx.init(params), [], params
     for x, y in batches:
       p, state, _ = step(p, state, x, y)
-      seen.append(np.asarray(state.factors.view()['head'].s))
+      seen.append(np.asarray(state.factors['head'].s))
     n = 1 + sum(not np.array_equal(a, b) for a, b in itertools.pairwise(seen))
     assert n == refreshes, numerics
 
@@ -273,7 +271,7 @@ def test_masked_freezes_layers_and_biases():
   assert np.array_equal(new['dense1']['kernel'], params['dense1']['kernel'])
   assert np.array_equal(new['head']['bias'], params['head']['bias'])
   assert not np.array_equal(new['head']['kernel'], params['head']['kernel'])
-  factors = afo.adafisher_state(state).factors.view()
+  factors = afo.adafisher_state(state).factors
   assert 'dense1' not in factors and factors['head'].h.shape == (9,)
 
 
@@ -368,9 +366,7 @@ def test_layout_sizes_factors_of_scanned_and_multi_output_layers():
   assert layout['multi_out'].output_sums[0].shape == (6,)
   tx = afo.adafisher(1e-2, layout=layout)
   new, state = run(model, tx, params, batches)
-  assert afo.adafisher_state(state).factors.view()['blocks'][
-    'dense'
-  ].s.shape == (
+  assert afo.adafisher_state(state).factors['blocks']['dense'].s.shape == (
     3,
     5,
   )
@@ -396,8 +392,8 @@ def test_relative_damping_matches_a_direct_computation(x64, a):
   tx = afo.scale_by_adafisher(relative_damping=a, t_cov=1)
   updates, state = tx.update(grads, tx.init(params), curvature=curvature)
   for name in ('conv', 'head'):
-    h = np.asarray(state.factors.view()[name].h)
-    s = np.asarray(state.factors.view()[name].s)
+    h = np.asarray(state.factors[name].h)
+    s = np.asarray(state.factors[name].s)
     k = h[:, None] * s[None]
     mean = k.mean()
     f = np.ones_like(k) if a == np.inf else (k + a * mean) / ((1 + a) * mean)
@@ -409,8 +405,8 @@ def test_relative_damping_matches_a_direct_computation(x64, a):
       updates[name]['bias'], grads[name]['bias'] / f[-1], **TOL
     )
   for name in ('gn', 'ln'):  # reference norms: K = [H0 * S, H1 * S]
-    h = np.asarray(state.factors.view()[name].h)
-    s = np.asarray(state.factors.view()[name].s)
+    h = np.asarray(state.factors[name].h)
+    s = np.asarray(state.factors[name].s)
     k = np.concatenate([h[0] * s, h[1] * s])
     mean = k.mean()
     f = np.ones_like(k) if a == np.inf else (k + a * mean) / ((1 + a) * mean)
@@ -465,7 +461,7 @@ def test_plain_step_uses_the_stored_factors():
   assert int(new_state.last_refresh) == 0 and int(new_state.count) == 2
   chex.assert_trees_all_equal(new_state.factors, state.factors)
   for name in params:
-    f = state.factors.view()[name]
+    f = state.factors[name]
     m_hat = np.asarray(new_state.mu[name]['kernel']) / (1 - 0.5**2)
     want = m_hat / (np.asarray(f.h)[:-1, None] * np.asarray(f.s)[None] + 1e-2)
     np.testing.assert_allclose(updates[name]['kernel'], want, rtol=1e-6)
@@ -616,7 +612,7 @@ def test_one_curvature_serves_both_numerics():
     updates, state = tx.update(
       grads, tx.init(params), params, curvature=curvature
     )
-    factors = afo.adafisher_state(state).factors.view()['ln']
+    factors = afo.adafisher_state(state).factors['ln']
     assert factors.h.shape == ((2,) if numerics == 'reference' else (4,))
     assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
 
@@ -685,3 +681,58 @@ def test_state_can_be_donated():
   leaves = jax.tree.leaves(state)
   assert len({id(leaf) for leaf in leaves}) == len(leaves)
   jax.jit(lambda s: s, donate_argnums=0)(state)
+
+
+def _tied_problem():
+  model = TiedGPT()
+  ids = jnp.array([[1, 2, 3, 0], [4, 5, 1, 10]])
+  params = jax.tree.map(
+    lambda p: p.astype(jnp.float64) + 0.1,
+    model.init(jax.random.key(0), ids)['params'],
+  )
+  labels = jnp.roll(ids, 1, axis=1)
+
+  def loss(p, ids):
+    logits = model.apply({'params': p}, ids)
+    return optax.softmax_cross_entropy_with_integer_labels(
+      logits, labels
+    ).mean()
+
+  return params, ids, afo.value_and_grad_with_curvature(loss)
+
+
+@pytest.mark.parametrize('numerics', ['reference', 'paper'])
+def test_tied_embedding_sums_lookup_and_attend_curvatures(x64, numerics):
+  """``F~ = H_l (x) S_l + (H_a (x) S_a)^T + lambda`` (issue 19, item 2)."""
+  params, ids, grad_fn = _tied_problem()
+  layout = afo.curvature_layout(grad_fn, params, ids)
+  tx = afo.scale_by_adafisher(numerics=numerics, t_cov=1, layout=layout)
+  _, grads, curvature = grad_fn(params, ids)
+  assert afo.unpreconditioned_parameters(params, curvature) == []
+  with warnings.catch_warnings():
+    warnings.simplefilter('error', afo.UnpreconditionedParametersWarning)
+    updates, state = tx.update(grads, tx.init(params), curvature=curvature)
+  minmax = minmax_reference if numerics == 'reference' else minmax_paper
+  k = 0
+  for stats in curvature['embed']:  # (attend, lookup)
+    h_hat, s_hat = stats.means(numerics)
+    if numerics == 'reference':  # 0.1 * gamma * ones + 0.01 * gamma * new
+      h, s = 0.08 + 0.008 * minmax(h_hat), 0.08 + 0.008 * minmax(s_hat)
+    else:  # the first refresh sets the EMA to the statistics
+      h, s = minmax(h_hat), minmax(s_hat)
+    k = k + (
+      s[:, None] * h[None, :] if stats.rule == 'attend' else h[:, None] * s
+    )
+  want = grads['embed']['embedding'] / (k + 1e-3)
+  np.testing.assert_allclose(updates['embed']['embedding'], want, **TOL)
+  report = afo.diagnostics(state, params)
+  assert report.layers['embed'].rule == 'attend+embed'
+  assert report.unpreconditioned == []
+
+
+def test_tied_embedding_without_a_layout_says_to_pass_one():
+  params, ids, grad_fn = _tied_problem()
+  _, grads, curvature = grad_fn(params, ids)
+  tx = afo.adafisher(1e-3)  # sized from names: a lookup table only
+  with pytest.raises(ValueError, match=r"'embed'.*'attend'.*layout="):
+    tx.update(grads, tx.init(params), params, curvature=curvature)

@@ -27,6 +27,7 @@ from typing import Any
 from adafisher_optax.rules.base import (
   NUMERICS,
   Application,
+  CurvatureSum,
   KroneckerRule,
   Numerics,
   Rule,
@@ -84,6 +85,7 @@ __all__ = [
   'Config',
   'Conv',
   'ConvRule',
+  'CurvatureSum',
   'Dense',
   'DenseRule',
   'Embed',

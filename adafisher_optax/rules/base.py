@@ -64,6 +64,19 @@ def per_dim(value: Any, n: int, name: str) -> tuple[int, ...]:
   return value
 
 
+class CurvatureSum(NamedTuple):
+  """``sum(K)`` of a layer as a static form of its factor vectors.
+
+  ``outer``: ``sum(K) = (weights . h) * sum(s)``; otherwise ``h`` and ``s``
+  have one length and ``sum(K) = sum_c s_c * (weights_c * h_c + offsets_c)``.
+  A refresh computes the forms of all layers at once, with a few large ops.
+  """
+
+  outer: bool
+  weights: np.ndarray
+  offsets: np.ndarray | None = None
+
+
 class Rule:
   """The maths of one family of layers.
 
@@ -137,6 +150,20 @@ class Rule:
     n_stack = h.ndim - 1
     return jnp.sum(k, axis=tuple(range(n_stack, k.ndim)))
 
+  def curvature_sum_form(
+    self,
+    numerics: Numerics,
+    shapes: dict[str, Shape],
+    stack: Shape,
+    lengths: tuple[int, int],
+  ) -> CurvatureSum | None:
+    """``sum(K)`` over the parameters ``{role: shape}`` as a static form.
+
+    ``lengths`` are those of ``h`` and ``s``. ``None`` (the default): the
+    refresh calls :meth:`curvature_sum` for this layer instead.
+    """
+    return None
+
 
 class KroneckerRule(Rule):
   """Dense-like layers: ``K[i, o] = H[i] * S[o]``, the bias uses ``H[-1]``.
@@ -172,3 +199,12 @@ class KroneckerRule(Rule):
     n_stack = h.ndim - 1
     d_in = count(shape[n_stack:]) // s.shape[-1]
     return jnp.sum(h[..., :d_in], axis=-1) * jnp.sum(s, axis=-1)
+
+  def curvature_sum_form(self, numerics, shapes, stack, lengths):
+    del numerics
+    weights = np.zeros(lengths[0])
+    if 'weight' in shapes:
+      weights[: count(shapes['weight'][len(stack) :]) // lengths[1]] += 1
+    if 'bias' in shapes:
+      weights[-1] += 1
+    return CurvatureSum(outer=True, weights=weights)

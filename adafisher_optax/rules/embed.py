@@ -7,9 +7,11 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from adafisher_optax.rules.base import (
   Application,
+  CurvatureSum,
   KroneckerRule,
   count,
   statistics_dtype,
@@ -81,3 +83,7 @@ class AttendRule(KroneckerRule):
   def curvature_sum(self, h, s, numerics, role, shape):
     del numerics, role, shape
     return jnp.sum(h, axis=-1) * jnp.sum(s, axis=-1)
+
+  def curvature_sum_form(self, numerics, shapes, stack, lengths):
+    del numerics, shapes, stack
+    return CurvatureSum(outer=True, weights=np.ones(lengths[0]))

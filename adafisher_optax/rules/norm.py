@@ -6,9 +6,11 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from adafisher_optax.rules.base import (
   Application,
+  CurvatureSum,
   Rule,
   count,
   statistics_dtype,
@@ -113,6 +115,16 @@ class NormRule(Rule):
     else:
       k = (h[..., :1] if role == 'weight' else h[..., 1:2]) * s
     return k.reshape(shape)
+
+  def curvature_sum_form(self, numerics, shapes, stack, lengths):
+    scale, shift = float('weight' in shapes), float('bias' in shapes)
+    if numerics == 'paper':
+      return CurvatureSum(
+        outer=False,
+        weights=np.full(lengths[0], scale),
+        offsets=np.full(lengths[1], shift),
+      )
+    return CurvatureSum(outer=True, weights=np.array([scale, shift]))
 
 
 def _normalised_input(

@@ -1,0 +1,295 @@
+"""The training loop around the optimizer: schedules, restores, accumulation,
+wrappers and diagnostics (issue 18: the silent paths of the two-program
+loop). Silent results are checked numerically, errors by their message."""
+
+import warnings
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+import adafisher_optax as afo
+from adafisher_optax import state as state_lib
+
+from models import MLP, batch, loss_fn
+
+
+@pytest.fixture
+def problem():
+  model = MLP()
+  batches = [batch(jax.random.key(i), (8, 5)) for i in range(12)]
+  params = model.init(jax.random.key(0), batches[0][0])['params']
+  grad_fn = afo.value_and_grad_with_curvature(loss_fn(model))
+  return params, batches, grad_fn
+
+
+def _loop(tx, params, batches, grad_fn, flags, state=None):
+  """Runs ``tx`` over ``batches``, capturing where ``flags`` say."""
+  state = tx.init(params) if state is None else state
+  for (x, y), refresh in zip(batches, flags):
+    _, grads, curvature = grad_fn(params, x, y, capture=refresh)
+    updates, state = tx.update(grads, state, params, curvature=curvature)
+    params = optax.apply_updates(params, updates)
+  return params, state
+
+
+def _refreshed_at(tx, params, batches, grad_fn, schedule, state=None):
+  """The update counts at which the factors were refreshed."""
+  state = tx.init(params) if state is None else state
+  seen = []
+  for (x, y), refresh in zip(batches, schedule):
+    _, grads, curvature = grad_fn(params, x, y, capture=refresh)
+    updates, state = tx.update(grads, state, params, curvature=curvature)
+    params = optax.apply_updates(params, updates)
+    inner = afo.adafisher_state(state)
+    if 0 <= int(inner.last_refresh) == int(inner.count) - 1:
+      seen.append(int(inner.last_refresh))
+  return sorted(set(seen)), state
+
+
+# --- refresh_schedule follows the optimizer that runs -----------------------
+
+
+def _saved_at_t_cov_4(params, batches, grad_fn, path):
+  old = afo.adafisher(1e-3, t_cov=4)
+  _, state = _loop(old, params, batches[:5], grad_fn, [True] * 5)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(path, {'opt_state': state})
+    checkpointer.wait_until_finished()
+  return state
+
+
+@pytest.mark.parametrize('restore', ['afo', 'orbax'])
+def test_schedule_after_restore_follows_the_new_t_cov(
+  problem, tmp_path, restore
+):
+  params, batches, grad_fn = problem
+  _saved_at_t_cov_4(params, batches, grad_fn, tmp_path / 'ckpt')
+  new = afo.adafisher(1e-3, t_cov=2)
+  target = {'opt_state': new.init(params)}
+  if restore == 'afo':
+    restored = afo.checkpoint.restore(tmp_path / 'ckpt', target)
+  else:
+    with ocp.StandardCheckpointer() as checkpointer:
+      restored = checkpointer.restore(tmp_path / 'ckpt', target)
+  state = restored['opt_state']  # count 5, refreshed at 0 and 4
+  schedule = afo.refresh_schedule(state)
+  assert [next(schedule) for _ in range(5)] == [False, True, False, True, False]
+  refreshed, _ = _refreshed_at(
+    new, params, batches[5:], grad_fn, afo.refresh_schedule(state), state
+  )
+  assert refreshed == [6, 8, 10]
+
+
+def test_a_state_of_another_t_cov_warns_and_takes_the_new_one(problem):
+  params, batches, grad_fn = problem
+  old = afo.adafisher(1e-3, t_cov=4)
+  _, state = _loop(old, params, batches[:1], grad_fn, [True])
+  new = afo.adafisher(1e-3, t_cov=2)
+  _, grads, _ = grad_fn(params, *batches[1])
+  with pytest.warns(afo.StaleFactorsWarning, match='t_cov=4.*every 2'):
+    _, state = new.update(grads, state, params)
+  assert afo.adafisher_state(state).settings.t_cov == 2
+
+
+def test_schedule_of_wrapped_states(problem):
+  params, batches, grad_fn = problem
+  for tx in (
+    optax.chain(optax.clip_by_global_norm(1.0), afo.adafisher(1e-3, t_cov=3)),
+    optax.inject_hyperparams(afo.adafisher, static_args=('t_cov',))(
+      learning_rate=1e-3, t_cov=3
+    ),
+  ):
+    schedule = afo.refresh_schedule(tx.init(params))
+    assert [next(schedule) for _ in range(7)] == [True, False, False] * 2 + [
+      True
+    ]
+    refreshed, _ = _refreshed_at(
+      tx, params, batches[:7], grad_fn, afo.refresh_schedule(tx.init(params))
+    )
+    assert refreshed == [0, 3, 6]
+
+
+def test_schedule_of_an_nnx_optimizer():
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.a = nnx.Linear(5, 4, rngs=rngs)
+      self.b = nnx.Linear(4, 3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.b(jnp.tanh(self.a(x)))
+
+  net = Net(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(net, afo.adafisher(1e-3, t_cov=2), wrt=nnx.Param)
+  schedule = afo.refresh_schedule(optimizer.opt_state)
+  assert [next(schedule) for _ in range(4)] == [True, False, True, False]
+
+
+# --- multi_steps: flags per micro-batch, statistics per window ---------------
+
+
+def _accumulating(params, batches, grad_fn, every_k=3, t_cov=2):
+  layout = afo.curvature_layout(grad_fn, params, *batches[0])
+  return afo.multi_steps(
+    afo.adafisher(1e-3, t_cov=t_cov), every_k, layout=layout
+  )
+
+
+def test_multi_steps_schedule_yields_a_flag_per_micro_batch(problem):
+  params, batches, grad_fn = problem
+  tx = _accumulating(params, batches, grad_fn)
+  schedule = afo.refresh_schedule(tx.init(params))
+  flags = [next(schedule) for _ in range(12)]
+  assert flags == [True] * 3 + [False] * 3 + [True] * 3 + [False] * 3
+  refreshed, state = _refreshed_at(
+    tx, params, batches, grad_fn, afo.refresh_schedule(tx.init(params))
+  )
+  assert refreshed == [0, 2]  # updates 0 and 2 (of 4), every t_cov = 2
+  assert int(afo.adafisher_state(state).count) == 4
+
+
+def test_multi_steps_schedule_with_a_schedule_of_micro_batches(problem):
+  params, batches, grad_fn = problem
+  layout = afo.curvature_layout(grad_fn, params, *batches[0])
+  every_k = lambda step: jnp.where(step < 1, 2, 3)  # noqa: E731
+  tx = afo.multi_steps(afo.adafisher(1e-3, t_cov=1), every_k, layout=layout)
+  schedule = afo.refresh_schedule(tx.init(params))
+  assert [next(schedule) for _ in range(8)] == [True] * 8
+  _, state = _loop(tx, params, batches[:8], grad_fn, [True] * 8)
+  assert int(afo.adafisher_state(state).count) == 3  # windows of 2, 3, 3
+
+
+def test_multi_steps_schedule_after_a_restore_mid_window(problem):
+  params, batches, grad_fn = problem
+  tx = _accumulating(params, batches, grad_fn, t_cov=1)
+  _, state = _loop(tx, params, batches[:4], grad_fn, [True] * 4)
+  schedule = afo.refresh_schedule(state)  # 1 micro-batch into window 2
+  assert [next(schedule) for _ in range(5)] == [True] * 5
+  assert int(state.inner.mini_step) == 1
+
+
+def test_a_window_without_curvature_at_its_end_leaves_no_statistics(problem):
+  params, batches, grad_fn = problem
+  tx = _accumulating(params, batches, grad_fn)
+  # Window 1: curvature on its first two micro-batches only: no refresh,
+  # and its partial sums must not reach window 2.
+  _, leaky = _loop(
+    tx, params, batches[:6], grad_fn, [True, True, False, True, True, True]
+  )
+  inner = afo.adafisher_state(leaky)
+  assert int(inner.count) == 2 and int(inner.last_refresh) == 1
+  # The same window 2 after a window 1 that captured nothing.
+  _, clean = _loop(
+    tx, params, batches[:6], grad_fn, [False, False, False, True, True, True]
+  )
+  chex.assert_trees_all_close(
+    inner.factors, afo.adafisher_state(clean).factors, rtol=1e-6
+  )
+  chex.assert_trees_all_equal(
+    leaky.curvature, jax.tree.map(jnp.zeros_like, leaky.curvature)
+  )
+
+
+# --- a loop that never passes curvature ---------------------------------------
+
+
+@pytest.mark.parametrize('jit', [False, True])
+def test_a_loop_that_never_passes_curvature_is_told(problem, monkeypatch, jit):
+  params, batches, grad_fn = problem
+  monkeypatch.setitem(state_lib._PLANNED, 'refreshes', False)
+  tx = afo.adafisher(1e-3)
+  update = jax.jit(tx.update) if jit else tx.update
+  _, grads, _ = grad_fn(params, *batches[0], capture=False)
+  with pytest.warns(afo.StaleFactorsWarning, match='never refreshed'):
+    update(grads, tx.init(params), params)
+
+
+def test_the_two_program_loop_is_not_told(problem, monkeypatch):
+  params, batches, grad_fn = problem
+  monkeypatch.setitem(state_lib._PLANNED, 'refreshes', False)
+  tx = afo.adafisher(1e-3, t_cov=3)
+  state = tx.init(params)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error', afo.StaleFactorsWarning)
+    _loop(tx, params, batches[:4], grad_fn, afo.refresh_schedule(state))
+
+
+# --- diagnostics report what the next update does ----------------------------
+
+
+def test_diagnostics_after_a_restore_into_another_damping(problem, tmp_path):
+  params, batches, grad_fn = problem
+  old = afo.adafisher(1e-3, damping=1e-3, t_cov=1)
+  _, state = _loop(old, params, batches[:2], grad_fn, [True, True])
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(tmp_path / 'ckpt', {'opt_state': state})
+    checkpointer.wait_until_finished()
+  new = afo.adafisher(1e-3, damping=0.5, t_cov=1)
+  restored = afo.checkpoint.restore(
+    tmp_path / 'ckpt', {'opt_state': new.init(params)}
+  )['opt_state']
+  report = afo.diagnostics(restored, params)
+  factors = afo.adafisher_state(restored).factors['head']
+  k = np.outer(factors.h[:-1], factors.s)
+  assert report.layers['head'].f_min == pytest.approx(
+    min(k.min(), (factors.h[-1] * factors.s).min()) + 0.5, rel=1e-5
+  )
+
+
+def test_diagnostics_under_inject_hyperparams(problem):
+  params, batches, grad_fn = problem
+  tx = optax.inject_hyperparams(afo.adafisher, static_args=('t_cov',))(
+    learning_rate=1e-3, damping=1e-3, t_cov=1
+  )
+  _, state = _loop(tx, params, batches[:2], grad_fn, [True, True])
+  before = afo.diagnostics(state, params).layers['head'].f_min
+  state.hyperparams['damping'] = jnp.asarray(0.25)
+  after = afo.diagnostics(state, params).layers['head'].f_min
+  assert after - before == pytest.approx(0.25 - 1e-3, rel=1e-4)
+
+
+# --- hyperparameters -----------------------------------------------------------
+
+
+@pytest.mark.parametrize('numerics', ['reference', 'paper'])
+def test_relative_damping_zero_is_refused(numerics):
+  with pytest.raises(ValueError, match=r'relative_damping must be positive'):
+    afo.adafisher(1e-3, numerics=numerics, relative_damping=0.0)
+
+
+def test_inject_hyperparams_without_static_t_cov_says_so(problem):
+  params, batches, grad_fn = problem
+  tx = optax.inject_hyperparams(afo.adafisher)(learning_rate=1e-3, t_cov=5)
+  state = tx.init(params)
+  _, grads, _ = grad_fn(params, *batches[0])
+  with pytest.raises(TypeError, match=r"static_args=\('t_cov',\)"):
+    jax.jit(tx.update)(grads, state, params)
+
+
+def test_injected_damping_changes_the_next_update(problem):
+  params, batches, grad_fn = problem
+  tx = optax.inject_hyperparams(afo.adafisher, static_args=('t_cov',))(
+    learning_rate=1.0, damping=1e-3, t_cov=1
+  )
+  _, state = _loop(tx, params, batches[:1], grad_fn, [True])
+  _, grads, _ = grad_fn(params, *batches[1], capture=False)
+  small, _ = tx.update(grads, state, params)
+  state.hyperparams['damping'] = jnp.asarray(10.0)
+  large, _ = tx.update(grads, state, params)
+  ratio = optax.tree.norm(small) / optax.tree.norm(large)
+  assert ratio > 50  # F~ ~ 10 instead of ~1e-3..1
+
+
+def test_weight_decay_with_another_models_params_names_the_path(problem):
+  params, batches, grad_fn = problem
+  tx = afo.adafisherw(1e-3, weight_decay=0.1)
+  state = tx.init(params)
+  _, grads, _ = grad_fn(params, *batches[0])
+  other = MLP(widths=(16, 9)).init(jax.random.key(1), batches[0][0])['params']
+  with pytest.raises(ValueError, match=r"params 'dense1/bias' has shape"):
+    tx.update(grads, state, other)
