@@ -54,6 +54,29 @@ def machine_line(info: dict[str, Any] | None = None) -> str:
   )
 
 
+def git_commit() -> str | None:
+  """The repository's ``HEAD`` commit (``+dirty`` with uncommitted changes
+  to tracked files), ``None`` outside a git checkout."""
+  import subprocess
+
+  root = Path(__file__).resolve().parents[1]
+  try:
+    head = subprocess.run(
+      ['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True
+    )
+    dirty = subprocess.run(
+      ['git', 'status', '--porcelain', '--untracked-files=no'],
+      cwd=root,
+      capture_output=True,
+      text=True,
+    )
+  except OSError:
+    return None
+  if head.returncode != 0:
+    return None
+  return head.stdout.strip() + ('+dirty' if dirty.stdout.strip() else '')
+
+
 def command(module: str, argv: list[str] | None) -> str:
   """The command line that reproduces this run."""
   args = sys.argv[1:] if argv is None else argv

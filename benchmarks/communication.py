@@ -22,7 +22,6 @@ import re
 import shlex
 import statistics
 import sys
-import time
 from pathlib import Path
 
 TARGET_PERCENT = 1.0  # AdaFisher's added collective bytes, % of Adam's
@@ -66,7 +65,7 @@ def _collectives(hlo: str) -> dict[str, int]:
   return totals
 
 
-def main(argv=None):
+def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument(
     '--devices',
@@ -89,19 +88,14 @@ def main(argv=None):
     default=Path(__file__).resolve().parent / 'results',
     help='where communication.{json,md} go',
   )
-  args = parser.parse_args(argv)
-  if 'jax' not in sys.modules:
-    os.environ.setdefault(
-      'XLA_FLAGS', f'--xla_force_host_platform_device_count={args.devices}'
-    )
+  return parser.parse_args(argv)
+
+
+def _mesh(args):
+  """``(devices, replicated, batch)`` shardings over a 1-D mesh."""
   import jax
-  import optax
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
-
-  import adafisher_optax as afo
-  from benchmarks.step_cost import WORKLOADS, machine
-  from benchmarks.training import init_model, make_train_step
 
   devices = jax.devices()[: args.devices]
   mesh = jax.make_mesh(
@@ -110,67 +104,75 @@ def main(argv=None):
     devices=devices,
     axis_types=(getattr(jax.sharding.AxisType, args.axis_type.capitalize()),),
   )
-  replicated = NamedSharding(mesh, P())
-  batch = NamedSharding(mesh, P('batch'))
-  header = (
-    f'{len(devices)} {devices[0].platform} devices, batch sharded; '
-    'collective bytes per step from the compiled HLO'
+  return devices, NamedSharding(mesh, P()), NamedSharding(mesh, P('batch'))
+
+
+def _programs(name: str, replicated, batch) -> dict[str, dict]:
+  """Adam's step and AdaFisher's refresh and plain steps on one model:
+  collective bytes per kind and the compiled programs, run once."""
+  import jax
+
+  from benchmarks import optimizers as opt
+  from benchmarks.training import init_model, make_train_step
+  from benchmarks.workloads import WORKLOADS
+
+  work = WORKLOADS[name]()
+  x, y = jax.device_put(work.x, batch), jax.device_put(work.y, batch)
+  params, model_state = jax.device_put(
+    init_model(work.model, work.x[:2]), replicated
   )
-  lines = [
-    '| model | optimizer | collective bytes | added vs Adam | '
-    'added / gradient all-reduce | step ms | time / Adam |',
-    '|---|---|---:|---:|---:|---:|---:|',
-  ]
+  rows = {}
+  for label, arm, refresh in (
+    ('adam', opt.ADAM, False),
+    ('adafisher refresh step (= t_cov=1)', opt.REF, True),
+    ('adafisher plain step', opt.REF, False),
+  ):
+    tx = opt.make(arm, 1e-3)
+    step = make_train_step(work.model, tx, adafisher=arm.captures, donate=False)
+    state = jax.device_put(tx.init(params), replicated)
+    compiled = step.lower(
+      params, model_state, state, x, y, refresh=refresh
+    ).compile()
+    totals = _collectives(compiled.as_text())
+    jax.block_until_ready(compiled(params, model_state, state, x, y))
+    call = (compiled, (params, model_state, state, x, y))
+    rows[label] = {'bytes': sum(totals.values()), 'kinds': totals, 'run': call}
+  return rows
+
+
+def _timed(rows: dict, rounds: int) -> None:
+  """Step times of every program, in interleaved rounds; the amortised
+  row (one refresh in ``T_COV`` steps)."""
+  import jax
+
+  from benchmarks.measure import interleaved_rounds
+
+  calls = {
+    label: (lambda c=row['run']: jax.block_until_ready(c[0](*c[1])))
+    for label, row in rows.items()
+  }
+  walls, _ = interleaved_rounds(calls, rounds, desc='communication')
+  for label, row in rows.items():
+    row['times'] = walls[label]
+  refresh, plain = (rows[k] for k in list(rows)[1:])
+  rows[AMORTISED] = {
+    'bytes': (refresh['bytes'] + (T_COV - 1) * plain['bytes']) / T_COV,
+    'kinds': {},
+    'times': [
+      (r + (T_COV - 1) * p) / T_COV
+      for r, p in zip(refresh['times'], plain['times'])
+    ],
+  }
+
+
+def _results(name: str, rows: dict) -> list[dict]:
+  base = rows['adam']
   results = []
-  print(header, *lines, sep='\n')
-  for name in args.models.split(','):
-    work = WORKLOADS[name]()
-    model = work.model
-    x = jax.device_put(work.x, batch)
-    y = jax.device_put(work.y, batch)
-    params, model_state = jax.device_put(
-      init_model(model, work.x[:2]), replicated
-    )
-    rows = {}
-    for label, tx, capture, refresh in (
-      ('adam', optax.adam(1e-3), False, False),
-      ('adafisher refresh step (= t_cov=1)', afo.adafisher(1e-3), True, True),
-      ('adafisher plain step', afo.adafisher(1e-3), True, False),
-    ):
-      step = make_train_step(model, tx, adafisher=capture, donate=False)
-      state = jax.device_put(tx.init(params), replicated)
-      compiled = step.lower(
-        params, model_state, state, x, y, refresh=refresh
-      ).compile()
-      totals = _collectives(compiled.as_text())
-      out = compiled(params, model_state, state, x, y)
-      jax.block_until_ready(out)
-      rows[label] = {
-        'bytes': sum(totals.values()),
-        'kinds': totals,
-        'run': (compiled, state),
-        'times': [],
-      }
-    for _ in range(args.rounds):
-      for row in rows.values():
-        compiled, state = row['run']
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(params, model_state, state, x, y))
-        row['times'].append(time.perf_counter() - start)
-    base = rows['adam']
-    refresh, plain = (rows[k] for k in list(rows)[1:])
-    rows[AMORTISED] = {
-      'bytes': (refresh['bytes'] + (T_COV - 1) * plain['bytes']) / T_COV,
-      'kinds': {},
-      'times': [
-        (r + (T_COV - 1) * p) / T_COV
-        for r, p in zip(refresh['times'], plain['times'])
-      ],
-    }
-    for label, row in rows.items():
-      added = row['bytes'] - base['bytes']
-      median = statistics.median(row['times'])
-      result = {
+  for label, row in rows.items():
+    added = row['bytes'] - base['bytes']
+    median = statistics.median(row['times'])
+    results.append(
+      {
         'model': name,
         'optimizer': label,
         'collective_bytes': row['bytes'],
@@ -180,12 +182,42 @@ def main(argv=None):
         'step_ms': 1e3 * median,
         'time_ratio': median / statistics.median(base['times']),
       }
+    )
+  return results
+
+
+def _line(r: dict) -> str:
+  return (
+    f'| {r["model"]} | {r["optimizer"]} | {r["collective_bytes"]:,.0f} | '
+    f'{r["added_bytes"]:,.0f} | {r["added_percent"]:.3f}% | '
+    f'{r["step_ms"]:.1f} | {r["time_ratio"]:.3f} |'
+  )
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  if 'jax' not in sys.modules:
+    os.environ.setdefault(
+      'XLA_FLAGS', f'--xla_force_host_platform_device_count={args.devices}'
+    )
+  devices, replicated, batch = _mesh(args)
+  header = (
+    f'{len(devices)} {devices[0].platform} devices, batch sharded; '
+    'collective bytes per step from the compiled HLO'
+  )
+  lines = [
+    '| model | optimizer | collective bytes | added vs Adam | '
+    'added / gradient all-reduce | step ms | time / Adam |',
+    '|---|---|---:|---:|---:|---:|---:|',
+  ]
+  print(header, *lines, sep='\n')
+  results = []
+  for name in args.models.split(','):
+    rows = _programs(name, replicated, batch)
+    _timed(rows, args.rounds)
+    for result in _results(name, rows):
       results.append(result)
-      lines.append(
-        f'| {name} | {label} | {row["bytes"]:,.0f} | {added:,.0f} | '
-        f'{result["added_percent"]:.3f}% | {result["step_ms"]:.1f} | '
-        f'{result["time_ratio"]:.3f} |'
-      )
+      lines.append(_line(result))
       print(lines[-1])
   worst = max(
     r['added_percent'] for r in results if r['optimizer'] == AMORTISED
@@ -197,6 +229,12 @@ def main(argv=None):
     'statistics once, a plain step nothing'
   )
   print(verdict)
+  _write(args, argv, devices, header, lines, verdict, results)
+
+
+def _write(args, argv, devices, header, lines, verdict, results) -> None:
+  from benchmarks.measure import machine
+
   command = 'python -m benchmarks.communication ' + shlex.join(
     sys.argv[1:] if argv is None else argv
   )
@@ -215,20 +253,9 @@ def main(argv=None):
       indent=2,
     )
   )
-  (args.out_dir / 'communication.md').write_text(
-    '\n'.join(
-      [
-        f'{date}; {machine()}; `{command.strip()}`',
-        '',
-        header,
-        '',
-        *lines,
-        '',
-        verdict,
-        '',
-      ]
-    )
-  )
+  text = [f'{date}; {machine()}; `{command.strip()}`', '', header, '']
+  text += [*lines, '', verdict, '']
+  (args.out_dir / 'communication.md').write_text('\n'.join(text))
   print(f'wrote {args.out_dir}/communication.{{json,md}}')
 
 

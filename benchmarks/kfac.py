@@ -146,10 +146,24 @@ def register_cross_entropy(logits, labels):
   )
 
 
+def register_sigmoid_cross_entropy(logits, targets):
+  """Tells kfac-jax the loss is the sigmoid cross-entropy summed over the
+  outputs and averaged over the batch (the autoencoder's)."""
+  kfac_jax.register_sigmoid_cross_entropy_loss(logits, targets, weight=1.0)
+
+
+REGISTER = {
+  'softmax': lambda out, y: register_cross_entropy(out, y),
+  'sigmoid': lambda out, y: register_sigmoid_cross_entropy(out, y),
+}
+
+
 def make_kfac_train_step(
   model,
   learning_rate: float,
   *,
+  loss=None,
+  output: str = 'softmax',
   momentum: float = 0.9,
   damping: float = 1e-3,
   l2_reg: float = 0.0,
@@ -181,43 +195,31 @@ def make_kfac_train_step(
       ``damping`` are then unused. Costs extra forward passes per step.
     initial_damping: the starting damping of the adaptive configuration
       (kfac-jax's README uses 1.0).
+    loss: ``loss(on_output) -> fn(params, model_state, x, y) -> (loss,
+      new_model_state)`` calling ``on_output(output, target)``
+      (:meth:`benchmarks.tasks.Task.make_loss`); ``None``: the mean
+      cross-entropy of ``model``'s logits.
+    output: ``'softmax'`` (cross-entropy of integer labels) or
+      ``'sigmoid'`` (cross-entropy of targets in [0, 1], summed over the
+      outputs): how the loss is registered with kfac-jax.
 
   Raises:
     RuntimeError: kfac-jax cannot be imported (see :data:`IMPORT_ERROR`).
   """
   if not AVAILABLE:
     raise RuntimeError(f'kfac-jax is not available: {IMPORT_ERROR}')
-  loss = cross_entropy_loss(model, on_logits=register_cross_entropy)
+  if loss is None:
+    loss = cross_entropy_loss(model, on_logits=register_cross_entropy)
+  else:
+    loss = loss(REGISTER[output])
+  settings = dict(
+    l2_reg=l2_reg,
+    adaptive=adaptive,
+    initial_damping=initial_damping,
+    curvature_ema=curvature_ema,
+    inverse_update_period=inverse_update_period,
+  )
   built = {}
-
-  def build(with_state: bool):
-    if with_state:
-
-      def value(params, model_state, batch):
-        return loss(params, model_state, *batch)
-
-    else:
-
-      def value(params, batch):
-        return loss(params, {}, *batch)[0]
-
-    return kfac_jax.Optimizer(
-      value_and_grad_func=jax.value_and_grad(value, has_aux=with_state),
-      l2_reg=l2_reg,
-      value_func_has_aux=False,
-      value_func_has_state=with_state,
-      value_func_has_rng=False,
-      use_adaptive_learning_rate=adaptive,
-      use_adaptive_momentum=adaptive,
-      use_adaptive_damping=adaptive,
-      initial_damping=initial_damping if adaptive else None,
-      num_burnin_steps=0,
-      curvature_ema=curvature_ema,
-      inverse_update_period=inverse_update_period,
-      multi_device=False,
-      layer_tag_to_block_ctor={'repeated_dense': _multi_axis_dense_block()},
-    )
-
   constants = {
     'learning_rate': jnp.asarray(learning_rate, jnp.float32),
     'momentum': jnp.asarray(momentum, jnp.float32),
@@ -229,12 +231,11 @@ def make_kfac_train_step(
   ) -> KfacState:
     with_state = bool(model_state) if has_state is None else has_state
     if built.get('with_state') != with_state:
-      built['optimizer'] = build(with_state)
+      built['optimizer'] = _optimizer(loss, with_state, **settings)
       built['with_state'] = with_state
-    optimizer = built['optimizer']
     rng_seed = seed if rng_seed is None else rng_seed
     rng, init_rng = jax.random.split(jax.random.PRNGKey(rng_seed))
-    state = optimizer.init(
+    state = built['optimizer'].init(
       params, init_rng, (x, y), model_state if with_state else None
     )
     if learning_rate is None:
@@ -244,30 +245,74 @@ def make_kfac_train_step(
   def step(params, model_state, opt_state: KfacState, x, y):
     if 'optimizer' not in built:
       raise RuntimeError('call init before step')
-    optimizer = built['optimizer']
-    rng, step_rng = jax.random.split(opt_state.rng)
-    kwargs = dict(batch=(x, y), global_step_int=opt_state.step)
-    if not adaptive:
-      kwargs.update(
-        momentum=constants['momentum'],
-        damping=constants['damping'],
-        learning_rate=opt_state.learning_rate,
-      )
-    if built['with_state']:
-      params, state, model_state, stats = optimizer.step(
-        params, opt_state.kfac, step_rng, func_state=model_state, **kwargs
-      )
-    else:
-      params, state, stats = optimizer.step(
-        params, opt_state.kfac, step_rng, **kwargs
-      )
-    new_state = KfacState(
-      state, rng, opt_state.step + 1, opt_state.learning_rate
-    )
-    return params, model_state, new_state, stats['loss']
+    fixed = None if adaptive else constants
+    return _step(built, fixed, params, model_state, opt_state, x, y)
 
   step.built = built
   return step, init
+
+
+def _optimizer(
+  loss,
+  with_state: bool,
+  *,
+  l2_reg,
+  adaptive,
+  initial_damping,
+  curvature_ema,
+  inverse_update_period,
+):
+  """The ``kfac_jax.Optimizer`` of ``loss`` (with or without model state)."""
+  if with_state:
+
+    def value(params, model_state, batch):
+      return loss(params, model_state, *batch)
+
+  else:
+
+    def value(params, batch):
+      return loss(params, {}, *batch)[0]
+
+  return kfac_jax.Optimizer(
+    value_and_grad_func=jax.value_and_grad(value, has_aux=with_state),
+    l2_reg=l2_reg,
+    value_func_has_aux=False,
+    value_func_has_state=with_state,
+    value_func_has_rng=False,
+    use_adaptive_learning_rate=adaptive,
+    use_adaptive_momentum=adaptive,
+    use_adaptive_damping=adaptive,
+    initial_damping=initial_damping if adaptive else None,
+    num_burnin_steps=0,
+    curvature_ema=curvature_ema,
+    inverse_update_period=inverse_update_period,
+    multi_device=False,
+    layer_tag_to_block_ctor={'repeated_dense': _multi_axis_dense_block()},
+  )
+
+
+def _step(built, fixed, params, model_state, opt_state: KfacState, x, y):
+  """One kfac-jax step; ``fixed``: the constant learning rate (the state's),
+  momentum and damping, or ``None`` (adaptive)."""
+  optimizer = built['optimizer']
+  rng, step_rng = jax.random.split(opt_state.rng)
+  kwargs = dict(batch=(x, y), global_step_int=opt_state.step)
+  if fixed is not None:
+    kwargs.update(
+      momentum=fixed['momentum'],
+      damping=fixed['damping'],
+      learning_rate=opt_state.learning_rate,
+    )
+  if built['with_state']:
+    params, state, model_state, stats = optimizer.step(
+      params, opt_state.kfac, step_rng, func_state=model_state, **kwargs
+    )
+  else:
+    params, state, stats = optimizer.step(
+      params, opt_state.kfac, step_rng, **kwargs
+    )
+  new_state = KfacState(state, rng, opt_state.step + 1, opt_state.learning_rate)
+  return params, model_state, new_state, stats['loss']
 
 
 def state_bytes(opt_state: KfacState) -> int:

@@ -25,92 +25,105 @@ import numpy as np
 import optax
 from flax import nnx
 
-import adafisher_optax as afo
+from benchmarks import optimizers as opt
 from benchmarks import zoo
 
 RESULTS = Path(__file__).parent / 'results'
 RATES = [1e-3 * 2.0**k for k in range(-3, 4)]
 
-#: Optimizers as functions of a (possibly traced) learning rate.
+#: The optimizers (their learning rate from the grid).
 OPTIMIZERS = {
-  'adam': optax.adam,
-  'adafisher_like_adam': afo.adafisher_like_adam,
-  'rms_reference': functools.partial(afo.adafisherw, grafting='rms'),
-  'rms_paper_0.1': functools.partial(
-    afo.adafisherw, grafting='rms', numerics='paper', damping=0.1
+  'adam': opt.ADAM,
+  'adafisher_like_adam': opt.LIKE_ADAM,
+  'rms_reference': opt.arm(
+    'rms_reference',
+    "adafisherw grafting='rms'",
+    'adafisher',
+    alias='adafisherw',
+    grafting='rms',
   ),
-  'adam_graft_rel_0.1': functools.partial(
-    afo.adafisherw, grafting='adam', relative_damping=0.1
+  'rms_paper_0.1': opt.arm(
+    'rms_paper_0.1',
+    "adafisherw grafting='rms', paper numerics, damping 0.1",
+    'adafisher',
+    alias='adafisherw',
+    grafting='rms',
+    numerics='paper',
+    damping=0.1,
   ),
-  'authors_default': afo.adafisher,
+  'adam_graft_rel_0.1': opt.arm(
+    'adam_graft_rel_0.1',
+    "adafisherw grafting='adam', relative damping 0.1",
+    'adafisher',
+    alias='adafisherw',
+    grafting='adam',
+    relative_damping=0.1,
+  ),
+  'authors_default': opt.arm('authors_default', 'adafisher', 'adafisher'),
 }
 
 
-def train_linen(problem, make_tx, rates, steps, seed=0):
+def train_linen(problem, arm, rates, steps, seed=0):
   """Losses ``[rate, step]`` of the README loop for each learning rate."""
   model = problem.make_model()
   batches = problem.batches(seed)
   x, y = next(batches)
   params0 = model.init(jax.random.key(seed), x)['params']
   loss_fn = problem.make_loss(model)
-  grad_fn = afo.value_and_grad_with_curvature(loss_fn)
-  layout = afo.curvature_layout(grad_fn, params0, x, y)
-  adafisher = make_tx is not optax.adam
+  grad_fn = opt.gradients(arm, loss_fn, has_aux=False)
+  layout = (
+    opt.curvature_layout(grad_fn, params0, x, y) if arm.captures else None
+  )
 
   def build(lr):
-    return make_tx(lr, layout=layout) if adafisher else make_tx(lr)
+    return opt.make(arm, lr, layout=layout)
 
   @functools.partial(jax.jit, static_argnames='refresh')
   def step(params, state, x, y, lr, refresh):
     loss, grads, curvature = grad_fn(params, x, y, capture=refresh)
-    tx = build(lr)
-    if adafisher:
-      updates, state = tx.update(grads, state, params, curvature=curvature)
-    else:
-      updates, state = tx.update(grads, state, params)
+    updates, state = opt.update(build(lr), grads, state, params, curvature)
     return optax.apply_updates(params, updates), state, loss
 
   losses = np.zeros((len(rates), steps))
   for i, lr in enumerate(rates):
     params, state = params0, build(lr).init(params0)
-    schedule = afo.refresh_schedule(state) if adafisher else None
+    schedule = opt.refresh_flags(arm, state)
     batches = problem.batches(seed)
     for t in range(steps):
       x, y = next(batches)
-      refresh = next(schedule) if schedule else False
-      params, state, loss = step(params, state, x, y, jnp.float32(lr), refresh)
+      params, state, loss = step(
+        params, state, x, y, jnp.float32(lr), next(schedule)
+      )
       losses[i, t] = float(loss)
   return losses
 
 
-def train_nnx(problem, make_tx, rates, steps, seed=0):
+def train_nnx(problem, arm, rates, steps, seed=0):
   """As :func:`train_linen`, for an NNX model with ``nnx.Optimizer``."""
-  grad_fn = afo.nnx.value_and_grad_with_curvature(
+  grad_fn = opt.nnx_curvature_grad(
     lambda m, x, y: optax.softmax_cross_entropy_with_integer_labels(
       m(x), y
     ).mean()
   )
-  adafisher = make_tx is not optax.adam
   losses = np.zeros((len(rates), steps))
   for i, lr in enumerate(rates):
     net = problem.make_model()
-    optimizer = nnx.Optimizer(net, make_tx(lr), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(net, opt.make(arm, lr), wrt=nnx.Param)
 
     @nnx.jit(static_argnames='refresh')
     def step(net, optimizer, x, y, refresh):
       loss, grads, curvature = grad_fn(net, x, y, capture=refresh)
-      if adafisher:
+      if arm.captures:
         optimizer.update(net, grads, curvature=curvature)
       else:
         optimizer.update(net, grads)
       return loss
 
-    schedule = afo.refresh_schedule(optimizer.opt_state) if adafisher else None
+    schedule = opt.refresh_flags(arm, optimizer.opt_state)
     batches = problem.batches(seed)
     for t in range(steps):
       x, y = next(batches)
-      refresh = next(schedule) if schedule else False
-      losses[i, t] = float(step(net, optimizer, x, y, refresh=refresh))
+      losses[i, t] = float(step(net, optimizer, x, y, refresh=next(schedule)))
   return losses
 
 
@@ -139,7 +152,7 @@ def main(argv=None) -> None:
     for name in args.optimizers.split(','):
       train = train_nnx if problem.nnx else train_linen
       with warnings.catch_warnings():
-        warnings.simplefilter('ignore', afo.UnpreconditionedParametersWarning)
+        warnings.simplefilter('ignore', opt.Unpreconditioned)
         losses = train(problem, OPTIMIZERS[name], RATES, args.steps)
       ok = [trains(row) for row in losses]
       final = [float(row[-20:].mean()) for row in losses]

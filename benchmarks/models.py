@@ -118,7 +118,10 @@ class CharGPT(nn.Module):
 
   Token and learned positional embeddings (``nn.Embed``), pre-LayerNorm
   blocks of causal self-attention and a 4x gelu MLP, a final LayerNorm and an
-  untied ``nn.Dense`` head. No dropout by default, so steps are deterministic.
+  untied ``nn.Dense`` head, or with ``tied=True`` the token table as the
+  output projection (``nn.Embed.attend``, as GPT-2 and nanoGPT). No dropout
+  by default, so steps are deterministic. Blocks are unrolled (no
+  ``nn.scan``).
   """
 
   vocab: int
@@ -127,16 +130,46 @@ class CharGPT(nn.Module):
   heads: int = 4
   max_len: int = 128
   dropout: float = 0.0
+  tied: bool = False
 
   @nn.compact
   def __call__(self, tokens, train: bool = True):
     length = tokens.shape[-1]
     if length > self.max_len:
       raise ValueError(f'sequence length {length} > max_len {self.max_len}')
-    x = nn.Embed(self.vocab, self.d_model, name='tokens')(tokens)
+    embed = nn.Embed(self.vocab, self.d_model, name='tokens')
+    x = embed(tokens)
     x = x + nn.Embed(self.max_len, self.d_model, name='positions')(
       jnp.arange(length)
     )
     for _ in range(self.layers):
       x = TransformerBlock(self.heads, self.dropout)(x, train)
-    return nn.Dense(self.vocab, name='head')(nn.LayerNorm()(x))
+    x = nn.LayerNorm()(x)
+    if self.tied:
+      return embed.attend(x)
+    return nn.Dense(self.vocab, name='head')(x)
+
+
+class Autoencoder(nn.Module):
+  """A deep autoencoder: ``784-w1-...-code`` and the mirror image back to 784.
+
+  Logistic (sigmoid) hidden units, a linear code layer, and linear output
+  logits (the loss applies the sigmoid), as in the classic curvature
+  benchmark (Hinton & Salakhutdinov 2006; Martens 2010; Martens & Grosse
+  2015: 784-1000-500-250-30).
+  """
+
+  widths: tuple[int, ...] = (1000, 500, 250, 30)
+  pixels: int = 784
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    del train
+    h = x.reshape(x.shape[0], -1)
+    *hidden, code = self.widths
+    for width in hidden:
+      h = nn.sigmoid(nn.Dense(width)(h))
+    h = nn.Dense(code, name='code')(h)
+    for width in reversed(hidden):
+      h = nn.sigmoid(nn.Dense(width)(h))
+    return nn.Dense(self.pixels, name='pixels')(h)

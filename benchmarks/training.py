@@ -1,4 +1,5 @@
-"""A jitted classification train step for any optimizer, with or without capture."""
+"""The benchmarks' losses and a jitted train step for any optimizer, with or
+without capture."""
 
 from __future__ import annotations
 
@@ -8,29 +9,47 @@ import optax
 from benchmarks.optimizers import curvature_grad
 
 
-def cross_entropy_loss(model, on_logits=None):
+def reconstruction(logits, x):
+  """Per image: the sigmoid cross-entropy of the pixels of ``x`` (in [0, 1])
+  summed over them."""
+  target = x.reshape(x.shape[0], -1)
+  return optax.sigmoid_binary_cross_entropy(logits, target).sum(-1)
+
+
+def model_loss(model, output: str = 'softmax', on_output=None):
   """``loss(params, model_state, x, y) -> (loss, new_model_state)``.
 
-  The mean cross-entropy over every label: ``y`` holds integer labels shaped
-  like the logits without their last axis (``[B]`` for a classifier,
-  ``[B, T]`` for a sequence model). ``on_logits(logits, y)``, if given, is
-  called inside the loss (e.g. to register it with kfac-jax).
+  ``output='softmax'``: the mean cross-entropy over every label (``y``
+  holds integer labels shaped like the logits without their last axis:
+  ``[B]`` for a classifier, ``[B, T]`` for a sequence model);
+  ``'sigmoid'``: the mean over images of :func:`reconstruction` (``y``
+  unused). ``on_output(output, target)``, if given, is called inside the
+  loss (e.g. to register it with kfac-jax).
   """
 
   def loss(params, model_state, x, y):
     variables = {'params': params, **model_state}
     if model_state:
-      logits, new_state = model.apply(
+      out, new_state = model.apply(
         variables, x, train=True, mutable=list(model_state)
       )
     else:
-      logits, new_state = model.apply(variables, x), model_state
-    if on_logits is not None:
-      on_logits(logits, y)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      out, new_state = model.apply(variables, x), model_state
+    if output == 'sigmoid':
+      if on_output is not None:
+        on_output(out, x.reshape(x.shape[0], -1))
+      return reconstruction(out, x).mean(), new_state
+    if on_output is not None:
+      on_output(out, y)
+    ce = optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
     return ce, new_state
 
   return loss
+
+
+def cross_entropy_loss(model, on_logits=None):
+  """:func:`model_loss` of a classifier (or sequence model)."""
+  return model_loss(model, 'softmax', on_logits)
 
 
 def make_train_step(model, tx, *, adafisher: bool, layers=None, donate=True):

@@ -112,3 +112,10 @@ def test_verdicts_against_the_margin():
   assert stats.verdict(comparison(0.01, -0.01, 0.03, 0.3), margin, True) == (
     'inconclusive'
   )
+  # the mean beyond the margin but not the whole interval: not a verdict
+  assert stats.verdict(
+    comparison(0.005, 0.002, 0.008, 0.001), margin, True
+  ) == ('inconclusive')
+  assert stats.verdict(
+    comparison(0.005, 0.004, 0.008, 0.001), margin, False
+  ) == ('worse')
