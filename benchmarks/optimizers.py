@@ -245,6 +245,12 @@ def update(tx, grads, opt_state, params, curvature=None):
   return tx.update(grads, opt_state, params, curvature=curvature)
 
 
+def state_shardings(tx, params, param_shardings):
+  """``afo.state_shardings``: the optimizer state's shardings (AdaFisher's
+  factors follow their parameters'; other optax states via optax)."""
+  return afo.state_shardings(tx, params, param_shardings)
+
+
 def unpreconditioned(params, curvature) -> list[str]:
   """Parameters AdaFisher leaves at ``F~ = 1``."""
   return afo.unpreconditioned_parameters(params, curvature)

@@ -16,7 +16,7 @@ from test_docs import snippets
 import adafisher_optax as afo
 from benchmarks import zoo
 
-STEPS = 80
+STEPS = 40
 LINEN = [name for name, p in zoo.PROBLEMS.items() if not p.nnx]
 LOSS = re.compile(r'^def loss_fn\(.*?\n\n\n', re.S | re.M)
 
