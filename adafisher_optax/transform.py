@@ -97,6 +97,14 @@ def _check_state(state: Any, settings: Settings) -> None:
       f'numerics={settings.numerics!r} (a checkpoint of another '
       'configuration?).'
     )
+  held, wanted = state.settings.grafting, settings.grafting
+  if (held == 'adam') != (wanted == 'adam'):
+    raise ValueError(
+      f'AdaFisher state: made with grafting={held!r}, the optimizer uses '
+      f"grafting={wanted!r}; only grafting='adam' keeps Adam's second "
+      'moment in the state. Restore into an optimizer with '
+      f'grafting={held!r}, or start from this optimizer\'s init.'
+    )
 
 
 def _warn_if_never_refreshed(settings: Settings) -> None:

@@ -775,3 +775,23 @@ def test_tags_name_that_is_not_a_path_of_the_params():
 
   with pytest.raises(afo.CaptureError, match=r"'nowhere'.*no params"):
     afo.value_and_grad_with_curvature(loss)(params, jnp.ones((4, 3)))
+
+
+@pytest.mark.parametrize('held, wanted', [(None, 'adam'), ('adam', 'rms')])
+def test_state_of_another_grafting_names_grafting(held, wanted):
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(2, name='head')(x).sum()
+
+  model = Model()
+  x = jnp.ones((3, 4))
+  params = model.init(jax.random.key(0), x)['params']
+  _, grads, curvature = afo.value_and_grad_with_curvature(
+    lambda p, x: model.apply({'params': p}, x)
+  )(params, x)
+  state = afo.adafisher(1e-3, grafting=held).init(params)
+  with pytest.raises(ValueError, match=f'made with grafting={held!r}'):
+    afo.adafisher(1e-3, grafting=wanted).update(
+      grads, state, params, curvature=curvature
+    )
