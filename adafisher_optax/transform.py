@@ -103,7 +103,7 @@ def _check_state(state: Any, settings: Settings) -> None:
       f'AdaFisher state: made with grafting={held!r}, the optimizer uses '
       f"grafting={wanted!r}; only grafting='adam' keeps Adam's second "
       'moment in the state. Restore into an optimizer with '
-      f'grafting={held!r}, or start from this optimizer\'s init.'
+      f"grafting={held!r}, or start from this optimizer's init."
     )
 
 
