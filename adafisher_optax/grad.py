@@ -159,9 +159,22 @@ def curvature_layout(
     *args: its other arguments (a sample batch).
     **kwargs: its keyword arguments.
 
+    Params and arguments may be arrays or ``jax.ShapeDtypeStruct``s (e.g.
+    from ``jax.eval_shape``); other leaves (flags, names) are passed as
+    they are.
+
   Returns:
     The curvature tree, with ``jax.ShapeDtypeStruct`` leaves.
   """
+  leaves, structure = jax.tree.flatten((args, kwargs))
+  abstract = [isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves]
+
+  def curvature(p, abstract_leaves):
+    given = iter(abstract_leaves)
+    full = [next(given) if a else leaf for leaf, a in zip(leaves, abstract)]
+    call_args, call_kwargs = jax.tree.unflatten(structure, full)
+    return value_grads_curvature(p, *call_args, **call_kwargs)[2]
+
   return jax.eval_shape(
-    lambda p: value_grads_curvature(p, *args, **kwargs)[2], params
+    curvature, params, [leaf for leaf, a in zip(leaves, abstract) if a]
   )

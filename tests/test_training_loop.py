@@ -5,6 +5,7 @@ loop). Silent results are checked numerically, errors by their message."""
 import warnings
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -293,3 +294,36 @@ def test_weight_decay_with_another_models_params_names_the_path(problem):
   other = MLP(widths=(16, 9)).init(jax.random.key(1), batches[0][0])['params']
   with pytest.raises(ValueError, match=r"params 'dense1/bias' has shape"):
     tx.update(grads, state, other)
+
+
+def test_curvature_layout_of_abstract_arguments():
+  """A model state and a batch from ``jax.eval_shape`` (as large models
+  size things) give the layout of the concrete ones."""
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+      x = nn.Dense(6, name='hidden')(x)
+      x = nn.BatchNorm(use_running_average=not train, name='bn')(x)
+      return nn.Dense(3, name='head')(nn.relu(x))
+
+  model = Model()
+  x = jnp.ones((4, 5))
+  y = jnp.zeros((4,), jnp.int32)
+  variables = model.init(jax.random.key(0), x)
+
+  def loss_fn(params, model_state, x, y, train=True):
+    logits, new_state = model.apply(
+      {'params': params, **model_state}, x, train=train, mutable=['batch_stats']
+    )
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return loss, new_state
+
+  grad_fn = afo.value_and_grad_with_curvature(loss_fn, has_aux=True)
+  state = {'batch_stats': variables['batch_stats']}
+  want = afo.curvature_layout(grad_fn, variables['params'], state, x, y)
+  abstract = jax.eval_shape(lambda: (variables['params'], state, x, y))
+  got = afo.curvature_layout(grad_fn, *abstract, train=True)
+  assert jax.tree.map(lambda a: (a.shape, a.dtype), got) == jax.tree.map(
+    lambda a: (a.shape, a.dtype), want
+  )
