@@ -1,5 +1,6 @@
 """TrainState, pure-JAX tags, orbax, accumulation, precision, NaN, diagnostics."""
 
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -88,11 +89,15 @@ def test_tags_match_the_flax_capture(x64, flax_model, tagged, shape):
     logits = tagged(p, x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-  want = afo.value_and_grad_with_curvature(loss_fn(flax_model))(params, x, y)
-  got = afo.value_and_grad_with_curvature(pure_loss)(params, x, y)
+  want = jax.jit(afo.value_and_grad_with_curvature(loss_fn(flax_model)))(
+    params, x, y
+  )
+  got = jax.jit(afo.value_and_grad_with_curvature(pure_loss))(params, x, y)
   chex.assert_trees_all_close(got, want, rtol=1e-12)
   tx = afo.adafisher(0.05, t_cov=1)
-  updates, _ = tx.update(got[1], tx.init(params), params, curvature=got[2])
+  updates, _ = jax.jit(functools.partial(tx.update, curvature=got[2]))(
+    got[1], tx.init(params), params
+  )
   np.testing.assert_allclose(
     float(pure_loss(optax.apply_updates(params, updates), x, y)),
     float(loss_fn(flax_model)(optax.apply_updates(params, updates), x, y)),

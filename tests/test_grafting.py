@@ -74,15 +74,16 @@ def _flat(tree):
 
 def _updates_along(model, params, xs, ys, txs):
   """Each tx's update at every step; the params follow the first tx."""
-  grad_fn = afo.value_and_grad_with_curvature(_loss(model))
+  grad_fn = jax.jit(afo.value_and_grad_with_curvature(_loss(model)))
   states = [tx.init(params) for tx in txs]
+  updates_of = [jax.jit(tx.update) for tx in txs]
   history = []
   for x, y in zip(xs, ys):
     _, grads, curvature = grad_fn(params, x, y)
     step = []
-    for i, tx in enumerate(txs):
+    for i, update in enumerate(updates_of):
       extra = {'curvature': curvature} if _is_adafisher(states[i]) else {}
-      updates, states[i] = tx.update(grads, states[i], params, **extra)
+      updates, states[i] = update(grads, states[i], params, **extra)
       step.append(_flat(updates))
       if i == 0:
         first = updates
