@@ -58,15 +58,14 @@ def write_json(report: dict, path: Path) -> None:
 
 
 def load_tasks(out: Path) -> dict[str, dict]:
-  """Every task JSON in ``out`` (``batch_size.json`` and replications
-  aside), in the protocol's order."""
-  found = {}
-  for path in sorted(out.glob('*.json')):
-    if path.stem == 'batch_size' or path.stem.endswith('_replication'):
-      continue
-    found[path.stem] = loose(json.loads(path.read_text()))
+  """Every task's JSON in ``out``, in the protocol's order."""
   order = ['mlp', 'cnn', 'autoencoder', 'gpt']
-  return dict(sorted(found.items(), key=lambda kv: order.index(kv[0])))
+  found = {}
+  for name in order:  # pilot_*.json, batch_size.json, replications: not tasks
+    path = out / f'{name}.json'
+    if path.exists():
+      found[name] = loose(json.loads(path.read_text()))
+  return found
 
 
 # --------------------------------------------------------------- analysis
