@@ -104,7 +104,9 @@ def test_misspelled_numerics():
     afo.value_and_grad_with_curvature(lambda p: 0.0, numerics='papers')
 
 
-def test_state_of_the_other_numerics():
+def _one_step_of_a_small_model():
+  """``(params, grads, curvature)`` of a LayerNorm + Dense model."""
+
   class Model(nn.Module):
     @nn.compact
     def __call__(self, x):
@@ -116,11 +118,26 @@ def test_state_of_the_other_numerics():
   _, grads, curvature = afo.value_and_grad_with_curvature(
     lambda p, x: model.apply({'params': p}, x)
   )(params, x)
+  return params, grads, curvature
+
+
+def test_state_of_the_other_numerics():
+  params, grads, curvature = _one_step_of_a_small_model()
   reference, paper = afo.adafisher(1e-3), afo.adafisher(1e-3, numerics='paper')
   for tx in (reference, paper):  # one curvature serves both numerics
     tx.update(grads, tx.init(params), params, curvature=curvature)
   with pytest.raises(ValueError, match=r"numerics='reference'.*'paper'"):
     paper.update(grads, reference.init(params), params, curvature=curvature)
+
+
+@pytest.mark.parametrize('held, wanted', [(None, 'adam'), ('adam', 'rms')])
+def test_state_of_another_grafting_names_grafting(held, wanted):
+  params, grads, curvature = _one_step_of_a_small_model()
+  state = afo.adafisher(1e-3, grafting=held).init(params)
+  with pytest.raises(ValueError, match=f'made with grafting={held!r}'):
+    afo.adafisher(1e-3, grafting=wanted).update(
+      grads, state, params, curvature=curvature
+    )
 
 
 def test_layers_argument_must_hold_supported_types():
@@ -775,23 +792,3 @@ def test_tags_name_that_is_not_a_path_of_the_params():
 
   with pytest.raises(afo.CaptureError, match=r"'nowhere'.*no params"):
     afo.value_and_grad_with_curvature(loss)(params, jnp.ones((4, 3)))
-
-
-@pytest.mark.parametrize('held, wanted', [(None, 'adam'), ('adam', 'rms')])
-def test_state_of_another_grafting_names_grafting(held, wanted):
-  class Model(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      return nn.Dense(2, name='head')(x).sum()
-
-  model = Model()
-  x = jnp.ones((3, 4))
-  params = model.init(jax.random.key(0), x)['params']
-  _, grads, curvature = afo.value_and_grad_with_curvature(
-    lambda p, x: model.apply({'params': p}, x)
-  )(params, x)
-  state = afo.adafisher(1e-3, grafting=held).init(params)
-  with pytest.raises(ValueError, match=f'made with grafting={held!r}'):
-    afo.adafisher(1e-3, grafting=wanted).update(
-      grads, state, params, curvature=curvature
-    )
