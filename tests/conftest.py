@@ -2,8 +2,16 @@ import os
 import sys
 from pathlib import Path
 
-# Eight virtual CPU devices for the multi-device tests; set before JAX starts.
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+# Set before JAX starts: eight virtual CPU devices for the multi-device tests,
+# and LLVM's cheapest code generation. The tests check values, not speed, and
+# XLA:CPU compile time is most of their time (about half of it goes at the
+# default optimisation level); XLA's own HLO passes (fusion, layout) still run.
+os.environ.setdefault(
+  'XLA_FLAGS',
+  '--xla_force_host_platform_device_count=8'
+  ' --xla_backend_optimization_level=0'
+  ' --xla_llvm_disable_expensive_passes=true',
+)
 
 import jax
 import pytest

@@ -7,9 +7,18 @@ feeding its own half of every global batch, and process 0 saves the params.
 """
 
 import os
+import re
 import sys
 
-os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
+# Two devices per process; the other flags as the test process compiles.
+os.environ['XLA_FLAGS'] = (
+  re.sub(
+    r'--xla_force_host_platform_device_count=\d+',
+    '',
+    os.environ.get('XLA_FLAGS', ''),
+  )
+  + ' --xla_force_host_platform_device_count=2'
+)
 
 import jax
 import numpy as np

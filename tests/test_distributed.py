@@ -214,7 +214,7 @@ def test_named_vmap_is_not_taken_for_a_pmap():
     updates, state = tx.update(grads, state, params, curvature=curvature)
     return optax.apply_updates(params, updates), state
 
-  step = jax.vmap(run_step, axis_name='runs')
+  step = jax.jit(jax.vmap(run_step, axis_name='runs'))
   stacked = lambda t: jax.tree.map(lambda v: jnp.stack([v] * 2), t)  # noqa: E731
   p, s = stacked(params), stacked(tx.init(params))
   p, s = step(p, s, jnp.stack([xs[0], xs[1]]), jnp.stack([ys[0], ys[1]]))

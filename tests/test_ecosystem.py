@@ -1,6 +1,7 @@
 """TrainState, pure-JAX tags, orbax, accumulation, precision, NaN, diagnostics."""
 
 import functools
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -158,6 +159,7 @@ def test_killed_run_resumes_bit_identically(tmp_path):
         'PYTHONPATH': f'{HERE}:{HERE.parent}',
         'PATH': '/usr/bin:/bin',
         'JAX_PLATFORMS': 'cpu',
+        'XLA_FLAGS': os.environ.get('XLA_FLAGS', ''),  # as conftest.py sets
       },
     )
 
@@ -190,18 +192,17 @@ def test_multi_steps_counts_every_micro_batch(x64, numerics):
   )
   big_p, big_s = params, inner.init(params)
   acc_p, acc_s = params, accumulated.init(params)
+  big_update, acc_update = jax.jit(inner.update), jax.jit(accumulated.update)
   # After the first update both agree to rounding; the second update shows
   # it amplified by the ill-conditioned steps (F~ ~ lambda) of early training.
   for (x, y), rtol in zip(batches, (1e-10, 1e-6)):
     _, grads, curvature = grad_fn(big_p, x, y)
-    updates, big_s = inner.update(grads, big_s, big_p, curvature=curvature)
+    updates, big_s = big_update(grads, big_s, big_p, curvature=curvature)
     big_p = optax.apply_updates(big_p, updates)
     for micro in range(3):
       part = slice(4 * micro, 4 * micro + 4)
       _, grads, curvature = grad_fn(acc_p, x[part], y[part])
-      updates, acc_s = accumulated.update(
-        grads, acc_s, acc_p, curvature=curvature
-      )
+      updates, acc_s = acc_update(grads, acc_s, acc_p, curvature=curvature)
       acc_p = optax.apply_updates(acc_p, updates)
     chex.assert_trees_all_close(acc_p, big_p, rtol=rtol)
     chex.assert_trees_all_close(

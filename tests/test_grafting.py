@@ -187,18 +187,28 @@ def test_grafted_step_under_inject_hyperparams_multi_steps_and_float16():
   accumulated = afo.multi_steps(
     afo.adafisher(1e-3, grafting='adam'), 2, layout=layout
   )
-  state = accumulated.init(params)
-  for x, y in zip(xs, ys):
+
+  @jax.jit
+  def accumulate(params, state, x, y):
     _, grads, curvature = grad_fn(params, x, y)
     updates, state = accumulated.update(
       grads, state, params, curvature=curvature
     )
-    params = optax.apply_updates(params, updates)
+    return optax.apply_updates(params, updates), state
+
+  state = accumulated.init(params)
+  for x, y in zip(xs, ys):
+    params, state = accumulate(params, state, x, y)
   assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(params))
   half = jax.tree.map(lambda p: p.astype(jnp.float16), params)
   tx = afo.adafisher(1e-3, grafting='rms')
-  _, grads, curvature = grad_fn(half, xs[0].astype(jnp.float16), ys[0])
-  updates, _ = tx.update(grads, tx.init(half), half, curvature=curvature)
+
+  @jax.jit
+  def half_update(params, x, y):
+    _, grads, curvature = grad_fn(params, x, y)
+    return tx.update(grads, tx.init(params), params, curvature=curvature)[0]
+
+  updates = half_update(half, xs[0].astype(jnp.float16), ys[0])
   assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(updates))
 
 

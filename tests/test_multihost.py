@@ -1,5 +1,6 @@
 """Two processes on localhost (gloo CPU collectives) = one process."""
 
+import os
 import socket
 import subprocess
 import sys
@@ -26,6 +27,7 @@ def test_two_processes_match_one(tmp_path):
     'PYTHONPATH': f'{HERE}:{HERE.parent}',
     'PATH': '/usr/bin:/bin',
     'JAX_PLATFORMS': 'cpu',
+    'XLA_FLAGS': os.environ.get('XLA_FLAGS', ''),  # as this process compiles
   }
   procs = [
     subprocess.Popen(

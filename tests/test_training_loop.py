@@ -2,6 +2,7 @@
 wrappers and diagnostics (issue 18: the silent paths of the two-program
 loop). Silent results are checked numerically, errors by their message."""
 
+import functools
 import warnings
 
 import chex
@@ -29,24 +30,34 @@ def problem():
   return params, batches, grad_fn
 
 
+def _train_step(tx, grad_fn):
+  """The README's jitted step (``refresh`` static) for ``tx``."""
+
+  @functools.partial(jax.jit, static_argnames='refresh')
+  def step(params, state, x, y, refresh):
+    _, grads, curvature = grad_fn(params, x, y, capture=refresh)
+    updates, state = tx.update(grads, state, params, curvature=curvature)
+    return optax.apply_updates(params, updates), state
+
+  return step
+
+
 def _loop(tx, params, batches, grad_fn, flags, state=None):
   """Runs ``tx`` over ``batches``, capturing where ``flags`` say."""
   state = tx.init(params) if state is None else state
+  step = _train_step(tx, grad_fn)
   for (x, y), refresh in zip(batches, flags):
-    _, grads, curvature = grad_fn(params, x, y, capture=refresh)
-    updates, state = tx.update(grads, state, params, curvature=curvature)
-    params = optax.apply_updates(params, updates)
+    params, state = step(params, state, x, y, refresh)
   return params, state
 
 
 def _refreshed_at(tx, params, batches, grad_fn, schedule, state=None):
   """The update counts at which the factors were refreshed."""
   state = tx.init(params) if state is None else state
+  step = _train_step(tx, grad_fn)
   seen = []
   for (x, y), refresh in zip(batches, schedule):
-    _, grads, curvature = grad_fn(params, x, y, capture=refresh)
-    updates, state = tx.update(grads, state, params, curvature=curvature)
-    params = optax.apply_updates(params, updates)
+    params, state = step(params, state, x, y, refresh)
     inner = afo.adafisher_state(state)
     if 0 <= int(inner.last_refresh) == int(inner.count) - 1:
       seen.append(int(inner.last_refresh))
