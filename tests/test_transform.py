@@ -57,7 +57,7 @@ def test_first_step_matches_hand_computation(x64):
   model, params, batches = _setup()
   params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
   x, y = batches[0]
-  grad_fn = afo.value_and_grad_with_curvature(loss_fn(model))
+  grad_fn = jax.jit(afo.value_and_grad_with_curvature(loss_fn(model)))
   _, grads, curvature = grad_fn(params, x, y)
   tx = afo.adafisher(0.01, b1=0.8, damping=0.01, gamma=0.5, t_cov=1)
   updates, _ = tx.update(grads, tx.init(params), params, curvature=curvature)
@@ -386,11 +386,13 @@ def test_relative_damping_matches_a_direct_computation(x64, a):
   model, params, batches = _setup(ConvNet(), shape=(4, 6, 6, 2))
   params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
   x, y = batches[0]
-  _, grads, curvature = afo.value_and_grad_with_curvature(loss_fn(model))(
-    params, x.astype(jnp.float64), y
-  )
+  _, grads, curvature = jax.jit(
+    afo.value_and_grad_with_curvature(loss_fn(model))
+  )(params, x.astype(jnp.float64), y)
   tx = afo.scale_by_adafisher(relative_damping=a, t_cov=1)
-  updates, state = tx.update(grads, tx.init(params), curvature=curvature)
+  updates, state = jax.jit(tx.update)(
+    grads, tx.init(params), curvature=curvature
+  )
   for name in ('conv', 'head'):
     h = np.asarray(state.factors[name].h)
     s = np.asarray(state.factors[name].s)
