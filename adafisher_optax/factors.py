@@ -186,18 +186,24 @@ def _summary(x: jax.Array, old: jax.Array, weights: Any) -> _Summary:
 
 def _fold(old, x, summary, weight_total, numerics, gamma):
   """``(new vector, sum(w * new))`` of one factor from its new statistic
-  ``x`` (the EMA in ``paper`` numerics)."""
+  ``x`` (the EMA in ``paper`` numerics).
+
+  The vector is divided by a vector: XLA turns a division by a broadcast
+  scalar into a reciprocal, a kernel of its own per vector (``0 * x`` is
+  not folded away for floats, and a non-finite ``x`` is not kept).
+  """
   lo, hi = summary.lo, summary.hi
+  shifted_sum = summary.weighted - weight_total * lo[..., 0]
   if numerics == 'paper':
     magnitude = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
     tiny = jnp.finfo(x.dtype).tiny
-    scale = 1 / (hi - lo + PAPER_MINMAX_EPS * magnitude + tiny)
-    weighted = (summary.weighted - weight_total * lo[..., 0]) * scale[..., 0]
-    return (x - lo) * scale, weighted
-  scale = 0.01 * gamma / (hi - lo + REFERENCE_MINMAX_EPS)
-  new = 0.1 * gamma * old + (x - lo) * scale
-  weighted = 0.1 * gamma * summary.weighted_old + scale[..., 0] * (
-    summary.weighted - weight_total * lo[..., 0]
+    span = hi - lo + PAPER_MINMAX_EPS * magnitude + tiny
+    return (x - lo) / (span + 0 * x), shifted_sum / span[..., 0]
+  span = hi - lo + REFERENCE_MINMAX_EPS
+  new = 0.1 * gamma * old + 0.01 * gamma * (x - lo) / (span + 0 * x)
+  weighted = (
+    0.1 * gamma * summary.weighted_old
+    + 0.01 * gamma * shifted_sum / span[..., 0]
   )
   return new, weighted
 

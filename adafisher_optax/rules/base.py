@@ -53,6 +53,15 @@ def sum_of_squares_over_leading(n_trailing: int):
   return reduce
 
 
+def append_entry(h: jax.Array, value: Any) -> jax.Array:
+  """``h`` with ``value`` appended on its last axis (such as the bias's
+  entry of ``H``), written as a pad and a select: XLA fuses those into every
+  reader, whereas a concatenation is a kernel of its own per layer."""
+  padded = jnp.pad(h, [(0, 0)] * (h.ndim - 1) + [(0, 1)])
+  last = jnp.arange(padded.shape[-1]) == padded.shape[-1] - 1
+  return jnp.where(last, jnp.asarray(value, h.dtype), padded)
+
+
 def count(shape: Shape) -> int:
   return math.prod(shape) if shape else 1
 

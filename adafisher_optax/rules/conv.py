@@ -12,6 +12,7 @@ import numpy as np
 from adafisher_optax.rules.base import (
   Application,
   KroneckerRule,
+  append_entry,
   statistics_dtype,
 )
 from adafisher_optax.rules.base import count as _count
@@ -159,7 +160,7 @@ class ConvRule(KroneckerRule):
     h = windows.reshape(-1) / patch_len
     rows = batch * _count(out_spatial)
     if config.use_bias:
-      h = jnp.append(h, jnp.asarray(rows * groups / patch_len, h.dtype))
+      h = append_entry(h, rows * groups / patch_len)
     return Application((h,), rows, _sum_of_squares_over_leading(1))
 
 

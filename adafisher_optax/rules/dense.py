@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from adafisher_optax.rules.base import (
   Application,
   KroneckerRule,
+  append_entry,
   count,
   statistics_dtype,
   sum_of_squares_over_leading,
@@ -46,8 +47,7 @@ class DenseRule(KroneckerRule):
     h = sum_over_all_but(x * x, kept).reshape(stack + (-1,))
     rows = count(tuple(d for i, d in enumerate(x.shape) if i not in kept))
     if config.use_bias:
-      ones = jnp.full(stack + (1,), rows, h.dtype)
-      h = jnp.concatenate([h, ones], axis=-1)
+      h = append_entry(h, rows)
     if not stack:
       output_sums = sum_of_squares_over_leading(config.out_ndim)
     else:

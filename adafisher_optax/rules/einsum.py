@@ -22,6 +22,7 @@ from adafisher_optax.rules.base import (
   Application,
   KroneckerRule,
   Shape,
+  append_entry,
   count,
   statistics_dtype,
 )
@@ -182,9 +183,7 @@ class EinsumRule(KroneckerRule):
     h = h.reshape(stack_shape + (-1,))
     rows = math.prod(sizes[a] for a in kept if a not in config.kernel)
     if config.use_bias:
-      h = jnp.concatenate(
-        [h, jnp.full(stack_shape + (1,), rows, h.dtype)], axis=-1
-      )
+      h = append_entry(h, rows)
 
     def output_sums(g):
       g = g.astype(statistics_dtype())

@@ -12,6 +12,7 @@ from adafisher_optax.rules.base import (
   Application,
   CurvatureSum,
   Rule,
+  append_entry,
   count,
   statistics_dtype,
   sum_over_all_but,
@@ -98,9 +99,7 @@ class NormRule(Rule):
       return x_hat_squares / rows, g_squares / rows
     batch = jnp.maximum(batch, 1)
     size_k = jnp.full_like(batch, z.shape[-1])
-    h = jnp.concatenate(
-      [jnp.sum(z * z, axis=-1, keepdims=True), size_k], axis=-1
-    )
+    h = append_entry(jnp.sum(z * z, axis=-1, keepdims=True), size_k)
     return h / batch**2, g_sums**2 / batch
 
   def factor_shapes(self, input_shapes, output_shapes, numerics):
