@@ -98,8 +98,7 @@ class NormRule(Rule):
       rows = jnp.maximum(rows, 1)[..., None].astype(x_hat_squares.dtype)
       return x_hat_squares / rows, g_squares / rows
     batch = jnp.maximum(batch, 1)
-    size_k = jnp.full_like(batch, z.shape[-1])
-    h = append_entry(jnp.sum(z * z, axis=-1, keepdims=True), size_k)
+    h = append_entry(jnp.sum(z * z, axis=-1, keepdims=True), z.shape[-1])
     return h / batch**2, g_sums**2 / batch
 
   def factor_shapes(self, input_shapes, output_shapes, numerics):
