@@ -1,14 +1,16 @@
 """Restoring orbax checkpoints with errors that name the mismatching path.
 
-Checkpoints written by adafisher_optax 0.2 (whose AdaFisher state also held
-``t_cov``, ``damping`` and ``relative_damping`` arrays) are recognised:
+Checkpoints of an earlier state layout are recognised: those written by
+adafisher_optax 0.2 (whose AdaFisher state also held ``t_cov``, ``damping``
+and ``relative_damping`` arrays) and those that kept one array per factor
+field (``h``, ``s``, ``curvature_mean``, ...; before the factors were packed
+into :class:`~adafisher_optax.Factors`' ``vectors`` and ``counts``).
 :func:`restore` refuses them with the fix, and :func:`restore_legacy`
 converts them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any
 
@@ -31,12 +33,17 @@ def _numerics(paths) -> str | None:
   names = {path.rsplit('/', 1)[-1] for path in paths if '/factors/' in path}
   if not names:
     return None
-  return 'paper' if names & {'h_ema', 's_ema'} else 'reference'
+  return 'paper' if names & {'emas', 'h_ema', 's_ema'} else 'reference'
 
 
-def _is_legacy(paths) -> bool:
-  """Whether ``paths`` are of a 0.2 state (``relative_damping`` leaves)."""
-  return any(path.endswith('/relative_damping') for path in paths)
+def _earlier_layout(paths) -> str | None:
+  """Which earlier state layout ``paths`` are of, if any: ``0.2``
+  (``relative_damping`` leaves) or one array per factor field."""
+  if any(path.endswith('/relative_damping') for path in paths):
+    return 'adafisher_optax 0.2 (one dict of factors per layer)'
+  if any('/factors/' in path and path.endswith('/h') for path in paths):
+    return 'an earlier adafisher_optax (one array per factor field)'
+  return None
 
 
 def _compare(directory, stored: dict, wanted: dict) -> None:
@@ -94,11 +101,12 @@ def restore(directory: Any, target: Any, checkpointer: Any = None) -> Any:
   checkpointer = checkpointer or ocp.StandardCheckpointer()
   metadata = checkpointer.metadata(directory)
   stored = _shapes(getattr(metadata, 'item_metadata', metadata))
-  if _is_legacy(stored):
+  earlier = _earlier_layout(stored)
+  if earlier:
     raise ValueError(
-      f'checkpoint {directory} was written by adafisher_optax 0.2 (one '
-      'dict of factors per layer); this version keeps the factors of all '
-      'layers in a few arrays. Convert it with '
+      f'checkpoint {directory} was written by {earlier}; this version '
+      "packs each block's factors into two arrays (vectors, counts). "
+      'Convert it with '
       'adafisher_optax.checkpoint.restore_legacy(directory, target), then '
       'save it again.'
     )
@@ -117,16 +125,19 @@ def _get(raw: Any, keypath) -> Any:
 
 
 def _legacy_factors(raw: Any, keypath, factors: Factors) -> Factors:
-  """A block's factors from a 0.2 checkpoint, or ``factors`` (the target's
-  initial ones) for a block 0.2 did not have (a tied table's ``attend``)."""
-  in_tuple = isinstance(keypath[-1], jax.tree_util.SequenceKey)
-  if factors.rule == 'attend':
-    return factors
-  old = _get(raw, keypath[:-1] if in_tuple else keypath)
+  """A block's factors from a checkpoint with one entry per factor field, or
+  ``factors`` (the target's initial ones) for a block it did not have (0.2
+  had no tied table's ``attend``)."""
+  old = _get(raw, keypath)  # one dict per block, in a tuple where several
+  if not isinstance(old, dict) or 'h' not in old:  # 0.2: one dict per layer
+    if factors.rule == 'attend':
+      return factors
+    in_tuple = isinstance(keypath[-1], jax.tree_util.SequenceKey)
+    old = _get(raw, keypath[:-1] if in_tuple else keypath)
   if old is None:
     return factors
-  return dataclasses.replace(
-    factors,
+  return Factors.pack(
+    factors.block,
     **{
       field: np.asarray(old[field]).reshape(np.shape(value))
       for field in _FIELDS
@@ -141,8 +152,10 @@ _FIELDS = ('h', 's', 'curvature_mean', 'refreshes', 'skipped', 'h_ema', 's_ema')
 def restore_legacy(
   directory: Any, target: Any, checkpointer: Any = None
 ) -> Any:
-  """Converts a checkpoint of adafisher_optax 0.2 into ``target``'s structure.
+  """Converts a checkpoint of an earlier state layout into ``target``'s.
 
+  Reads checkpoints of adafisher_optax 0.2 and those with one array per
+  factor field (``h``, ``s``, ``curvature_mean``, ``refreshes``, ...).
   Every entry of the target is read at its path (the 0.2 state's
   ``t_cov``, ``damping`` and ``relative_damping`` are dropped: the target
   optimizer's settings apply); a tied embedding's ``attend`` factors, new in
@@ -150,7 +163,7 @@ def restore_legacy(
   the result to have a checkpoint of this version.
 
   Args:
-    directory: the 0.2 checkpoint (an orbax ``StandardCheckpointer`` save).
+    directory: the checkpoint (an orbax ``StandardCheckpointer`` save).
     target: a tree like the saved one, with this version's optimizer state
       (e.g. ``{'params': params, 'opt_state': tx.init(params)}``).
     checkpointer: the orbax checkpointer to use.

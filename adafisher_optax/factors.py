@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -53,9 +53,21 @@ def minmax_paper(x: jax.Array) -> jax.Array:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Factors:
-  """One block's factor vectors (``[*stack, n]``) and refresh counters.
+  """One block's factor vectors and refresh counters, packed in few arrays.
+
+  A refresh writes each array of the state with a kernel of its own: the
+  vectors and ``mean(K)`` of a block share one array, its two counters
+  another, so that a block's refresh is four kernels (with its reduction
+  and its packed statistics), not seven. The attributes after ``block``
+  are views of them (slices XLA fuses into their readers).
 
   Attributes:
+    vectors: ``[*stack, n_h + n_s + 1]``: ``h``, ``s`` and ``curvature_mean``.
+    counts: ``[*stack, 2]`` (int32): ``refreshes`` and ``skipped``.
+    emas: ``paper`` numerics: ``[*stack, n_h + n_s + 1]``, ``h_ema`` and
+      ``s_ema`` packed like ``vectors`` (the last entry unused; ``None``
+      in ``reference`` numerics).
+    block: the rule and the parameters it covers (static).
     h: ``H`` as ``F~`` uses it (the bias entry last, if any).
     s: ``S`` as ``F~`` uses it.
     curvature_mean: the mean of ``K`` over the layer's parameters at the
@@ -64,17 +76,65 @@ class Factors:
     skipped: refreshes skipped because the statistics were not finite.
     h_ema: ``paper`` numerics: the EMA of ``H_hat`` (``None`` otherwise).
     s_ema: ``paper`` numerics: the EMA of ``S_hat``.
-    block: the rule and the parameters it covers (static).
   """
 
-  h: jax.Array
-  s: jax.Array
-  curvature_mean: jax.Array
-  refreshes: jax.Array
-  skipped: jax.Array
-  h_ema: jax.Array | None
-  s_ema: jax.Array | None
+  vectors: jax.Array
+  counts: jax.Array
+  emas: jax.Array | None
   block: Block = dataclasses.field(metadata=dict(static=True))
+
+  @classmethod
+  def pack(
+    cls,
+    block: Block,
+    *,
+    h: Any,
+    s: Any,
+    curvature_mean: Any,
+    refreshes: Any,
+    skipped: Any,
+    h_ema: Any = None,
+    s_ema: Any = None,
+  ) -> Factors:
+    """The factors of ``block`` from their parts (``[*stack, ...]``)."""
+    mean = jnp.asarray(curvature_mean, h.dtype)
+    counts = jnp.stack([refreshes, skipped], -1).astype(jnp.int32)
+    emas = None
+    if h_ema is not None:
+      emas = _pack(jnp.asarray(h_ema), jnp.asarray(s_ema), 0 * mean)
+    return cls(_pack(jnp.asarray(h), jnp.asarray(s), mean), counts, emas, block)
+
+  @property
+  def _n_h(self) -> int:
+    return self.block.h_shape[-1]
+
+  @property
+  def h(self) -> jax.Array:
+    return self.vectors[..., : self._n_h]
+
+  @property
+  def s(self) -> jax.Array:
+    return self.vectors[..., self._n_h : -1]
+
+  @property
+  def curvature_mean(self) -> jax.Array:
+    return self.vectors[..., -1]
+
+  @property
+  def refreshes(self) -> jax.Array:
+    return self.counts[..., 0]
+
+  @property
+  def skipped(self) -> jax.Array:
+    return self.counts[..., 1]
+
+  @property
+  def h_ema(self) -> jax.Array | None:
+    return None if self.emas is None else self.emas[..., : self._n_h]
+
+  @property
+  def s_ema(self) -> jax.Array | None:
+    return None if self.emas is None else self.emas[..., self._n_h : -1]
 
   @property
   def rule(self) -> str:
@@ -111,14 +171,11 @@ def layout_of(tree: Any) -> FactorLayout:
 
 def _initial(block: Block, paper: bool, dtype: Any) -> Factors:
   """Factors before any refresh: ones (the authors' initialisation)."""
+  n = block.h_shape[-1] + block.s_shape[-1]
   return Factors(
-    h=jnp.ones(block.h_shape, dtype),
-    s=jnp.ones(block.s_shape, dtype),
-    curvature_mean=jnp.ones(block.stack, dtype),
-    refreshes=jnp.zeros(block.stack, jnp.int32),
-    skipped=jnp.zeros(block.stack, jnp.int32),
-    h_ema=jnp.ones(block.h_shape, dtype) if paper else None,
-    s_ema=jnp.ones(block.s_shape, dtype) if paper else None,
+    vectors=jnp.ones(block.stack + (n + 1,), dtype),
+    counts=jnp.zeros(block.stack + (2,), jnp.int32),
+    emas=jnp.ones(block.stack + (n + 1,), dtype) if paper else None,
     block=block,
   )
 
@@ -142,70 +199,55 @@ def initial(layout: FactorLayout, paper: bool, dtype: Any) -> Any:
   return nest({b.key: _initial(b, paper, dtype) for b in layout.blocks})
 
 
-class _Summary(NamedTuple):
-  """One reduction over the last axis of a new vector ``x`` (and the old)."""
+def _pack(h: jax.Array, s: jax.Array, last: jax.Array) -> jax.Array:
+  """``[h, s, last]`` on the last axis, written as pads and selects: XLA
+  fuses those into every reader, whereas a concatenation (or a broadcast
+  of a scalar that took a division) is a kernel of its own per block."""
+  n_h, n_s = h.shape[-1], s.shape[-1]
+  lead = [(0, 0)] * (h.ndim - 1)
+  position = jnp.arange(n_h + n_s + 1)
+  last = jnp.pad(last.astype(h.dtype)[..., None], lead + [(n_h + n_s, 0)])
+  on_s = jnp.where(position < n_h + n_s, jnp.pad(s, lead + [(n_h, 1)]), last)
+  return jnp.where(position < n_h, jnp.pad(h, lead + [(0, n_s + 1)]), on_s)
 
-  lo: jax.Array
-  hi: jax.Array
-  weighted: jax.Array  # sum(w * x)
-  weighted_old: jax.Array  # sum(w * old)
 
-
-def _weights(weights: np.ndarray, n: int, dtype) -> Any:
-  """``weights`` as a scalar or an iota expression, not a large constant
-  (which costs XLA:CPU far more compile time)."""
-  if np.all(weights == weights[0]):
-    return jnp.asarray(weights[0], dtype)
+def _packed_weights(weights: np.ndarray, n_s: int, dtype) -> Any:
+  """The weights of ``sum(K)`` over a packed vector (``weights`` on ``h``,
+  ones on ``s``, zero on the mean), as an iota expression where the
+  weights allow, not a large constant (which costs XLA:CPU far more
+  compile time)."""
+  n_h = weights.shape[0]
+  position = jnp.arange(n_h + n_s + 1)
   if np.all(weights[:-1] == weights[0]):
-    last = jnp.arange(n) == n - 1
-    return jnp.where(last, weights[-1], weights[0]).astype(dtype)
-  return jnp.asarray(weights, dtype)
+    on_h = jnp.where(position == n_h - 1, weights[-1], weights[0])
+  else:
+    on_h = jnp.pad(jnp.asarray(weights, dtype), (0, n_s + 1))
+  return jnp.where(position < n_h, on_h, 0.0).astype(dtype)
 
 
-def _summary(x: jax.Array, old: jax.Array, weights: Any) -> _Summary:
-  """Min, max and weighted sums in one variadic reduction: one XLA kernel
-  (separate reductions are a kernel each, split in two above 32 entries)."""
+def _segment_summaries(x, old, n_h, n_s, h_weights):
+  """Min, max and weighted sums of the ``h`` and ``s`` segments of packed
+  ``x`` (and weighted sums of ``old``), in one variadic reduction: one XLA
+  kernel per block."""
+  position = jnp.arange(x.shape[-1])
+  in_h, in_s = position < n_h, (position >= n_h) & (position < n_h + n_s)
+  zero = jnp.zeros((), x.dtype)
+  on_s = jnp.where(in_s, 1.0, 0.0).astype(x.dtype)
+  operands = (
+    jnp.where(in_h, x, jnp.inf), jnp.where(in_h, x, -jnp.inf),
+    jnp.where(in_s, x, jnp.inf), jnp.where(in_s, x, -jnp.inf),
+    x * h_weights, old * h_weights, x * on_s, old * on_s,
+  )  # fmt: skip
 
   def combine(a, b):
     return (
-      jnp.minimum(a[0], b[0]),
-      jnp.maximum(a[1], b[1]),
-      a[2] + b[2],
-      a[3] + b[3],
-    )
+      jnp.minimum(a[0], b[0]), jnp.maximum(a[1], b[1]),
+      jnp.minimum(a[2], b[2]), jnp.maximum(a[3], b[3]),
+      *(u + v for u, v in zip(a[4:], b[4:], strict=True)),
+    )  # fmt: skip
 
-  zero = jnp.zeros((), x.dtype)
-  lo, hi, weighted, weighted_old = jax.lax.reduce(
-    (x, x, x * weights, old * weights),
-    (zero + jnp.inf, zero - jnp.inf, zero, zero),
-    combine,
-    (x.ndim - 1,),
-  )
-  return _Summary(lo[..., None], hi[..., None], weighted, weighted_old)
-
-
-def _fold(old, x, summary, weight_total, numerics, gamma):
-  """``(new vector, sum(w * new))`` of one factor from its new statistic
-  ``x`` (the EMA in ``paper`` numerics).
-
-  The vector is divided by a vector: XLA turns a division by a broadcast
-  scalar into a reciprocal, a kernel of its own per vector (``0 * x`` is
-  not folded away for floats, and a non-finite ``x`` is not kept).
-  """
-  lo, hi = summary.lo, summary.hi
-  shifted_sum = summary.weighted - weight_total * lo[..., 0]
-  if numerics == 'paper':
-    magnitude = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-    tiny = jnp.finfo(x.dtype).tiny
-    span = hi - lo + PAPER_MINMAX_EPS * magnitude + tiny
-    return (x - lo) / (span + 0 * x), shifted_sum / span[..., 0]
-  span = hi - lo + REFERENCE_MINMAX_EPS
-  new = 0.1 * gamma * old + 0.01 * gamma * (x - lo) / (span + 0 * x)
-  weighted = (
-    0.1 * gamma * summary.weighted_old
-    + 0.01 * gamma * shifted_sum / span[..., 0]
-  )
-  return new, weighted
+  init = (zero + jnp.inf, zero - jnp.inf) * 2 + (zero,) * 4
+  return jax.lax.reduce(operands, init, combine, (x.ndim - 1,))
 
 
 def refresh(
@@ -226,10 +268,12 @@ def refresh(
   statistics are finite; a due slice with non-finite statistics is counted
   in ``skipped`` and keeps its factors (a bad batch never poisons them). In
   ``paper`` numerics a slice's first refresh sets the EMAs to the
-  statistics. Written for few XLA kernels per block: one reduction per
-  vector gives its min and max (which propagate NaN and infinities, so
-  they also tell whether it is finite) and, for an outer
-  :class:`~adafisher_optax.rules.CurvatureSum`, the sums behind ``mean(K)``.
+  statistics. Written for few XLA kernels per block: the new statistics
+  are packed like :attr:`Factors.vectors` and folded in elementwise (so
+  XLA updates the arrays in place); one reduction gives each factor's min
+  and max (which propagate NaN and infinities, so they also tell whether
+  it is finite) and, for an outer :class:`~adafisher_optax.rules.CurvatureSum`,
+  the sums behind ``mean(K)``.
 
   Args:
     factors: the block's factors.
@@ -242,48 +286,61 @@ def refresh(
     entries: the entries of the layer's parameters (``mean(K)``'s divisor).
     mean_of: ``mean(K)`` per slice from new ``(h, s)``, for other forms.
   """
-  dtype = factors.h.dtype
-  h_hat, s_hat = (m.astype(dtype) for m in means)
+  old = factors.vectors
+  dtype = old.dtype
+  n_h, n_s = factors.block.h_shape[-1], factors.block.s_shape[-1]
+  position = jnp.arange(n_h + n_s + 1)
+  in_h = position < n_h
+  x = _pack(*(m.astype(dtype) for m in means), jnp.zeros(old.shape[:-1], dtype))
   if numerics == 'paper':
     first = (factors.refreshes == 0)[..., None]
-    h_hat = jnp.where(first, h_hat, gamma * factors.h_ema + (1 - gamma) * h_hat)
-    s_hat = jnp.where(first, s_hat, gamma * factors.s_ema + (1 - gamma) * s_hat)
+    x = jnp.where(first, x, gamma * factors.emas + (1 - gamma) * x)
   outer = form is not None and form.outer
-  h_weights = form.weights if outer else np.ones(h_hat.shape[-1])
-  s_weights = np.ones(s_hat.shape[-1])
-  h_summary = _summary(
-    h_hat, factors.h, _weights(h_weights, h_hat.shape[-1], dtype)
+  h_weights = np.asarray(form.weights if outer else np.ones(n_h), float)
+  lo_h, hi_h, lo_s, hi_s, h_sum, h_sum_old, s_sum, s_sum_old = (
+    _segment_summaries(x, old, n_h, n_s, _packed_weights(h_weights, n_s, dtype))
   )
-  s_summary = _summary(s_hat, factors.s, jnp.ones((), dtype))
-  finite = jnp.isfinite(
-    h_summary.lo + h_summary.hi + s_summary.lo + s_summary.hi
-  )
-  reached = (rows > 0) & due
-  ok = reached & finite[..., 0]
-  keep = ok[..., None]
-  h, h_sum = _fold(
-    factors.h, h_hat, h_summary, h_weights.sum(), numerics, gamma
-  )
-  s, s_sum = _fold(
-    factors.s, s_hat, s_summary, s_weights.sum(), numerics, gamma
-  )
-  h = jnp.where(keep, h, factors.h)
-  s = jnp.where(keep, s, factors.s)
-  mean = h_sum * s_sum / entries if outer else mean_of(h, s)
-  emas = {}
   if numerics == 'paper':
-    emas = dict(
-      h_ema=jnp.where(keep, h_hat, factors.h_ema).astype(dtype),
-      s_ema=jnp.where(keep, s_hat, factors.s_ema).astype(dtype),
-    )
-  return dataclasses.replace(
-    factors,
-    h=h.astype(dtype),
-    s=s.astype(dtype),
-    curvature_mean=jnp.where(ok, mean, factors.curvature_mean).astype(dtype),
-    refreshes=factors.refreshes + ok,
-    skipped=factors.skipped + (reached & ~ok),
-    **emas,
+    tiny = jnp.finfo(dtype).tiny
+
+    def span(lo, hi):
+      magnitude = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+      return hi - lo + PAPER_MINMAX_EPS * magnitude + tiny
+  else:
+
+    def span(lo, hi):
+      return hi - lo + REFERENCE_MINMAX_EPS
+
+  span_h, span_s = span(lo_h, hi_h), span(lo_s, hi_s)
+  # sum(w * new) of each factor, from the sums of x and old.
+  h_sum = (h_sum - h_weights.sum() * lo_h) / span_h
+  s_sum = (s_sum - n_s * lo_s) / span_s
+  lo = jnp.where(in_h, lo_h[..., None], lo_s[..., None])
+  new = (x - lo) / jnp.where(in_h, span_h[..., None], span_s[..., None])
+  if numerics == 'reference':
+    new = 0.1 * gamma * old + 0.01 * gamma * new
+    h_sum = 0.1 * gamma * h_sum_old + 0.01 * gamma * h_sum
+    s_sum = 0.1 * gamma * s_sum_old + 0.01 * gamma * s_sum
+  if outer:
+    mean = h_sum * s_sum / entries
+  else:
+    mean = mean_of(new[..., :n_h], new[..., n_h : n_h + n_s])
+  reached = (rows > 0) & due
+  ok = reached & jnp.isfinite(lo_h + hi_h + lo_s + hi_s)
+  keep = ok[..., None]
+  # mean(K) in the last entry, as a pad: a broadcast would make its
+  # divisions a kernel of their own, a slice of ``new`` a copy of the array.
+  lead = [(0, 0)] * (new.ndim - 1)
+  mean = jnp.pad(mean.astype(dtype)[..., None], lead + [(n_h + n_s, 0)])
+  new = jnp.where(position == n_h + n_s, mean, new)
+  emas = factors.emas
+  if numerics == 'paper':
+    emas = jnp.where(keep, x, emas).astype(dtype)
+  return Factors(
+    vectors=jnp.where(keep, new, old).astype(dtype),
+    counts=factors.counts + jnp.stack([ok, reached & ~ok], -1),
+    emas=emas,
+    block=factors.block,
   )
 
 

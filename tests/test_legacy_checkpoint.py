@@ -75,3 +75,78 @@ def test_restore_legacy_converts_every_layer(numerics):
   schedule = afo.refresh_schedule(restored['opt_state'])
   assert [next(schedule) for _ in range(3)] == [False, True, False]
   assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
+
+
+# --- one array per factor field (up to commit 31527a8) -----------------------
+
+FIELDS = Path(__file__).parent / 'data' / 'checkpoint_fields'
+
+
+class TiedLM(nn.Module):
+  """The model of ``checkpoint_fields/make.py``."""
+
+  @nn.compact
+  def __call__(self, ids):
+    embed = nn.Embed(11, 6, name='tokens')
+    x = nn.relu(nn.Dense(6, name='hidden')(embed(ids)))
+    return embed.attend(nn.LayerNorm(name='ln')(x))
+
+
+def _lm_loss(params, ids):
+  logits = TiedLM().apply({'params': params}, ids)
+  return optax.softmax_cross_entropy_with_integer_labels(
+    logits[:, :-1], ids[:, 1:]
+  ).mean()
+
+
+def _lm_target(numerics):
+  ids = jax.random.randint(jax.random.key(0), (4, 7), 0, 11)
+  params = TiedLM().init(jax.random.key(1), ids)['params']
+  grad_fn = afo.value_and_grad_with_curvature(_lm_loss)
+  layout = afo.curvature_layout(grad_fn, params, ids)
+  tx = afo.adafisher(0.01, numerics=numerics, t_cov=2, layout=layout)
+  return tx, grad_fn, ids, {'params': params, 'opt_state': tx.init(params)}
+
+
+@pytest.mark.parametrize('numerics', ['reference', 'paper'])
+def test_restore_refuses_a_checkpoint_with_one_array_per_field(numerics):
+  *_, target = _lm_target(numerics)
+  with pytest.raises(ValueError, match=r'one array per factor.*restore_legacy'):
+    afo.checkpoint.restore(FIELDS / numerics, target)
+
+
+@pytest.mark.parametrize('numerics', ['reference', 'paper'])
+def test_restore_legacy_converts_one_array_per_field(numerics):
+  tx, grad_fn, ids, target = _lm_target(numerics)
+  restored = afo.checkpoint.restore_legacy(FIELDS / numerics, target)
+  expected = dict(np.load(FIELDS / f'{numerics}_expected.npz'))
+  state = afo.adafisher_state(restored['opt_state'])
+  assert int(state.count) == int(expected.pop('count')) == 3
+  assert int(state.last_refresh) == int(expected.pop('last_refresh'))
+  blocks = afo.factors.by_block(state.factors)
+  assert {path for path, _ in blocks} == {('tokens',), ('hidden',), ('ln',)}
+  assert (('tokens',), 'attend') in blocks  # the tied table: both rules
+  checked = set()
+  for (path, rule), factors in blocks.items():
+    for field in ('h', 's', 'curvature_mean', 'refreshes', 'skipped'):
+      name = f'{"/".join(path)}:{rule}/{field}'
+      np.testing.assert_array_equal(
+        np.asarray(getattr(factors, field)), expected[name]
+      )
+      checked.add(name)
+    if numerics == 'paper':
+      for field in ('h_ema', 's_ema'):
+        name = f'{"/".join(path)}:{rule}/{field}'
+        np.testing.assert_array_equal(
+          np.asarray(getattr(factors, field)), expected[name]
+        )
+        checked.add(name)
+  assert checked == set(expected)  # every stored field was compared
+  assert int(blocks[('tokens',), 'attend'].refreshes) == 2  # steps 0 and 2
+  # The converted state trains on, with this version's optimizer.
+  _, grads, curvature = grad_fn(restored['params'], ids)
+  updates, new = tx.update(
+    grads, restored['opt_state'], restored['params'], curvature=curvature
+  )
+  assert int(afo.adafisher_state(new).count) == 4
+  assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
