@@ -41,7 +41,9 @@ def _earlier_layout(paths) -> str | None:
   (``relative_damping`` leaves) or one array per factor field."""
   if any(path.endswith('/relative_damping') for path in paths):
     return 'adafisher_optax 0.2 (one dict of factors per layer)'
-  if any('/factors/' in path and path.endswith('/h') for path in paths):
+  if any(
+    '/factors/' in path and path.endswith('/curvature_mean') for path in paths
+  ):
     return 'an earlier adafisher_optax (one array per factor field)'
   return None
 
