@@ -199,14 +199,23 @@ def initial(layout: FactorLayout, paper: bool, dtype: Any) -> Any:
   return nest({b.key: _initial(b, paper, dtype) for b in layout.blocks})
 
 
+def _as_last(value: jax.Array, length: int, dtype) -> jax.Array:
+  """``value`` (``[*stack]``) as the last entry of ``[*stack, length]``
+  vectors, zeros before it, written as a pad: XLA fuses it into the reader,
+  whereas a broadcast of a scalar that took a division (``mean(K)``) is a
+  kernel of its own per block."""
+  lead = [(0, 0)] * jnp.ndim(value)
+  return jnp.pad(value.astype(dtype)[..., None], lead + [(length - 1, 0)])
+
+
 def _pack(h: jax.Array, s: jax.Array, last: jax.Array) -> jax.Array:
   """``[h, s, last]`` on the last axis, written as pads and selects: XLA
-  fuses those into every reader, whereas a concatenation (or a broadcast
-  of a scalar that took a division) is a kernel of its own per block."""
+  fuses those into every reader, whereas a concatenation is a kernel of
+  its own per block."""
   n_h, n_s = h.shape[-1], s.shape[-1]
   lead = [(0, 0)] * (h.ndim - 1)
   position = jnp.arange(n_h + n_s + 1)
-  last = jnp.pad(last.astype(h.dtype)[..., None], lead + [(n_h + n_s, 0)])
+  last = _as_last(last, n_h + n_s + 1, h.dtype)
   on_s = jnp.where(position < n_h + n_s, jnp.pad(s, lead + [(n_h, 1)]), last)
   return jnp.where(position < n_h, jnp.pad(h, lead + [(0, n_s + 1)]), on_s)
 
@@ -328,10 +337,9 @@ def refresh(
   reached = (rows > 0) & due
   ok = reached & jnp.isfinite(lo_h + hi_h + lo_s + hi_s)
   keep = ok[..., None]
-  # mean(K) in the last entry, as a pad: a broadcast would make its
-  # divisions a kernel of their own, a slice of ``new`` a copy of the array.
-  lead = [(0, 0)] * (new.ndim - 1)
-  mean = jnp.pad(mean.astype(dtype)[..., None], lead + [(n_h + n_s, 0)])
+  # mean(K) in the last entry of ``new`` itself: repacking slices of
+  # ``new`` would make XLA copy the array instead of updating it in place.
+  mean = _as_last(mean, n_h + n_s + 1, dtype)
   new = jnp.where(position == n_h + n_s, mean, new)
   emas = factors.emas
   if numerics == 'paper':
