@@ -732,7 +732,7 @@ def test_tied_embedding_sums_lookup_and_attend_curvatures(x64, numerics):
   assert report.unpreconditioned == []
 
 
-def test_tied_embedding_without_a_layout_says_to_pass_one():
+def test_tied_embedding_without_a_layout_says_to_pass_one(x64):
   params, ids, grad_fn = _tied_problem()
   _, grads, curvature = grad_fn(params, ids)
   tx = afo.adafisher(1e-3)  # sized from names: a lookup table only
