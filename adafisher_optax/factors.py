@@ -38,7 +38,8 @@ def minmax_reference(x: jax.Array) -> jax.Array:
   """``(x - min) / (max - min + 1e-6)`` over the last axis, as the authors do
   (``+-inf`` first mapped to 1 and 0)."""
   x = jnp.where(jnp.isposinf(x), 1.0, jnp.where(jnp.isneginf(x), 0.0, x))
-  return _minmax_reference(x, *_range(x))
+  lo, hi = _range(x)
+  return (x - lo) / _span(lo, hi, 'reference')
 
 
 def minmax_paper(x: jax.Array) -> jax.Array:
@@ -47,7 +48,19 @@ def minmax_paper(x: jax.Array) -> jax.Array:
   The denominator ``max - min + eps * max|x| + tiny`` makes the result
   invariant to rescaling ``x``, so every float precision agrees.
   """
-  return _minmax_paper(x, *_range(x))
+  lo, hi = _range(x)
+  return (x - lo) / _span(lo, hi, 'paper')
+
+
+def _span(lo: jax.Array, hi: jax.Array, numerics: rules.Numerics) -> jax.Array:
+  """The min-max denominator of a vector with minimum ``lo`` and maximum
+  ``hi``: ``max - min`` plus the authors' absolute epsilon (``reference``)
+  or the scale-free ``eps * max|x| + tiny`` (``paper``)."""
+  if numerics == 'paper':
+    magnitude = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+    tiny = jnp.finfo(jnp.result_type(lo)).tiny
+    return hi - lo + PAPER_MINMAX_EPS * magnitude + tiny
+  return hi - lo + REFERENCE_MINMAX_EPS
 
 
 @jax.tree_util.register_dataclass
@@ -309,18 +322,7 @@ def refresh(
   lo_h, hi_h, lo_s, hi_s, h_sum, h_sum_old, s_sum, s_sum_old = (
     _segment_summaries(x, old, n_h, n_s, _packed_weights(h_weights, n_s, dtype))
   )
-  if numerics == 'paper':
-    tiny = jnp.finfo(dtype).tiny
-
-    def span(lo, hi):
-      magnitude = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-      return hi - lo + PAPER_MINMAX_EPS * magnitude + tiny
-  else:
-
-    def span(lo, hi):
-      return hi - lo + REFERENCE_MINMAX_EPS
-
-  span_h, span_s = span(lo_h, hi_h), span(lo_s, hi_s)
+  span_h, span_s = _span(lo_h, hi_h, numerics), _span(lo_s, hi_s, numerics)
   # sum(w * new) of each factor, from the sums of x and old.
   h_sum = (h_sum - h_weights.sum() * lo_h) / span_h
   s_sum = (s_sum - n_s * lo_s) / span_s
@@ -354,13 +356,3 @@ def refresh(
 
 def _range(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   return jnp.min(x, axis=-1, keepdims=True), jnp.max(x, axis=-1, keepdims=True)
-
-
-def _minmax_reference(x, lo, hi):
-  return (x - lo) / (hi - lo + REFERENCE_MINMAX_EPS)
-
-
-def _minmax_paper(x, lo, hi):
-  magnitude = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-  tiny = jnp.finfo(x.dtype).tiny
-  return (x - lo) / (hi - lo + PAPER_MINMAX_EPS * magnitude + tiny)
