@@ -77,6 +77,25 @@ def git_commit() -> str | None:
   return head.stdout.strip() + ('+dirty' if dirty.stdout.strip() else '')
 
 
+def source_id(commit: str) -> str | None:
+  """What decides a run's bits at ``commit``: the git blob ids of the
+  library and of the benchmark code (results excluded), as one string;
+  ``None`` outside a git checkout or for an unknown commit."""
+  import subprocess
+
+  root = Path(__file__).resolve().parents[1]
+  listing = subprocess.run(
+    ['git', 'ls-tree', '-r', commit, '--', 'adafisher_optax', 'benchmarks'],
+    cwd=root,
+    capture_output=True,
+    text=True,
+  )
+  if listing.returncode != 0:
+    return None
+  lines = listing.stdout.splitlines()
+  return '\n'.join(x for x in lines if '\tbenchmarks/results/' not in x)
+
+
 def command(module: str, argv: list[str] | None) -> str:
   """The command line that reproduces this run."""
   args = sys.argv[1:] if argv is None else argv

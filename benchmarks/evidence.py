@@ -92,6 +92,7 @@ class Context:
     if not same or previous.get('description') != self.task.description:
       self.log(f'{self.path} ran another protocol: starting afresh')
       return {}
+    _check_same_code(self.path, previous.get('git_commit'))
     return previous
 
   def cached(self, arm: Arm, part: str):
@@ -123,6 +124,31 @@ class Context:
       evaluator=self.evaluator,
       programs=self.programs,
     )
+
+
+def _check_same_code(path: Path, before: str | None) -> None:
+  """Refuses to resume ``path`` with code that gives other bits.
+
+  A run is reproducible bit for bit only with the library and benchmark
+  code it ran with; a later commit can change the bits of AdaFisher's runs
+  without changing its maths, and a resumed task would then mix the two.
+  """
+  now = cli.git_commit()
+  if before is None or before == now:
+    return
+  clean = not before.endswith('+dirty') and not str(now).endswith('+dirty')
+  source = cli.source_id('HEAD')
+  if clean and source is not None and cli.source_id(before) == source:
+    return
+  commit = before.removesuffix('+dirty')
+  raise SystemExit(
+    f'{path} was run by commit {before}, and this checkout ({now}) has '
+    'other library or benchmark code: resumed runs would not give the same '
+    'bits as the stored ones. Resume in a worktree of that commit '
+    f'(git worktree add ../evidence-{commit[:7]} {commit[:7]}, copy the '
+    'JSON there, run benchmarks/run_full_tier.sh in it), or run without '
+    '--resume to start afresh.'
+  )
 
 
 # ----------------------------------------------------------------- tuning

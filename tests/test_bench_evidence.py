@@ -5,13 +5,15 @@ import dataclasses
 import itertools
 import json
 import math
+import re
+from pathlib import Path
 
 import jax
 import numpy as np
 import optax
 import pytest
 
-from benchmarks import evidence, protocol, report, runner, tasks
+from benchmarks import cli, evidence, protocol, report, runner, tasks
 from benchmarks import optimizers as opt
 
 TINY = tasks.FashionConfig(
@@ -221,6 +223,24 @@ def test_smoke_tier_end_to_end(tmp_path):
   again = json.loads((tmp_path / 'mlp.json').read_text())
   assert sorted(again['resumed_tuning']) == sorted(arms)
   assert again['arms']['adam']['eval'] == arms['adam']['eval']
+
+
+def test_resume_refuses_a_json_of_other_code(monkeypatch):
+  sources = {'aaa': 'library 1', 'bbb': 'library 1', 'ccc': 'library 2'}
+  monkeypatch.setattr(cli, 'source_id', lambda c: sources[c])
+  path = Path('cnn.json')
+  for now, before in [('aaa', 'aaa'), ('aaa+dirty', 'aaa+dirty')]:
+    monkeypatch.setattr(cli, 'git_commit', lambda now=now: now)
+    evidence._check_same_code(path, before)  # the same checkout
+  monkeypatch.setattr(cli, 'git_commit', lambda: 'bbb')
+  sources['HEAD'] = sources['bbb']
+  evidence._check_same_code(path, 'aaa')  # a later commit, same code
+  evidence._check_same_code(path, None)  # a JSON from before the field
+  for before in ('ccc', 'aaa+dirty'):
+    with pytest.raises(
+      SystemExit, match=f'commit {re.escape(before)}.*worktree'
+    ):
+      evidence._check_same_code(path, before)
 
 
 def test_gpu_tier_logic_at_a_tiny_size(tmp_path):
