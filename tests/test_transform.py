@@ -275,6 +275,30 @@ def test_masked_freezes_layers_and_biases():
   assert 'dense1' not in factors and factors['head'].h.shape == (9,)
 
 
+@pytest.mark.parametrize('grafting', [None, 'rms', 'adam'])
+def test_a_mask_or_labels_per_layer_equal_a_mask_per_leaf(grafting):
+  """``optax.masked`` and ``optax.multi_transform`` given one flag or label
+  per layer (a prefix of the params) put a ``MaskedNode`` in place of a
+  frozen layer's dict; its curvature is dropped like a masked leaf's."""
+  model, params, batches = _setup()
+  per_layer = {'dense0': True, 'dense1': False, 'head': True}
+  per_leaf = {k: {'kernel': v, 'bias': v} for k, v in per_layer.items()}
+  want, _ = run(model, _masked_tx(per_leaf, grafting=grafting), params, batches)
+  got, state = run(
+    model, _masked_tx(per_layer, grafting=grafting), params, batches
+  )
+  chex.assert_trees_all_equal(got, want)
+  assert set(afo.adafisher_state(state).factors) == {'dense0', 'head'}
+  labels = {k: 'fisher' if v else 'frozen' for k, v in per_layer.items()}
+  transforms = {
+    'fisher': afo.adafisher(1e-2, grafting=grafting),
+    'frozen': optax.set_to_zero(),
+  }
+  tx = optax.multi_transform(transforms, labels)
+  got, _ = run(model, tx, params, batches)
+  chex.assert_trees_all_equal(got, want)
+
+
 def test_masked_weights_need_a_layout():
   """Bias-only training (BitFit): the kernel shape is hidden by the mask."""
   model, params, batches = _setup()
