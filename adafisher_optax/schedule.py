@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax
+import optax
 
 from adafisher_optax.accumulation import MultiStepsState
 from adafisher_optax.state import (
@@ -28,14 +29,25 @@ from adafisher_optax.state import (
 )
 
 
+def _nodes(tree: Any, kind: type) -> list:
+  """The nodes of ``tree`` that are ``kind``, outermost first."""
+  leaves = jax.tree.leaves(tree, is_leaf=lambda n: isinstance(n, kind))
+  return [node for node in leaves if isinstance(node, kind)]
+
+
 def _multi_steps_state(opt_state: Any) -> MultiStepsState | None:
-  found = [
-    node
-    for node in jax.tree.leaves(
-      opt_state, is_leaf=lambda n: isinstance(n, MultiStepsState)
+  found = _nodes(opt_state, MultiStepsState)
+  if not found and _nodes(opt_state, optax.MultiStepsState):
+    raise ValueError(
+      'refresh_schedule: the AdaFisher state is inside optax.MultiSteps, '
+      'which calls AdaFisher once per window of micro-batches with the '
+      "curvature of the window's last micro-batch only; its state does not "
+      'say how long a window is, so no flag per micro-batch can hit the '
+      'updates that refresh. Use adafisher_optax.multi_steps(tx, k, '
+      'layout=layout) instead (it sums the statistics of every micro-batch, '
+      'and its schedule gives one flag per micro-batch), or keep '
+      'optax.MultiSteps and capture on every micro-batch (capture=True).'
     )
-    if isinstance(node, MultiStepsState)
-  ]
   return found[0] if found else None
 
 

@@ -176,6 +176,17 @@ def test_multi_steps_schedule_with_a_schedule_of_micro_batches(problem):
   assert int(afo.adafisher_state(state).count) == 3  # windows of 2, 3, 3
 
 
+def test_no_schedule_inside_optax_multi_steps(problem):
+  """optax.MultiSteps updates AdaFisher once per window with the last
+  micro-batch's curvature, and its state does not hold the window length:
+  a flag per call would land the refreshes on dropped micro-batches."""
+  params, _, _ = problem
+  for inner in (afo.adafisher(1e-3), optax.chain(afo.adafisher(1e-3))):
+    state = optax.MultiSteps(inner, every_k_schedule=2).init(params)
+    with pytest.raises(ValueError, match=r'optax.MultiSteps.*multi_steps\('):
+      afo.refresh_schedule(state)
+
+
 def test_multi_steps_schedule_after_a_restore_mid_window(problem):
   params, batches, grad_fn = problem
   tx = _accumulating(params, batches, grad_fn, t_cov=1)
