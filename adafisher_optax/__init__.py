@@ -18,7 +18,7 @@ The optimizer core imports neither Flax nor orbax; the Flax front ends,
 
 import importlib
 
-from adafisher_optax import controls, grafting, rules, tags
+from adafisher_optax import controls, flax_serialization, grafting, rules, tags
 from adafisher_optax.accumulation import MultiStepsState, multi_steps
 from adafisher_optax.alias import adafisher, adafisher_like_adam, adafisherw
 from adafisher_optax.diagnostics import (
@@ -58,6 +58,9 @@ _LAZY = {
   'TrainState': ('adafisher_optax.train_state', 'TrainState'),
   'REFERENCE_LAYERS': ('adafisher_optax.linen', 'REFERENCE_LAYERS'),
 }
+
+
+flax_serialization.register_if_flax_loaded()
 
 
 def __getattr__(name: str):

@@ -31,8 +31,10 @@ from typing import Any
 
 import flax.linen as nn
 
-from adafisher_optax import _tree, linen_layers, registry
+from adafisher_optax import _tree, flax_serialization, linen_layers, registry
 from adafisher_optax.session import PROBE, CaptureError, LayerCall, Session
+
+flax_serialization.register()
 
 BUILT_IN = linen_layers.BUILT_IN
 REFERENCE_LAYERS = linen_layers.REFERENCE_LAYERS

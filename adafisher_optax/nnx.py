@@ -35,7 +35,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from adafisher_optax import _tree, registry, rules
+from adafisher_optax import _tree, flax_serialization, registry, rules
 from adafisher_optax import capture as capture_lib
 from adafisher_optax.arguments import check_call
 from adafisher_optax.fisher import check_fisher
@@ -56,6 +56,8 @@ from adafisher_optax.session import (
   Session,
   current,
 )
+
+flax_serialization.register()
 
 #: Static attribute naming a tapped layer's path in the model.
 _PATH = '__adafisher_path__'

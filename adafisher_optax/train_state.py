@@ -7,6 +7,10 @@ from typing import Any
 import optax
 from flax.training import train_state
 
+from adafisher_optax import flax_serialization
+
+flax_serialization.register()
+
 
 class TrainState(train_state.TrainState):
   """``flax.training.train_state.TrainState`` for AdaFisher.

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 from optax import tree as otu
 
-from adafisher_optax import _tree, conventions, rules
+from adafisher_optax import _tree, conventions, flax_serialization, rules
 from adafisher_optax import factors as factors_lib
 from adafisher_optax import grafting as grafting_lib
 from adafisher_optax import hyperparameters as hp
@@ -284,6 +284,7 @@ def _scale_by_adafisher(
 
   def init_fn(params):
     _check_parameters(params, 'parameter')
+    flax_serialization.register_if_flax_loaded()
     factor_layout = fixed_layout or layout_lib.from_guesses(
       conventions.guess(params), numerics
     )

@@ -54,6 +54,68 @@ def test_train_state_matches_the_plain_optax_path():
   assert int(state.step) == 4
 
 
+# --- Flax serialization (msgpack, flax.training.checkpoints) ----------------
+
+_OPTIMIZERS = {
+  'reference': lambda: afo.adafisher(0.02, t_cov=2),
+  'paper': lambda: afo.adafisher(0.02, t_cov=2, numerics='paper'),
+  'like_adam': lambda: afo.adafisher_like_adam(1e-3, t_cov=2),
+}
+
+
+@pytest.mark.parametrize('name', sorted(_OPTIMIZERS))
+def test_flax_msgpack_round_trip_resumes_training(name):
+  from flax import serialization
+
+  model, tx = ConvNet(), _OPTIMIZERS[name]()
+  params = _params(model, (6, 5, 5, 2))
+  step = jax.jit(make_step(model, tx))
+  batches = [batch(jax.random.key(10 + i), (6, 5, 5, 2)) for i in range(4)]
+  p, s = params, tx.init(params)
+  for x, y in batches[:2]:
+    p, s, _ = step(p, s, x, y)
+  state = afo.TrainState.create(apply_fn=model.apply, params=p, tx=tx)
+  state = state.replace(opt_state=s)
+  target = afo.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+  restored = serialization.from_bytes(target, serialization.to_bytes(state))
+  chex.assert_trees_all_equal(restored.opt_state, s)
+  q, r = restored.params, restored.opt_state
+  for x, y in batches[2:]:
+    p, s, _ = step(p, s, x, y)
+    q, r, _ = step(q, r, x, y)
+  chex.assert_trees_all_equal((q, r), (p, s))
+
+
+def test_flax_msgpack_refuses_factors_of_another_model_or_numerics():
+  from flax import serialization
+
+  params = _params(MLP(), (4, 5))
+  blob = serialization.to_bytes(afo.adafisher(0.1).init(params))
+  paper = afo.adafisher(0.1, numerics='paper').init(params)
+  with pytest.raises(ValueError, match=r"'reference' numerics.*'paper'"):
+    serialization.from_bytes(paper, blob)
+  wider = _params(MLP(widths=(8, 8)), (4, 5))
+  with pytest.raises(ValueError, match=r'factors/dense0/vectors.*shape'):
+    serialization.from_bytes(afo.adafisher(0.1).init(wider), blob)
+
+
+def test_flax_msgpack_works_when_flax_is_imported_after_the_library():
+  code = (
+    'import adafisher_optax as afo\n'
+    'import jax.numpy as jnp\n'
+    'from flax import serialization\n'
+    "params = {'dense': {'kernel': jnp.ones((3, 2)), 'bias': jnp.zeros(2)}}\n"
+    'state = afo.adafisher(1e-3).init(params)\n'
+    'back = serialization.from_bytes(state, serialization.to_bytes(state))\n'
+    'factors = afo.adafisher_state(back).factors\n'
+    "assert isinstance(factors['dense'], afo.Factors)\n"
+  )
+  done = subprocess.run(
+    [sys.executable, '-c', code], capture_output=True, text=True, timeout=120
+  )
+  assert done.returncode == 0, done.stderr
+
+
 # --- tags for pure JAX -----------------------------------------------------------
 
 
