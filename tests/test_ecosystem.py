@@ -86,6 +86,33 @@ def test_flax_msgpack_round_trip_resumes_training(name):
   chex.assert_trees_all_equal((q, r), (p, s))
 
 
+def test_flax_msgpack_round_trip_of_multi_steps_mid_window():
+  """The running sums of the statistics travel with the state."""
+  from flax import serialization
+
+  model = MLP()
+  params = _params(model, (4, 5))
+  grad_fn = afo.value_and_grad_with_curvature(loss_fn(model))
+  batches = [batch(jax.random.key(10 + i), (4, 5)) for i in range(4)]
+  layout = afo.curvature_layout(grad_fn, params, *batches[0])
+  tx = afo.multi_steps(afo.adafisher(0.02, t_cov=1), 2, layout=layout)
+
+  @jax.jit
+  def step(p, s, x, y):
+    _, grads, curvature = grad_fn(p, x, y)
+    updates, s = tx.update(grads, s, p, curvature=curvature)
+    return optax.apply_updates(p, updates), s
+
+  p, s = step(params, tx.init(params), *batches[0])  # one micro-batch in
+  r = serialization.from_bytes(tx.init(params), serialization.to_bytes(s))
+  chex.assert_trees_all_equal(r, s)
+  q = p
+  for x, y in batches[1:]:
+    p, s = step(p, s, x, y)
+    q, r = step(q, r, x, y)
+  chex.assert_trees_all_equal((q, r), (p, s))
+
+
 def test_flax_msgpack_refuses_factors_of_another_model_or_numerics():
   from flax import serialization
 
