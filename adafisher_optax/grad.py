@@ -77,9 +77,13 @@ def value_and_grad_with_curvature(
   ``fun(params, *args, **kwargs)`` applies a Flax linen model to ``params``
   (for example ``model.apply({'params': params}, x)``, or to a sub-tree of
   them), or a pure-JAX model built with :mod:`adafisher_optax.tags`. Layers
-  whose parameters are arrays of ``params`` are captured; others (a teacher
-  or target network, params transformed inside ``fun``) are not. ``fun``
-  receives ``params`` exactly as given.
+  whose parameters are arrays of ``params`` are captured, and ``fun``
+  receives ``params`` exactly as given; other layers (a teacher or target
+  network) are not. If no layer reads an array of ``params`` (params cast
+  inside ``fun``, or a top-level ``nn.scan(Block)``), layers are matched by
+  path instead, and ``fun`` then receives ``params`` with one more entry
+  per layer, ``'__adafisher_probe__'`` (zeros): sums over the leaves (an L2
+  penalty) are unchanged, but a loss that counts leaves or keys sees it.
 
   The returned function computes ``(value, grads, curvature)`` in one
   forward and one backward pass and is meant to be called inside the user's
