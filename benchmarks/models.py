@@ -113,6 +113,17 @@ class TransformerBlock(nn.Module):
     return x + nn.Dropout(self.dropout, deterministic=not train)(y)
 
 
+class _ScannedBlock(nn.Module):
+  """A :class:`TransformerBlock` in ``nn.scan``'s ``(carry, x)`` form."""
+
+  heads: int
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    return TransformerBlock(self.heads, self.dropout)(x, train), None
+
+
 class CharGPT(nn.Module):
   """A character-level GPT: int tokens ``[B, T]`` to logits ``[B, T, vocab]``.
 
@@ -120,8 +131,8 @@ class CharGPT(nn.Module):
   blocks of causal self-attention and a 4x gelu MLP, a final LayerNorm and an
   untied ``nn.Dense`` head, or with ``tied=True`` the token table as the
   output projection (``nn.Embed.attend``, as GPT-2 and nanoGPT). No dropout
-  by default, so steps are deterministic. Blocks are unrolled (no
-  ``nn.scan``).
+  by default, so steps are deterministic. Blocks are unrolled, or with
+  ``scan=True`` one ``nn.scan`` over stacked block params.
   """
 
   vocab: int
@@ -131,6 +142,7 @@ class CharGPT(nn.Module):
   max_len: int = 128
   dropout: float = 0.0
   tied: bool = False
+  scan: bool = False
 
   @nn.compact
   def __call__(self, tokens, train: bool = True):
@@ -142,8 +154,18 @@ class CharGPT(nn.Module):
     x = x + nn.Embed(self.max_len, self.d_model, name='positions')(
       jnp.arange(length)
     )
-    for _ in range(self.layers):
-      x = TransformerBlock(self.heads, self.dropout)(x, train)
+    if self.scan:
+      blocks = nn.scan(
+        _ScannedBlock,
+        variable_axes={'params': 0},
+        split_rngs={'params': True, 'dropout': True},
+        in_axes=nn.broadcast,
+        length=self.layers,
+      )
+      x, _ = blocks(self.heads, self.dropout, name='blocks')(x, train)
+    else:
+      for _ in range(self.layers):
+        x = TransformerBlock(self.heads, self.dropout)(x, train)
     x = nn.LayerNorm()(x)
     if self.tied:
       return embed.attend(x)

@@ -8,7 +8,9 @@
 * ``gpt2-small``, ``gpt2-24``, ``gpt2-4``: GPT-2-sized (d_model 768, 12
   heads, vocab 50257, tied input/output embeddings, blocks unrolled, no
   ``nn.scan``) with 12, 24 or 4 blocks, on random tokens (``GPT2_BATCH`` x
-  ``GPT2_SEQ``; the cost does not depend on the values).
+  ``GPT2_SEQ``; the cost does not depend on the values);
+  ``gpt2-small-scan``, ``gpt2-24-scan``: the same with the blocks in one
+  ``nn.scan`` (stacked params, one block body to compile).
 
 Inputs of ``mlp`` and ``cnn`` are random (the cost does not depend on them).
 """
@@ -100,9 +102,13 @@ GPT2_BATCH, GPT2_SEQ = 1, 1024
 
 
 def gpt2_workload(
-  layers: int, batch: int | None = None, seq: int | None = None
+  layers: int,
+  batch: int | None = None,
+  seq: int | None = None,
+  scan: bool = False,
 ) -> Workload:
-  """GPT-2-sized, tied embeddings, ``layers`` unrolled blocks."""
+  """GPT-2-sized, tied embeddings, ``layers`` blocks (unrolled, or one
+  ``nn.scan`` with ``scan=True``)."""
   batch = batch or GPT2_BATCH
   seq = seq or GPT2_SEQ
   model = CharGPT(
@@ -112,12 +118,14 @@ def gpt2_workload(
     heads=GPT2_HEADS,
     max_len=seq,
     tied=True,
+    scan=scan,
   )
   x, y = _tokens(GPT2_VOCAB, batch, seq)
+  blocks = 'blocks in one nn.scan' if scan else 'blocks unrolled (no nn.scan)'
   description = (
-    f'GPT-2-sized, {layers} blocks, d_model {GPT2_D_MODEL}, {GPT2_HEADS} '
-    f'heads, vocab {GPT2_VOCAB}, tied embeddings (nn.Embed.attend), no '
-    f'nn.scan; batch {batch} x {seq} random tokens'
+    f'GPT-2-sized, {layers} {blocks}, d_model {GPT2_D_MODEL}, {GPT2_HEADS} '
+    f'heads, vocab {GPT2_VOCAB}, tied embeddings (nn.Embed.attend); '
+    f'batch {batch} x {seq} random tokens'
   )
   return Workload(model, x, y, description, large=True)
 
@@ -129,6 +137,8 @@ WORKLOADS: dict[str, Callable[[], Workload]] = {
   'gpt2-small': lambda **kw: gpt2_workload(12, **kw),
   'gpt2-24': lambda **kw: gpt2_workload(24, **kw),
   'gpt2-4': lambda **kw: gpt2_workload(4, **kw),
+  'gpt2-small-scan': lambda **kw: gpt2_workload(12, scan=True, **kw),
+  'gpt2-24-scan': lambda **kw: gpt2_workload(24, scan=True, **kw),
 }
 #: The models ``step_cost`` measures when none are named.
 DEFAULT = ('mlp', 'cnn', 'gpt')

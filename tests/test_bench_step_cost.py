@@ -4,9 +4,12 @@ GPT-2-sized workloads, and the measurement helpers."""
 import json
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from benchmarks import measure, stats, step_cost, workloads
+from benchmarks.models import CharGPT
 
 
 def test_compile_only_rows_have_ratios_to_adam(tmp_path):
@@ -84,6 +87,22 @@ def test_gpt2_workloads_are_tied_and_unrolled():
   assert n == 50257 * 768 + 16 * 768 + 4 * (12 * 768**2 + 13 * 768) + 2 * 768
   small = workloads.build('gpt2-small', batch=1, seq=16)
   assert small.model.layers == 12 and small.model.d_model == 768
+
+
+def test_scanned_gpt2_stacks_the_unrolled_blocks():
+  """``gpt2-*-scan``: the same model, its blocks' params stacked."""
+  unrolled = CharGPT(11, layers=4, d_model=8, heads=2, max_len=8, tied=True)
+  scanned = unrolled.clone(scan=True)
+  x = jax.random.randint(jax.random.key(0), (2, 8), 0, 11)
+  params = unrolled.init(jax.random.key(1), x)['params']
+  names = [f'TransformerBlock_{i}' for i in range(4)]
+  stacked = jax.tree.map(lambda *a: jnp.stack(a), *[params[n] for n in names])
+  scan_params = {k: v for k, v in params.items() if k not in names}
+  scan_params['blocks'] = {'TransformerBlock_0': stacked}
+  want = unrolled.apply({'params': params}, x)
+  got = scanned.apply({'params': scan_params}, x)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert {'gpt2-small-scan', 'gpt2-24-scan'} <= set(workloads.WORKLOADS)
 
 
 def test_ratio_interval_and_kernel_count():
