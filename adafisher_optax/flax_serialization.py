@@ -2,12 +2,13 @@
 ``to_state_dict``/``to_bytes`` (``flax.training.checkpoints``, msgpack).
 
 :class:`~adafisher_optax.Factors` (and the running sums of
-:func:`~adafisher_optax.multi_steps`, :class:`~adafisher_optax.LayerStatistics`)
-are stored as their arrays and restored into the target's block, with the
-shapes and the numerics checked; the static settings (``Settings``,
-``Accumulation``) store nothing (the restoring optimizer's own are kept). The core does not import Flax:
-:func:`register_if_flax_loaded` registers them once Flax is there (at
-import, in the Flax front ends and in ``init``).
+:func:`~adafisher_optax.multi_steps`,
+:class:`~adafisher_optax.LayerStatistics`) are stored as their arrays and
+restored into the target's block, with the shapes and the numerics
+checked; the static settings (``Settings``, ``Accumulation``) store
+nothing (the restoring optimizer's own are kept). The core does not import
+Flax: :func:`register_if_flax_loaded` registers them once Flax is there
+(at import, in the Flax front ends and in ``init``).
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from adafisher_optax.state import (
 
 
 def _nodes(tree: Any, kind: type) -> list:
-  """The nodes of ``tree`` that are ``kind``, outermost first."""
+  """The nodes of ``tree`` that are ``kind`` (none inside another)."""
   leaves = jax.tree.leaves(tree, is_leaf=lambda n: isinstance(n, kind))
   return [node for node in leaves if isinstance(node, kind)]
 
