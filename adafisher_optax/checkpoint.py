@@ -118,15 +118,39 @@ def restore(directory: Any, target: Any, checkpointer: Any = None) -> Any:
 
 
 def _get(raw: Any, keypath) -> Any:
-  """The entry of a raw (target-free) restore at a ``jax`` key path."""
+  """The entry of a raw (target-free) restore at a ``jax`` key path, or
+  ``None`` (an empty ``nu`` of a state without ``grafting='adam'`` is
+  ``()``)."""
   for key in _tree.keypath_to_path(keypath):
-    raw = raw[int(key)] if isinstance(raw, list) else raw.get(key)
+    if isinstance(raw, (list, tuple)):
+      index = int(key) if str(key).isdigit() else len(raw)
+      raw = raw[index] if index < len(raw) else None
+    elif isinstance(raw, dict):
+      raw = raw.get(key)
+    else:
+      return None
     if raw is None:
       return None
   return raw
 
 
-def _legacy_factors(raw: Any, keypath, factors: Factors) -> Factors:
+def _shape_error(directory, keypath, shape, like) -> ValueError:
+  where = _tree.format_path(_tree.keypath_to_path(keypath))
+  return ValueError(
+    f'checkpoint {directory}: {where!r} has shape {tuple(shape)}, the '
+    f'target {np.shape(like)} (a checkpoint of another model?).'
+  )
+
+
+def _converted(directory, keypath, value, like) -> np.ndarray:
+  """``value`` in the shape of ``like``, or an error naming the path."""
+  value = np.asarray(value)
+  if value.size != np.size(like):
+    raise _shape_error(directory, keypath, value.shape, like)
+  return value.reshape(np.shape(like))
+
+
+def _legacy_factors(directory, raw, keypath, factors: Factors) -> Factors:
   """A block's factors from a checkpoint with one entry per factor field, or
   ``factors`` (the target's initial ones) for a block it did not have (0.2
   had no tied table's ``attend``)."""
@@ -138,12 +162,21 @@ def _legacy_factors(raw: Any, keypath, factors: Factors) -> Factors:
     old = _get(raw, keypath[:-1] if in_tuple else keypath)
   if old is None:
     return factors
+  saved = 'paper' if old.get('h_ema') is not None else 'reference'
+  asked = 'paper' if factors.emas is not None else 'reference'
+  if saved != asked:
+    raise ValueError(
+      f'checkpoint {directory}: its AdaFisher factors are for '
+      f'numerics={saved!r}, the target optimizer uses numerics={asked!r}.'
+    )
   return Factors.pack(
     factors.block,
     **{
-      field: np.asarray(old[field]).reshape(np.shape(value))
-      for field in _FIELDS
-      if (value := getattr(factors, field)) is not None
+      f: _converted(
+        directory, (*keypath, jax.tree_util.DictKey(f)), old[f], view
+      )
+      for f in _FIELDS
+      if (view := getattr(factors, f)) is not None
     },
   )
 
@@ -176,17 +209,25 @@ def restore_legacy(
   import orbax.checkpoint as ocp
 
   checkpointer = checkpointer or ocp.StandardCheckpointer()
+  metadata = checkpointer.metadata(directory)
+  if not _earlier_layout(_shapes(getattr(metadata, 'item_metadata', metadata))):
+    raise ValueError(
+      f"checkpoint {directory} is of this version's layout (or holds no "
+      'AdaFisher state): restore it with adafisher_optax.checkpoint.restore.'
+    )
   raw = checkpointer.restore(directory)
 
   def fill(keypath, node):
     if isinstance(node, Factors):
-      return _legacy_factors(raw, keypath, node)
+      return _legacy_factors(directory, raw, keypath, node)
     value = _get(raw, keypath)
     if value is None:
       where = _tree.format_path(_tree.keypath_to_path(keypath))
       if '/nu/' not in f'/{where}/':
         raise ValueError(f'checkpoint {directory}: no entry {where!r}.')
       return node
+    if np.shape(value) != np.shape(node):
+      raise _shape_error(directory, keypath, np.shape(value), node)
     return np.asarray(value)
 
   return jax.tree_util.tree_map_with_path(

@@ -150,3 +150,46 @@ def test_restore_legacy_converts_one_array_per_field(numerics):
   )
   assert int(afo.adafisher_state(new).count) == 4
   assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
+
+
+@pytest.mark.parametrize('numerics', ['reference', 'paper'])
+def test_restore_legacy_into_grafting_adam_starts_its_second_moment(numerics):
+  """The saved state had no ``nu`` (stored as ``()``): it starts at zero."""
+  _, grad_fn, ids, plain = _lm_target(numerics)
+  layout = afo.curvature_layout(grad_fn, plain['params'], ids)
+  tx = afo.adafisher(
+    0.01, numerics=numerics, t_cov=2, layout=layout, grafting='adam'
+  )
+  target = {'params': plain['params'], 'opt_state': tx.init(plain['params'])}
+  restored = afo.checkpoint.restore_legacy(FIELDS / numerics, target)
+  state = afo.adafisher_state(restored['opt_state'])
+  assert int(state.count) == 3
+  assert all(not np.any(v) for v in jax.tree.leaves(state.nu))
+  want = afo.checkpoint.restore_legacy(FIELDS / numerics, plain)
+  np.testing.assert_array_equal(
+    afo.adafisher_state(want['opt_state']).factors['hidden'].vectors,
+    state.factors['hidden'].vectors,
+  )
+
+
+def test_restore_legacy_names_what_does_not_fit(tmp_path):
+  import orbax.checkpoint as ocp
+
+  _, target = _target('reference')
+  wider = jax.tree.map(  # every output axis twice as wide
+    lambda p: jnp.zeros(p.shape[:-1] + (2 * p.shape[-1],)), target['params']
+  )
+  with pytest.raises(
+    ValueError, match=r"'params/head/bias' has shape \(3,\), the target \(6,\)"
+  ):
+    afo.checkpoint.restore_legacy(
+      DATA / 'reference', {**target, 'params': wider}
+    )
+  _, paper = _target('paper')
+  with pytest.raises(ValueError, match=r"numerics='reference'.*'paper'"):
+    afo.checkpoint.restore_legacy(DATA / 'reference', paper)
+  with ocp.StandardCheckpointer() as checkpointer:  # this version's layout
+    checkpointer.save(tmp_path / 'now', target)
+    checkpointer.wait_until_finished()
+  with pytest.raises(ValueError, match=r"this version's layout.*restore"):
+    afo.checkpoint.restore_legacy(tmp_path / 'now', target)
