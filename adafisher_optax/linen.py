@@ -241,7 +241,7 @@ class _Interceptor:
       self.session.params_elsewhere(f'{where} ({description})')
       return outputs
     if method not in entries or not args:
-      why = 'called without a positional input' if args else 'not captured'
+      why = 'not captured' if args else 'called without a positional input'
       self.session.not_captured(path, description, f'method {method!r} {why}')
       return outputs
     return self.session.apply(

@@ -257,7 +257,22 @@ def _registered_layers(
     names = {n for t in entry[1].values() for n in (t.weight, t.bias) if n}
     if any(isinstance(getattr(node, n, None), nnx.Param) for n in names):
       found[tuple(path)] = node
+    elif not any(hasattr(node, n) for n in names):
+      _check_registered_names(tuple(path), node, sorted(names))
   return found
+
+
+def _check_registered_names(path, layer: nnx.Module, names) -> None:
+  """Refuses a registered layer that has parameters, none of them under
+  the registered names (a weight frozen as another variable type passes)."""
+  own = sorted(n for n, v in vars(layer).items() if isinstance(v, nnx.Param))
+  if own:
+    raise CaptureError(
+      f'Layer {_tree.format_path(path)!r} ({type(layer).__name__}) has no '
+      f'parameter {names[0]!r} (its parameters: {", ".join(own)}): register '
+      "it with the names it uses, e.g. register_layer(..., weight='w', "
+      "bias='b')."
+    )
 
 
 def _tap(model: nnx.Module, session, selection) -> None:

@@ -120,6 +120,8 @@ def register_layer(
     TypeError: for a ``layer_class`` that is not a class, a ``rule`` that is
       not a :class:`~adafisher_optax.rules.Rule` or an adapter that is not
       callable.
+    ValueError: for a name in ``methods`` that ``layer_class`` has no
+      method of.
   """
   if not isinstance(layer_class, type):
     raise TypeError(f'layer_class must be a class, got {layer_class!r}.')
@@ -127,6 +129,12 @@ def register_layer(
     raise TypeError(f'adapter must be callable, got {adapter!r}.')
   if isinstance(methods, str) or not all(isinstance(m, str) for m in methods):
     raise TypeError(f'methods must be a tuple of names, got {methods!r}.')
+  missing = [m for m in methods if not callable(getattr(layer_class, m, None))]
+  if missing:
+    raise ValueError(
+      f'{layer_class.__name__} has no method {missing[0]!r} (methods='
+      f'{tuple(methods)!r}).'
+    )
   layer_type = LayerType(rules.check_rule(rule), adapter, weight, bias)
   entries = _REGISTRY.setdefault(layer_class, {})
   for method in methods:

@@ -655,6 +655,41 @@ def test_registered_weight_name_the_layer_does_not_have():
     grad_fn(params, x)
 
 
+class _TwoMethods(nn.Module):
+  def setup(self):
+    self.kernel = self.param('kernel', nn.initializers.ones, (4, 2))
+
+  def __call__(self, x):
+    return self.project(x)
+
+  def project(self, x):
+    return x @ self.kernel
+
+
+class _CallsProject(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(2, name='head')(_TwoMethods(name='two').project(x))
+
+
+def test_a_registered_layer_through_another_method_is_reported():
+  afo.register_layer(
+    _TwoMethods, afo.rules.DENSE, lambda m, x, k: afo.rules.Dense(False)
+  )  # __call__ only
+  model = _CallsProject()
+  x = jnp.ones((3, 4))
+  params = model.init(jax.random.key(0), x)['params']
+  grad_fn = afo.value_and_grad_with_curvature(
+    lambda p, x: model.apply({'params': p}, x).sum()
+  )
+  with pytest.warns(
+    afo.UnsupportedLayerWarning,
+    match=r"two \(_TwoMethods: method 'project' not captured\)",
+  ):
+    _, _, curvature = grad_fn(params, x)
+  assert set(curvature) == {'head'}
+
+
 def test_fun_must_be_callable():
   with pytest.raises(TypeError, match='fun must be callable'):
     afo.value_and_grad_with_curvature('loss')
@@ -743,6 +778,10 @@ def test_register_layer_checks_its_arguments():
   with pytest.raises(TypeError, match='methods'):
     afo.register_layer(
       DenseMonotone, afo.rules.DENSE, lambda m, x, k: None, methods='__call__'
+    )
+  with pytest.raises(ValueError, match="DenseMonotone has no method 'forward'"):
+    afo.register_layer(
+      DenseMonotone, afo.rules.DENSE, lambda m, x, k: None, methods=('forward',)
     )
 
   class Impostor(afo.rules.DenseRule):

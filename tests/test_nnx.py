@@ -801,6 +801,27 @@ afo.register_layer(
 )
 
 
+class _NNXNamedW(nnx.Module):
+  def __init__(self, rngs):
+    self.w = nnx.Param(jax.random.normal(rngs.params(), (5, 4)))
+
+  def __call__(self, x):
+    return x @ self.w[...]
+
+
+def test_registered_nnx_weight_name_the_layer_does_not_have():
+  """As in linen: the layer's own parameters are named, not skipped."""
+  afo.register_layer(
+    _NNXNamedW, afo.rules.DENSE, lambda m, x, k: afo.rules.Dense(), bias=None
+  )  # weight='kernel' by default; the layer calls it w
+  model = _NNXNamedW(nnx.Rngs(0))
+  grad_fn = afo.nnx.value_and_grad_with_curvature(lambda m, x: m(x).sum())
+  with pytest.raises(
+    afo.CaptureError, match=r"has no parameter 'kernel' \(its parameters: w\)"
+  ):
+    grad_fn(model, jnp.ones((3, 5)))
+
+
 def test_registered_nnx_layer_type_gives_brute_force_statistics():
   layer = _init(lambda: NNXProjection(5, 4, nnx.Rngs(0)))
   x = _x(3, 6, 5)
