@@ -112,16 +112,17 @@ def norm_target_square(reference: Mapping[_tree.Path, jax.Array]):
 def _adam_direction(grads, mu, nu, count, b1, b2, eps):
   """``(Adam's update, new nu)``; non-finite gradient entries change nothing."""
 
-  def second_moment(g, v):
-    return jnp.where(jnp.isfinite(g), (1 - b2) * jnp.square(g) + b2 * v, v)
+  def second_moment(g, v):  # squared in float32 (float16's underflow)
+    new = (1 - b2) * jnp.square(_wide(g)) + b2 * v
+    return jnp.where(jnp.isfinite(g), new, v).astype(v.dtype)
 
   nu = jax.tree.map(second_moment, grads, nu)
   mu_hat = otu.bias_correction(mu, b1, count)
   nu_hat = otu.bias_correction(nu, b2, count)
 
   def direction(m, v, g):
-    u = jnp.where(jnp.isfinite(g), m / (jnp.sqrt(v) + eps), 0)
-    return _wide(u)
+    u = _wide(m) / (jnp.sqrt(_wide(v)) + eps)
+    return jnp.where(jnp.isfinite(g), u, 0)
 
   return jax.tree.map(direction, mu_hat, nu_hat, grads), nu
 

@@ -212,6 +212,22 @@ def test_grafted_step_under_inject_hyperparams_multi_steps_and_float16():
   assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(updates))
 
 
+def test_adam_grafting_squares_float16_gradients_in_float32():
+  """A float16 gradient of 1e-4 squares to 0 in float16: Adam's norm must
+  not divide by a second moment that underflowed."""
+  params = {'dense': {'kernel': jnp.ones((4, 3)), 'bias': jnp.ones(3)}}
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-4), params)
+  tx = afo.adafisher(1e-2, grafting='adam', mu_dtype=jnp.float32)
+
+  def first_update(dtype):
+    p, g = (jax.tree.map(lambda a: a.astype(dtype), t) for t in (params, grads))
+    return tx.update(g, tx.init(p), p)[0]
+
+  chex.assert_trees_all_close(
+    first_update(jnp.float16), first_update(jnp.float32), rtol=1e-2
+  )
+
+
 def test_a_zero_gradient_layer_gets_a_zero_update():
   _, params, _, _ = _problem()
   tx = afo.scale_by_adafisher(grafting='rms')
