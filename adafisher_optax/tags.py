@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from adafisher_optax import _tree, rules
 from adafisher_optax.registry import LayerType
@@ -61,7 +62,20 @@ def _sliced_probe(session: Session, kind: str, path, index: Any) -> Any:
       f'{kind} {where!r}: its params are stacked {stack} and sliced inside '
       'the model; pass index= (its position in the stack).'
     )
+  _check_index(kind, where, index, stack)
   return jax.tree.map(lambda v: v[index], value)
+
+
+def _check_index(kind: str, where: str, index: Any, stack: tuple) -> None:
+  """A Python ``index=`` outside the stack is an error (a traced one, as
+  ``scan`` gives, is clamped by JAX: it must be in range)."""
+  positions = index if isinstance(index, tuple) else (index,)
+  for axis, (i, size) in enumerate(zip(positions, stack)):
+    if isinstance(i, (int, np.integer)) and not -size <= i < size:
+      raise CaptureError(
+        f'{kind} {where!r}: index= {index!r} is outside its stack of '
+        f'{stack} (axis {axis} has {size}).'
+      )
 
 
 def _report(

@@ -823,6 +823,20 @@ def test_tags_index_on_params_that_are_not_stacked():
     afo.value_and_grad_with_curvature(loss)(params, jnp.ones((4, 3)))
 
 
+def test_tags_index_outside_the_stack():
+  stacked = {'fc': {'kernel': jnp.ones((3, 3, 2)), 'bias': jnp.zeros((3, 2))}}
+
+  def loss(p, x, index):
+    layer = jax.tree.map(lambda a: a[2], p['fc'])
+    return afo.tags.dense(x, layer, name='fc', index=index).sum()
+
+  grad_fn = afo.value_and_grad_with_curvature(loss)
+  _, _, curvature = grad_fn(stacked, jnp.ones((4, 3)), -1)  # the last one
+  np.testing.assert_array_equal(curvature['fc'].rows, [0, 0, 4])
+  with pytest.raises(afo.CaptureError, match=r'index= 3 is outside.*\(3,\)'):
+    grad_fn(stacked, jnp.ones((4, 3)), 3)
+
+
 def test_tags_name_that_is_not_a_path_of_the_params():
   params = {'fc': {'kernel': jnp.ones((3, 2)), 'bias': jnp.zeros(2)}}
 
