@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -67,4 +68,19 @@ def check_call(capture: Any, fisher: str, fisher_key: Any) -> bool:
       'fisher_key: pass a jax.random key exactly when fisher="sampled" '
       f'(fisher={fisher!r}).'
     )
+  if capture and fisher_key is not None and not _is_key(fisher_key):
+    raise TypeError(
+      'fisher_key must be a jax random key (jax.random.key(seed), or a raw '
+      f'uint32 PRNGKey), got {type(fisher_key).__name__} of dtype '
+      f'{getattr(fisher_key, "dtype", None)}.'
+    )
   return capture
+
+
+def _is_key(key: Any) -> bool:
+  dtype, shape = getattr(key, 'dtype', None), getattr(key, 'shape', None)
+  if dtype is None or shape is None:
+    return False
+  if jnp.issubdtype(dtype, jax.dtypes.prng_key):
+    return shape == ()
+  return dtype == jnp.uint32 and tuple(shape) == (2,)

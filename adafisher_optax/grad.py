@@ -177,7 +177,16 @@ def curvature_layout(
     given = iter(abstract_leaves)
     full = [next(given) if a else leaf for leaf, a in zip(leaves, abstract)]
     call_args, call_kwargs = jax.tree.unflatten(structure, full)
-    return value_grads_curvature(p, *call_args, **call_kwargs)[2]
+    out = value_grads_curvature(p, *call_args, **call_kwargs)
+    if not isinstance(out, tuple) or len(out) != 3:
+      raise TypeError(
+        'curvature_layout: value_grads_curvature must be a function from '
+        'value_and_grad_with_curvature (it returns value, grads and '
+        f'curvature); this one returned {type(out).__name__}'
+        + (f' of {len(out)}' if isinstance(out, tuple) else '')
+        + '.'
+      )
+    return out[2]
 
   return jax.eval_shape(
     curvature, params, [leaf for leaf, a in zip(leaves, abstract) if a]

@@ -274,6 +274,9 @@ def test_fisher_key_required_and_refused(setup):
   sampled = afo.value_and_grad_with_curvature(loss_fn(model), fisher='sampled')
   with pytest.raises(TypeError, match='fisher_key'):
     sampled(params, x, y)
+  for not_a_key in (0, jnp.ones(2), jnp.zeros(3, jnp.uint32)):
+    with pytest.raises(TypeError, match='fisher_key must be a jax random key'):
+      sampled(params, x, y, fisher_key=not_a_key)
   empirical = afo.value_and_grad_with_curvature(loss_fn(model))
   with pytest.raises(TypeError, match='fisher_key'):
     empirical(params, x, y, fisher_key=jax.random.key(0))
@@ -821,6 +824,15 @@ def test_tags_index_on_params_that_are_not_stacked():
 
   with pytest.raises(afo.CaptureError, match='index= was given'):
     afo.value_and_grad_with_curvature(loss)(params, jnp.ones((4, 3)))
+
+
+def test_curvature_layout_of_a_function_without_curvature():
+  params = {'fc': {'kernel': jnp.ones((3, 2)), 'bias': jnp.zeros(2)}}
+  loss = lambda p, x: afo.tags.dense(x, p['fc']).sum()  # noqa: E731
+  with pytest.raises(
+    TypeError, match=r'value_and_grad_with_curvature.*tuple of 2'
+  ):
+    afo.curvature_layout(jax.value_and_grad(loss), params, jnp.ones((4, 3)))
 
 
 def test_tags_index_outside_the_stack():
