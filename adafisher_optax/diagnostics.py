@@ -132,6 +132,13 @@ def diagnostics(opt_state: Any, params: Any) -> Diagnostics:
     path: tuple(np.shape(leaf))
     for path, leaf in _tree.leaves_with_paths(params)
   }
+  for path, leaf in _tree.leaves_with_paths(state.mu):
+    if shapes.get(path, np.shape(leaf)) != np.shape(leaf):
+      raise ValueError(
+        f'diagnostics: params {_tree.format_path(path)!r} has shape '
+        f'{shapes[path]}, the optimizer state {np.shape(leaf)} (params of '
+        'another model?).'
+      )
   report = {}
   for layer, blocks in layout.layers.items():
     # Weights first, then biases (a layer's declared order), by name within.

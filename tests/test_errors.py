@@ -356,6 +356,14 @@ def test_diagnostics_of_a_state_without_adafisher(setup):
     afo.diagnostics(optax.adam(1e-3).init(params), params)
 
 
+def test_diagnostics_of_params_of_another_model(setup):
+  _, params, _, _, _ = setup
+  state = afo.adafisher(1e-3).init(params)
+  wider = jax.tree.map(lambda p: jnp.zeros(p.shape + (1,)), params)
+  with pytest.raises(ValueError, match=r"diagnostics: params '.*' has shape"):
+    afo.diagnostics(state, wider)
+
+
 def test_state_shardings_need_named_shardings(setup):
   _, params, _, _, _ = setup
   with pytest.raises(TypeError, match='params_shardings'):
