@@ -653,8 +653,12 @@ def parse_args(argv):
     parser.error(f'unknown: {unknown}')
   if 'adam' not in names:
     names.insert(0, 'adam')
-  if args.rounds < 1 or args.compile_rounds < 1:
-    parser.error('--rounds and --compile-rounds must be >= 1')
+  for flag in ('rounds', 'compile_rounds', 'steps_per_round'):
+    if getattr(args, flag) < 1:
+      parser.error(f'--{flag.replace("_", "-")} must be >= 1')
+  for flag in ('gpt2_batch', 'gpt2_seq'):
+    if getattr(args, flag) is not None and getattr(args, flag) < 1:
+      parser.error(f'--{flag.replace("_", "-")} must be >= 1')
   return args, names, models
 
 

@@ -119,3 +119,13 @@ def test_ratio_interval_and_kernel_count():
   assert measure.tree_bytes({'a': jax.ShapeDtypeStruct((3, 4), 'float32')}) == (
     48
   )
+
+
+@pytest.mark.parametrize(
+  'flag',
+  ['--rounds', '--compile-rounds', '--steps-per-round', '--gpt2-batch'],
+)
+def test_counts_below_one_are_argument_errors(flag, capsys):
+  with pytest.raises(SystemExit):
+    step_cost.parse_args([flag, '0'])
+  assert f'{flag} must be >= 1' in capsys.readouterr().err
