@@ -641,6 +641,16 @@ def test_loss_that_closes_over_the_outer_params(setup):
     afo.value_and_grad_with_curvature(loss)(params, x, y)
 
 
+def _summed_output(model):
+  """``(params, x, capture of sum(model(x)))`` of a small linen model."""
+  x = jnp.ones((3, 4))
+  params = model.init(jax.random.key(0), x)['params']
+  grad_fn = afo.value_and_grad_with_curvature(
+    lambda p, x: model.apply({'params': p}, x).sum()
+  )
+  return params, x, grad_fn
+
+
 class _NamedW(nn.Module):
   @nn.compact
   def __call__(self, x):
@@ -652,12 +662,7 @@ def test_registered_weight_name_the_layer_does_not_have():
   afo.register_layer(
     _NamedW, afo.rules.DENSE, lambda m, x, k: afo.rules.Dense(), weight='kernel'
   )
-  model = _NamedW()
-  x = jnp.ones((3, 4))
-  params = model.init(jax.random.key(0), x)['params']
-  grad_fn = afo.value_and_grad_with_curvature(
-    lambda p, x: model.apply({'params': p}, x).sum()
-  )
+  params, x, grad_fn = _summed_output(_NamedW())
   with pytest.raises(
     afo.CaptureError,
     match=r"'<root>' \(_NamedW\) has no parameter 'kernel' \(its "
@@ -687,12 +692,7 @@ def test_a_registered_layer_through_another_method_is_reported():
   afo.register_layer(
     _TwoMethods, afo.rules.DENSE, lambda m, x, k: afo.rules.Dense(False)
   )  # __call__ only
-  model = _CallsProject()
-  x = jnp.ones((3, 4))
-  params = model.init(jax.random.key(0), x)['params']
-  grad_fn = afo.value_and_grad_with_curvature(
-    lambda p, x: model.apply({'params': p}, x).sum()
-  )
+  params, x, grad_fn = _summed_output(_CallsProject())
   with pytest.warns(
     afo.UnsupportedLayerWarning,
     match=r"two \(_TwoMethods: method 'project' not captured\)",
@@ -814,12 +814,7 @@ def test_adapter_failures_name_the_layer():
     raise KeyError('features')
 
   afo.register_layer(_Faulty, afo.rules.DENSE, adapter)
-  model = _Faulty()
-  x = jnp.ones((3, 4))
-  params = model.init(jax.random.key(0), x)['params']
-  grad_fn = afo.value_and_grad_with_curvature(
-    lambda p, x: model.apply({'params': p}, x).sum()
-  )
+  params, x, grad_fn = _summed_output(_Faulty())
   with pytest.raises(afo.CaptureError, match=r"'<root>' \(_Faulty\).*KeyError"):
     grad_fn(params, x)
 
