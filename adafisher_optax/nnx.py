@@ -48,6 +48,7 @@ from adafisher_optax.flax_adapters import (
   embed_config,
   token_norm_config,
 )
+from adafisher_optax.plan import missing_parameter
 from adafisher_optax.registry import BuiltIn
 from adafisher_optax.session import (
   PROBE,
@@ -265,14 +266,9 @@ def _registered_layers(
 def _check_registered_names(path, layer: nnx.Module, names) -> None:
   """Refuses a registered layer that has parameters, none of them under
   the registered names (a weight frozen as another variable type passes)."""
-  own = sorted(n for n, v in vars(layer).items() if isinstance(v, nnx.Param))
+  own = [n for n, v in vars(layer).items() if isinstance(v, nnx.Param)]
   if own:
-    raise CaptureError(
-      f'Layer {_tree.format_path(path)!r} ({type(layer).__name__}) has no '
-      f'parameter {names[0]!r} (its parameters: {", ".join(own)}): register '
-      "it with the names it uses, e.g. register_layer(..., weight='w', "
-      "bias='b')."
-    )
+    raise missing_parameter(path, type(layer).__name__, names[0], own)
 
 
 def _tap(model: nnx.Module, session, selection) -> None:

@@ -28,6 +28,17 @@ def _without_gradient(tree: Any) -> Any:
   )
 
 
+def missing_parameter(path, description: str, name: str, own) -> CaptureError:
+  """The error for a layer registered with a parameter ``name`` it does
+  not have (``own``: the names it has)."""
+  return CaptureError(
+    f'Layer {_tree.format_path(path)!r} ({description}) has no parameter '
+    f'{name!r} (its parameters: {", ".join(sorted(own)) or "none"}): '
+    'register it with the names it uses, e.g. register_layer(..., '
+    "weight='w', bias='b')."
+  )
+
+
 def read_call(
   call: LayerCall,
 ) -> tuple[rules.Rule, dict[str, str], rules.Application]:
@@ -51,11 +62,8 @@ def read_call(
     raise UnsupportedCall('the layer has no parameters to capture')
   missing = [name for name in roles if name not in call.params]
   if missing:
-    raise CaptureError(
-      f'Layer {_tree.format_path(call.path)!r} ({call.description}) has no '
-      f'parameter {missing[0]!r} (its parameters: '
-      f'{", ".join(sorted(call.params)) or "none"}): register it with the '
-      "names it uses, e.g. register_layer(..., weight='w', bias='b')."
+    raise missing_parameter(
+      call.path, call.description, missing[0], call.params
     )
   by_role = {role: _tree.unbox(call.params[n]) for n, role in roles.items()}
   rule = rules.check_rule(layer_type.rule.resolve(config))
