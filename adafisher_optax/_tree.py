@@ -137,3 +137,9 @@ def first_leaf_not_of(tree: Any, kind: Any) -> tuple[Path, Any] | None:
     if dtype is None or not jnp.issubdtype(dtype, kind):
       return path, dtype
   return None
+
+
+def nodes_of(tree: Any, kind: type) -> list:
+  """The nodes of ``tree`` that are ``kind`` (none inside another)."""
+  leaves = jax.tree.leaves(tree, is_leaf=lambda n: isinstance(n, kind))
+  return [node for node in leaves if isinstance(node, kind)]

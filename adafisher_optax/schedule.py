@@ -16,9 +16,9 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
-import jax
 import optax
 
+from adafisher_optax import _tree
 from adafisher_optax.accumulation import MultiStepsState
 from adafisher_optax.state import (
   StaleFactorsWarning,
@@ -29,15 +29,9 @@ from adafisher_optax.state import (
 )
 
 
-def _nodes(tree: Any, kind: type) -> list:
-  """The nodes of ``tree`` that are ``kind`` (none inside another)."""
-  leaves = jax.tree.leaves(tree, is_leaf=lambda n: isinstance(n, kind))
-  return [node for node in leaves if isinstance(node, kind)]
-
-
 def _multi_steps_state(opt_state: Any) -> MultiStepsState | None:
-  found = _nodes(opt_state, MultiStepsState)
-  if not found and _nodes(opt_state, optax.MultiStepsState):
+  found = _tree.nodes_of(opt_state, MultiStepsState)
+  if not found and _tree.nodes_of(opt_state, optax.MultiStepsState):
     raise ValueError(
       'refresh_schedule: the AdaFisher state is inside optax.MultiSteps, '
       'which calls AdaFisher once per window of micro-batches with the '

@@ -17,6 +17,8 @@ from typing import Any, NamedTuple
 import jax
 import optax
 
+from adafisher_optax import _tree
+
 #: Marks a hyperparameter that ``optax.inject_hyperparams`` passes traced.
 INJECTED = 'injected'
 
@@ -109,13 +111,7 @@ def adafisher_state(opt_state: Any) -> AdaFisherState:
   Found inside chains, ``inject_hyperparams``, ``masked``, ``multi_steps``
   or an ``nnx.Optimizer``'s ``opt_state``.
   """
-  found = [
-    node
-    for node in jax.tree.leaves(
-      opt_state, is_leaf=lambda n: isinstance(n, AdaFisherState)
-    )
-    if isinstance(node, AdaFisherState)
-  ]
+  found = _tree.nodes_of(opt_state, AdaFisherState)
   if len(found) != 1:
     raise ValueError(
       f'opt_state must contain exactly one AdaFisherState, found {len(found)}.'
