@@ -48,13 +48,24 @@ def _earlier_layout(paths) -> str | None:
   return None
 
 
+def _numerics_error(directory, saved: str, asked: str) -> ValueError:
+  return ValueError(
+    f'checkpoint {directory}: its AdaFisher factors are for '
+    f'numerics={saved!r}, the target optimizer uses numerics={asked!r}.'
+  )
+
+
+def _shape_error(directory, where: str, shape, want) -> ValueError:
+  return ValueError(
+    f'checkpoint {directory}: {where!r} has shape {tuple(shape)}, the '
+    f'target {tuple(want)} (a checkpoint of another model?).'
+  )
+
+
 def _compare(directory, stored: dict, wanted: dict) -> None:
   saved, asked = _numerics(stored), _numerics(wanted)
   if saved and asked and saved != asked:
-    raise ValueError(
-      f'checkpoint {directory}: its AdaFisher factors are for '
-      f'numerics={saved!r}, the target optimizer uses numerics={asked!r}.'
-    )
+    raise _numerics_error(directory, saved, asked)
   for path in sorted(set(stored) | set(wanted)):
     if path not in stored:
       raise ValueError(
@@ -67,10 +78,7 @@ def _compare(directory, stored: dict, wanted: dict) -> None:
         'checkpoint of another model or optimizer?).'
       )
     if stored[path] != wanted[path]:
-      raise ValueError(
-        f'checkpoint {directory}: {path!r} has shape {stored[path]}, the '
-        f'target {wanted[path]} (a checkpoint of another model?).'
-      )
+      raise _shape_error(directory, path, stored[path], wanted[path])
 
 
 def restore(directory: Any, target: Any, checkpointer: Any = None) -> Any:
@@ -134,19 +142,15 @@ def _get(raw: Any, keypath) -> Any:
   return raw
 
 
-def _shape_error(directory, keypath, shape, like) -> ValueError:
-  where = _tree.format_path(_tree.keypath_to_path(keypath))
-  return ValueError(
-    f'checkpoint {directory}: {where!r} has shape {tuple(shape)}, the '
-    f'target {np.shape(like)} (a checkpoint of another model?).'
-  )
+def _where(keypath) -> str:
+  return _tree.format_path(_tree.keypath_to_path(keypath))
 
 
 def _converted(directory, keypath, value, like) -> np.ndarray:
   """``value`` in the shape of ``like``, or an error naming the path."""
   value = np.asarray(value)
   if value.size != np.size(like):
-    raise _shape_error(directory, keypath, value.shape, like)
+    raise _shape_error(directory, _where(keypath), value.shape, np.shape(like))
   return value.reshape(np.shape(like))
 
 
@@ -165,10 +169,7 @@ def _legacy_factors(directory, raw, keypath, factors: Factors) -> Factors:
   saved = 'paper' if old.get('h_ema') is not None else 'reference'
   asked = 'paper' if factors.emas is not None else 'reference'
   if saved != asked:
-    raise ValueError(
-      f'checkpoint {directory}: its AdaFisher factors are for '
-      f'numerics={saved!r}, the target optimizer uses numerics={asked!r}.'
-    )
+    raise _numerics_error(directory, saved, asked)
   return Factors.pack(
     factors.block,
     **{
@@ -222,12 +223,14 @@ def restore_legacy(
       return _legacy_factors(directory, raw, keypath, node)
     value = _get(raw, keypath)
     if value is None:
-      where = _tree.format_path(_tree.keypath_to_path(keypath))
+      where = _where(keypath)
       if '/nu/' not in f'/{where}/':
         raise ValueError(f'checkpoint {directory}: no entry {where!r}.')
       return node
     if np.shape(value) != np.shape(node):
-      raise _shape_error(directory, keypath, np.shape(value), node)
+      raise _shape_error(
+        directory, _where(keypath), np.shape(value), np.shape(node)
+      )
     return np.asarray(value)
 
   return jax.tree_util.tree_map_with_path(
