@@ -85,21 +85,32 @@ def map_with_path(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
   return jax.tree_util.tree_map_with_path(apply, tree, *rest, is_leaf=is_box)
 
 
+def _index(node: Any, key: Any) -> Any:
+  """The key of ``node`` (a mapping, list or tuple) that ``key`` names, or
+  ``None``."""
+  if isinstance(node, Mapping):
+    if key in node:
+      return key
+    return next((k for k in node if str(k) == str(key)), None)
+  if isinstance(node, (list, tuple)):
+    index = str(key)
+    if index.isdigit() and int(index) < len(node):
+      return int(index)
+  return None
+
+
 def get_node(tree: Any, path: Path) -> Any:
   """Returns ``tree[p0][p1]...`` or ``None`` when any key is missing.
 
   A key also matches by its name, as :func:`key_to_str` writes it: paths read
   from flattened trees are strings, while an ``nnx.State`` keys the items of
-  a list by integers.
+  a list by integers, and params may hold lists or tuples.
   """
   node = tree
   for key in path:
-    if not isinstance(node, Mapping):
+    key = _index(node, key)
+    if key is None:
       return None
-    if key not in node:
-      key = next((k for k in node if str(k) == key), None)
-      if key is None:
-        return None
     node = node[key]
   return node
 
@@ -117,14 +128,22 @@ def nest(flat: Mapping[Path, Any]) -> Any:
   return out
 
 
-def set_in(tree: Mapping, path: Path, value: Any) -> dict:
-  """A copy of the nested mapping ``tree`` (as dicts) with ``value`` at ``path``."""
-  entries = dict(tree)
-  if len(path) == 1:
-    entries[path[0]] = value
+def set_in(tree: Any, path: Path, value: Any) -> Any:
+  """A copy of ``tree`` with ``value`` at ``path``: mappings are copied as
+  dicts (a missing key is added), lists and tuples keep their type."""
+  key = _index(tree, path[0])
+  if isinstance(tree, (list, tuple)):
+    if key is None:
+      raise KeyError(f'{path[0]!r} is not an index of a {type(tree).__name__}')
+    entries: Any = list(tree)
+    child = entries[key]
   else:
-    entries[path[0]] = set_in(entries.get(path[0], {}), path[1:], value)
-  return entries
+    entries = dict(tree)
+    key, child = (path[0], {}) if key is None else (key, entries[key])
+  entries[key] = value if len(path) == 1 else set_in(child, path[1:], value)
+  if hasattr(tree, '_fields'):  # a NamedTuple
+    return type(tree)(*entries)
+  return tuple(entries) if isinstance(tree, tuple) else entries
 
 
 def first_leaf_not_of(tree: Any, kind: Any) -> tuple[Path, Any] | None:

@@ -94,19 +94,27 @@ def _guess(shapes: Mapping[str, Shape | None]) -> Guess | None:
 def _layer_dicts(params: Any) -> Iterator[tuple[_tree.Path, Mapping]]:
   """``(path, mapping)`` for every mapping of array leaves only.
 
-  A mapping that also holds sub-mappings is a module with layers and free
-  parameters (e.g. a top-level ``scale``), not a layer.
+  A mapping that also holds sub-mappings (or lists, tuples) is a module
+  with layers and free parameters (e.g. a top-level ``scale``), not a
+  layer; lists and tuples are walked by index.
   """
 
   def visit(node, path):
+    if isinstance(node, (list, tuple)):  # e.g. an ensemble's list of params
+      for index, value in enumerate(node):
+        yield from visit(value, path + (str(index),))
     if not isinstance(node, Mapping):
       return
-    if node and all(not isinstance(v, Mapping) for v in node.values()):
+    if node and all(not _is_container(v) for v in node.values()):
       yield path, node
     for key, value in node.items():
       yield from visit(value, path + (str(key),))
 
   yield from visit(_tree.unbox_tree(params), ())
+
+
+def _is_container(node: Any) -> bool:
+  return isinstance(node, (Mapping, list, tuple))
 
 
 def guess(params: Any) -> dict[_tree.Path, Guess]:

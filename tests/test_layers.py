@@ -408,3 +408,40 @@ def test_nnx_layers_are_preconditioned_and_training_lowers_the_loss():
   assert afo.unpreconditioned_parameters(grads, curvature) == []
   params = nnx.state(model, nnx.Param)
   assert afo.diagnostics(optimizer.opt_state, params).unpreconditioned == []
+
+
+class _Member(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3, name='head')(jnp.tanh(nn.Dense(4, name='hidden')(x)))
+
+
+@pytest.mark.parametrize('container', [list, tuple])
+def test_params_holding_a_list_or_tuple_are_captured_like_a_dict(container):
+  """An ensemble kept as a list (or tuple) of param dicts: every layer is
+  captured, and the run equals the same params keyed '0', '1' in a dict."""
+  member = _Member()
+  x = jax.random.normal(jax.random.key(0), (6, 5))
+  y = jnp.arange(6) % 3
+  members = [member.init(jax.random.key(i), x)['params'] for i in range(2)]
+
+  def run(params, keys):
+    def loss_fn(params, x, y):
+      parts = params['members']
+      logits = sum(member.apply({'params': parts[k]}, x) for k in keys)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    tx = afo.adafisher(1e-3, t_cov=1)
+    state = tx.init(params)
+    grad_fn = afo.value_and_grad_with_curvature(loss_fn)
+    for _ in range(3):
+      _, grads, curvature = grad_fn(params, x, y)
+      assert afo.unpreconditioned_parameters(params, curvature) == []
+      updates, state = tx.update(grads, state, params, curvature=curvature)
+      params = optax.apply_updates(params, updates)
+    return jax.tree.leaves(params)
+
+  in_sequence = run({'members': container(members)}, (0, 1))
+  in_dict = run({'members': dict(zip(('0', '1'), members))}, ('0', '1'))
+  for a, b in zip(in_sequence, in_dict):
+    np.testing.assert_array_equal(a, b)
