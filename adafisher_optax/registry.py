@@ -156,12 +156,19 @@ def register_all(table: Iterable[BuiltIn]) -> None:
 
 
 def lookup_class(layer_class: type) -> tuple[type, dict[str, LayerType]] | None:
-  """``(registered base class, {method: LayerType})`` of a class, or ``None``."""
-  for cls in layer_class.__mro__:
-    entries = _REGISTRY.get(cls)
-    if entries:
-      return cls, dict(entries)
-  return None
+  """``(registered base class, {method: LayerType})`` of a class, or ``None``.
+
+  The base is the nearest registered class in the MRO; the methods are those
+  of every registered class in it (a subclass registered with an extra method
+  keeps its base's), the nearer registration winning for a method.
+  """
+  registered = [cls for cls in layer_class.__mro__ if _REGISTRY.get(cls)]
+  if not registered:
+    return None
+  entries: dict[str, LayerType] = {}
+  for cls in reversed(registered):
+    entries.update(_REGISTRY[cls])
+  return registered[0], entries
 
 
 def lookup(layer: Any) -> tuple[type, dict[str, LayerType]] | None:

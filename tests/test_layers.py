@@ -445,3 +445,60 @@ def test_params_holding_a_list_or_tuple_are_captured_like_a_dict(container):
   in_dict = run({'members': dict(zip(('0', '1'), members))}, ('0', '1'))
   for a, b in zip(in_sequence, in_dict):
     np.testing.assert_array_equal(a, b)
+
+
+class _DenseWithProjection(nn.Dense):
+  """A Dense subclass with a second registered entry point (no bias)."""
+
+  def project(self, x):
+    return x @ self.get_variable('params', 'kernel')
+
+
+class _LinearWithProjection(nnx.Linear):
+  def project(self, x):
+    return x @ self.kernel[...]
+
+
+for _cls in (_DenseWithProjection, _LinearWithProjection):
+  afo.register_layer(
+    _cls,
+    afo.rules.DENSE,
+    lambda layer, x, kwargs: afo.rules.Dense(use_bias=False),
+    methods=('project',),
+  )
+
+
+@pytest.mark.parametrize('method', ['__call__', 'project'])
+@pytest.mark.parametrize('flavour', ['linen', 'nnx'])
+def test_a_subclass_registered_for_an_extra_method_keeps_its_base_methods(
+  flavour, method
+):
+  """Registering ``project`` on a Dense subclass adds it: ``__call__`` is
+  still captured as the base Dense (statistics of a plain Dense)."""
+  x = _x(6, 5)
+  if flavour == 'linen':
+    layer = _DenseWithProjection(4)
+    params = layer.init(jax.random.key(0), x)['params']
+    plain = afo.value_and_grad_with_curvature(
+      lambda p, x: (nn.Dense(4).apply({'params': p}, x) ** 2).sum()
+    )(params, x)[2]
+    got = afo.value_and_grad_with_curvature(
+      lambda p, x: (layer.apply({'params': p}, x, method=method) ** 2).sum()
+    )(params, x)[2]
+  else:
+    layer = _LinearWithProjection(5, 4, rngs=nnx.Rngs(0))
+    plain_layer = nnx.Linear(5, 4, rngs=nnx.Rngs(0))
+    plain = afo.nnx.value_and_grad_with_curvature(
+      lambda m, x: (m(x) ** 2).sum()
+    )(plain_layer, x)[2]
+    got = afo.nnx.value_and_grad_with_curvature(
+      lambda m, x: (getattr(m, method)(x) ** 2).sum()
+    )(layer, x)[2]
+  got_h, got_s = got.means()
+  want_h, want_s = plain.means()
+  if method == 'project':  # no bias column in H; S of x @ kernel
+    want_h = want_h[:-1]
+    assert not got.bias_name
+  np.testing.assert_allclose(got_h, want_h, **TOL)
+  if method == '__call__':
+    np.testing.assert_allclose(got_s, want_s, **TOL)
