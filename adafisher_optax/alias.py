@@ -15,25 +15,12 @@ from typing import Any
 import jax
 import optax
 
-from adafisher_optax import _tree
 from adafisher_optax import hyperparameters as hp
 from adafisher_optax.accumulation import MultiStepsState
 from adafisher_optax.grafting import Grafting
 from adafisher_optax.rules import Numerics
+from adafisher_optax.state import check_params
 from adafisher_optax.transform import AdaFisherState, scale_by_adafisher
-
-
-def _check_params(params: Any, mu: Any) -> None:
-  """``params`` must be the params the state was initialised for."""
-  held = {p: tuple(v.shape) for p, v in _tree.leaves_with_paths(mu)}
-  for path, value in _tree.leaves_with_paths(params):
-    shape = tuple(getattr(value, 'shape', ()))
-    if held.get(path, shape) != shape:
-      raise ValueError(
-        f'AdaFisher: params {_tree.format_path(path)!r} has shape {shape}, '
-        f'the state holds {held[path]}: the params passed to update are not '
-        'those the state was initialised for (another model?).'
-      )
 
 
 def _checked(
@@ -58,7 +45,7 @@ def _checked(
         'pass the state that this tx.init returned.'
       )
     if params is not None:
-      _check_params(params, state[core_index].mu)
+      check_params(params, state[core_index], 'AdaFisher')
     return chained.update(updates, state, params, **extra_args)
 
   return optax.GradientTransformationExtraArgs(chained.init, update_fn)

@@ -24,6 +24,7 @@ from adafisher_optax.preconditioner import curvature, preconditioner
 from adafisher_optax.state import (
   INJECTED,
   adafisher_state,
+  check_params,
   injected_hyperparameters,
   overdue,
 )
@@ -132,13 +133,7 @@ def diagnostics(opt_state: Any, params: Any) -> Diagnostics:
     path: tuple(np.shape(leaf))
     for path, leaf in _tree.leaves_with_paths(params)
   }
-  for path, leaf in _tree.leaves_with_paths(state.mu):
-    if shapes.get(path, np.shape(leaf)) != np.shape(leaf):
-      raise ValueError(
-        f'diagnostics: params {_tree.format_path(path)!r} has shape '
-        f'{shapes[path]}, the optimizer state {np.shape(leaf)} (params of '
-        'another model?).'
-      )
+  check_params(params, state, 'diagnostics')
   report = {}
   for layer, blocks in layout.layers.items():
     # Weights first, then biases (a layer's declared order), by name within.

@@ -105,6 +105,37 @@ def overdue(state: AdaFisherState) -> int:
   return max(0, count - last - state.settings.t_cov)
 
 
+def check_params(params: Any, state: AdaFisherState, caller: str) -> None:
+  """Raises, naming a path, unless ``params`` are the params (paths and
+  shapes) that ``state`` was initialised for."""
+  held = {p: tuple(v.shape) for p, v in _tree.leaves_with_paths(state.mu)}
+  given = {
+    p: tuple(getattr(v, 'shape', ()))
+    for p, v in _tree.leaves_with_paths(params)
+  }
+  not_those = (
+    'the params are not those the state was initialised for (another '
+    'model, or the whole variables dict?).'
+  )
+  for path, shape in given.items():
+    where = _tree.format_path(path)
+    if path not in held:
+      raise ValueError(
+        f'{caller}: params {where!r} is not in the state: ' + not_those
+      )
+    if held[path] != shape:
+      raise ValueError(
+        f'{caller}: params {where!r} has shape {shape}, the state holds '
+        f'{held[path]}: ' + not_those
+      )
+  missing = [path for path in held if path not in given]
+  if missing:
+    raise ValueError(
+      f'{caller}: params has no {_tree.format_path(missing[0])!r}, which the '
+      f'state holds ({len(missing)} such): ' + not_those
+    )
+
+
 def adafisher_state(opt_state: Any) -> AdaFisherState:
   """The one :class:`AdaFisherState` inside a (chained, wrapped) state.
 

@@ -362,6 +362,10 @@ def test_diagnostics_of_params_of_another_model(setup):
   wider = jax.tree.map(lambda p: jnp.zeros(p.shape + (1,)), params)
   with pytest.raises(ValueError, match=r"diagnostics: params '.*' has shape"):
     afo.diagnostics(state, wider)
+  with pytest.raises(
+    ValueError, match=r"diagnostics: params 'params/.*' is not"
+  ):
+    afo.diagnostics(state, {'params': params})  # the whole variables dict
 
 
 def test_state_shardings_need_named_shardings(setup):

@@ -318,6 +318,34 @@ def test_weight_decay_with_another_models_params_names_the_path(problem):
     tx.update(grads, state, other)
 
 
+@pytest.mark.parametrize(
+  'wrong, message',
+  [
+    (
+      lambda p: {'params': p},
+      r"params 'params/dense0/bias' is not in the state",
+    ),
+    (lambda p: {}, r"params has no 'dense0/bias', which the state holds"),
+    (
+      lambda p: {k: v for k, v in p.items() if k != 'dense1'},
+      r"params has no 'dense1/bias'",
+    ),
+  ],
+  ids=['variables', 'empty', 'partial'],
+)
+@pytest.mark.parametrize('grafting', [None, 'rms'])
+def test_params_of_another_structure_are_refused_with_a_path(
+  problem, wrong, message, grafting
+):
+  """The whole variables dict, or params missing layers, passed to update."""
+  params, batches, grad_fn = problem
+  tx = afo.adafisher(1e-3, grafting=grafting)
+  state = tx.init(params)
+  _, grads, _ = grad_fn(params, *batches[0])
+  with pytest.raises(ValueError, match=message):
+    tx.update(grads, state, wrong(params))
+
+
 def test_curvature_layout_of_abstract_arguments():
   """A model state and a batch from ``jax.eval_shape`` (as large models
   size things) give the layout of the concrete ones."""
