@@ -295,19 +295,6 @@ def _runner(graphdef, rest, loss_fn, selection) -> capture_lib.Run:
   return run
 
 
-def _capturable_layers(model: Any, selection: registry.Selection) -> dict:
-  """:func:`_registered_layers`, which must not be empty."""
-  registered = _registered_layers(model, selection)
-  if not registered:
-    names = ', '.join(f'nnx.{t.__name__}' for t in supported_layers())
-    raise CaptureError(
-      f'{type(model).__name__} contains no layer AdaFisher can capture '
-      f'(supported: {names}, their subclasses and layers registered with '
-      'adafisher_optax.register_layer).'
-    )
-  return registered
-
-
 def _nothing_applied(registered: dict) -> str:
   found = ', '.join(_tree.format_path(path) for path in registered)
   return (
@@ -375,7 +362,12 @@ def value_and_grad_with_curvature(
         model, *args, **kwargs
       )
       return value, grads, None
-    registered = _capturable_layers(model, selection)
+    registered = _registered_layers(model, selection)
+    if not registered:  # as linen: nothing to capture (the optimizer warns)
+      value, grads = nnx.value_and_grad(loss_fn, has_aux=has_aux)(
+        model, *args, **kwargs
+      )
+      return value, grads, {}
     graphdef, params, rest = nnx.split(
       (model, args, kwargs), _model_params, ...
     )

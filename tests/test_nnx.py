@@ -726,11 +726,26 @@ class Bare(nnx.Module):
     return x * self.w
 
 
+def test_a_model_without_a_capturable_layer_gives_no_curvature_as_linen():
+  """Custom parameters only: the gradients of ``nnx.value_and_grad``, an
+  empty curvature (as linen's), and the optimizer names what it cannot
+  precondition."""
+  x = _x(2, 3)
+  bare = Bare()
+  loss = lambda m, x: (m(x) ** 2).sum()  # noqa: E731
+  value, grads, curvature = afo.nnx.value_and_grad_with_curvature(loss)(bare, x)
+  want_value, want_grads = nnx.value_and_grad(loss)(bare, x)
+  assert curvature == {}
+  np.testing.assert_array_equal(value, want_value)
+  np.testing.assert_array_equal(grads['w'][...], want_grads['w'][...])
+  optimizer = nnx.Optimizer(bare, afo.adafisher(1e-3, t_cov=1), wrt=nnx.Param)
+  with pytest.warns(afo.UnpreconditionedParametersWarning, match=': w'):
+    optimizer.update(bare, grads, curvature=curvature)
+
+
 def test_misuse_raises_clear_errors():
   x = _x(2, 5)
   model = _init(lambda: NNXMLP(5, nnx.Rngs(0)))
-  with pytest.raises(afo.CaptureError, match='no layer AdaFisher can capture'):
-    afo.nnx.value_and_grad_with_curvature(lambda m, x: m(x).sum())(Bare(), x)
   with pytest.raises(afo.CaptureError, match=r'none of the model.*dense0'):
     afo.nnx.value_and_grad_with_curvature(lambda m, x: x.sum())(model, x)
   with pytest.raises(TypeError, match=r'nnx\.Module'):
