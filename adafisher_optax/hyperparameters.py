@@ -69,9 +69,13 @@ def check(name: str, value: Any) -> None:
     return
   ok, requirement = _RULES[name]
   infinite_ok = name == 'relative_damping'
+  if number.dtype.kind not in 'biuf':
+    raise TypeError(
+      f'{name} must be a real number ({requirement}), got {value!r} of '
+      f'dtype {number.dtype}.'
+    )
   if (
-    number.dtype.kind not in 'biuf'
-    or np.any(np.isnan(number))
+    np.any(np.isnan(number))
     or (np.any(np.isinf(number)) and not infinite_ok)
     or not np.all(ok(number))
   ):

@@ -738,6 +738,12 @@ def test_more_bad_hyperparameters(kwargs, match):
     afo.adafisher(1e-3, **kwargs)
 
 
+@pytest.mark.parametrize('value', ['1e-3', 1e-3 + 0j])
+def test_a_learning_rate_that_is_not_a_real_number_is_named(value):
+  with pytest.raises(TypeError, match='learning_rate must be a real number'):
+    afo.adafisher(value)
+
+
 def test_infinite_learning_rate():
   with pytest.raises(ValueError, match='learning_rate'):
     afo.adafisher(float('inf'))
