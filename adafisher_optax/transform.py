@@ -324,7 +324,7 @@ def _scale_by_adafisher(
         relative_damping=relative_damping, ablation=ablation,
       )  # fmt: skip
       if f is not None:
-        m_hat = m_hat / (f if _is_one(fisher_power) else f**fisher_power)
+        m_hat = m_hat / _power(f, fisher_power)
       return jnp.where(jnp.isfinite(g), m_hat, 0)  # the non-finite guard
 
     new_updates = _tree.map_with_path(precondition, updates, mu)
@@ -341,5 +341,12 @@ def _scale_by_adafisher(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _is_one(value: Any) -> bool:
-  return isinstance(value, (int, float)) and value == 1
+def _power(f: jax.Array, power: Any) -> jax.Array:
+  """``f**power``; a Python 1 or 0.5 as no op or ``sqrt`` (XLA keeps a
+  ``power`` by a constant 0.5, an ``exp(log)`` per element on CPU)."""
+  if isinstance(power, (int, float)):
+    if power == 1:
+      return f
+    if power == 0.5:
+      return jnp.sqrt(f)
+  return f**power

@@ -2,6 +2,7 @@
 
 import functools
 import itertools
+import re
 import subprocess
 import sys
 import warnings
@@ -181,6 +182,35 @@ def test_fisher_power_half_divides_by_the_square_root():
     out[0.5],
     out[1.0],
     grads,
+  )
+
+
+def test_fisher_power_half_is_a_square_root_and_a_traced_power_agrees():
+  """A Python 0.5 compiles to a sqrt (no per-element ``power``); the same
+  power injected as a traced hyperparameter gives the same update."""
+  model, params, batches = _setup()
+  x, y = batches[0]
+  _, grads, curvature = afo.value_and_grad_with_curvature(loss_fn(model))(
+    params, x, y
+  )
+  tx = afo.scale_by_adafisher(fisher_power=0.5)
+  state = tx.init(params)
+
+  def update(g, s):
+    return tx.update(g, s, curvature=curvature)[0]
+
+  hlo = jax.jit(update).lower(grads, state).compile().as_text()
+  elementwise = re.compile(r'= f(32|64)\[\d[^]]*\]\S* (power|r?sqrt)\(')
+  ops = {m.group(2) for m in elementwise.finditer(hlo)}
+  assert ops and 'power' not in ops, ops  # (b1**count, a scalar, stays)
+  injected = optax.inject_hyperparams(
+    afo.scale_by_adafisher, static_args=('t_cov',)
+  )(fisher_power=0.5)
+  traced, _ = injected.update(grads, injected.init(params), curvature=curvature)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+    update(grads, state),
+    traced,
   )
 
 
