@@ -169,7 +169,13 @@ def test_decoupled_decay_comes_after_grafting():
 def test_like_adam_is_the_recommended_adafisherw():
   model, params, xs, ys = _problem(steps=3)
   like = afo.adafisher_like_adam(1e-3, weight_decay=0.01)
-  spelled = afo.adafisherw(1e-3, weight_decay=0.01, **afo.alias.RECOMMENDED)
+  spelled = afo.adafisherw(  # as the README and the docstring spell it
+    1e-3,
+    weight_decay=0.01,
+    grafting='adam',
+    relative_damping=0.1,
+    fisher_power=0.5,
+  )
   for a, b in _updates_along(model, params, xs, ys, [like, spelled]):
     chex.assert_trees_all_close(a, b, rtol=0)
 
