@@ -132,15 +132,15 @@ def multi_steps(
       'params, *batch) to size its running sum of statistics.'
     )
   inner = optax.MultiSteps(tx, every_k_schedule, **multi_steps_kwargs)
-  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), layout)
-  structure = jax.tree.structure(zeros)
+  structure = jax.tree.structure(layout)
 
   settings = Accumulation(every_k_schedule)
 
   def init_fn(params):
     return MultiStepsState(
       inner=inner.init(params),
-      curvature=zeros,
+      # New arrays on every init: a donated state must not take them along.
+      curvature=jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), layout),
       captured=jnp.zeros([], jnp.int32),
       settings=settings,
     )

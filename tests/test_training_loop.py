@@ -196,6 +196,21 @@ def test_multi_steps_schedule_after_a_restore_mid_window(problem):
   assert int(state.inner.mini_step) == 1
 
 
+def test_multi_steps_inits_survive_a_donated_state(problem):
+  """Each init has its own arrays: a step that donates one state leaves the
+  next init (a second run, a restore target) usable."""
+  params, batches, grad_fn = problem
+  tx = _accumulating(params, batches, grad_fn)
+  step = jax.jit(
+    _train_step(tx, grad_fn), static_argnames='refresh', donate_argnums=(0, 1)
+  )
+  first = tx.init(params)
+  step(jax.tree.map(jnp.copy, params), first, *batches[0], refresh=True)
+  second = tx.init(params)
+  assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(second))
+  step(jax.tree.map(jnp.copy, params), second, *batches[0], refresh=True)
+
+
 def test_a_window_without_curvature_at_its_end_leaves_no_statistics(problem):
   params, batches, grad_fn = problem
   tx = _accumulating(params, batches, grad_fn)
