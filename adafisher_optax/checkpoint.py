@@ -36,10 +36,16 @@ def _numerics(paths) -> str | None:
   return 'paper' if names & {'emas', 'h_ema', 's_ema'} else 'reference'
 
 
+def _is_state_relative_damping(path: str) -> bool:
+  *parents, name = path.split('/')
+  return name == 'relative_damping' and parents[-1:] != ['hyperparams']
+
+
 def _earlier_layout(paths) -> str | None:
   """Which earlier state layout ``paths`` are of, if any: ``0.2``
-  (``relative_damping`` leaves) or one array per factor field."""
-  if any(path.endswith('/relative_damping') for path in paths):
+  (a ``relative_damping`` leaf of the state itself, not one that
+  ``optax.inject_hyperparams`` keeps) or one array per factor field."""
+  if any(_is_state_relative_damping(path) for path in paths):
     return 'adafisher_optax 0.2 (one dict of factors per layer)'
   if any(
     '/factors/' in path and path.endswith('/curvature_mean') for path in paths

@@ -279,6 +279,26 @@ def test_diagnostics_after_a_restore_into_another_damping(problem, tmp_path):
   )
 
 
+@pytest.mark.parametrize('top', ['opt_state', None])
+def test_restore_of_injected_relative_damping(problem, tmp_path, top):
+  """An injected ``relative_damping`` is a hyperparameter, not the 0.2
+  layout's state field: the checkpoint restores bit for bit."""
+  params, batches, grad_fn = problem
+  tx = optax.inject_hyperparams(afo.adafisherw, static_args=('t_cov',))(
+    1e-3, relative_damping=0.1, grafting='adam'
+  )
+  _, state = _loop(tx, params, batches[:3], grad_fn, [True] * 3)
+  saved = state if top is None else {top: state}
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(tmp_path / 'ckpt', saved)
+    checkpointer.wait_until_finished()
+  target = tx.init(params)
+  restored = afo.checkpoint.restore(
+    tmp_path / 'ckpt', target if top is None else {top: target}
+  )
+  chex.assert_trees_all_equal(restored, saved)
+
+
 def test_diagnostics_under_inject_hyperparams(problem):
   params, batches, grad_fn = problem
   tx = optax.inject_hyperparams(afo.adafisher, static_args=('t_cov',))(
