@@ -22,9 +22,12 @@ from adafisher_optax.factors import Factors
 
 
 def _shapes(tree: Any) -> dict[str, tuple]:
+  """``{path: shape}`` of the leaves as orbax stores them (a Flax box, an
+  ``nnx.Variable`` or ``nn.Partitioned``, is its ``value`` entry)."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
   return {
-    _tree.format_path(path): tuple(np.shape(leaf))
-    for path, leaf in _tree.leaves_with_paths(tree)
+    _tree.format_path(_tree.keypath_to_path(keypath)): tuple(np.shape(leaf))
+    for keypath, leaf in flat
   }
 
 

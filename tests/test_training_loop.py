@@ -299,6 +299,49 @@ def test_restore_of_injected_relative_damping(problem, tmp_path, top):
   chex.assert_trees_all_equal(restored, saved)
 
 
+def _boxed_trees(kind):
+  """``(model state, optimizer state)`` makers of boxed params: NNX
+  Variables or linen ``nn.Partitioned``."""
+  x = jnp.ones((4, 5))
+  if kind == 'nnx':
+
+    def make(seed):
+      net = nnx.Linear(5, 3, rngs=nnx.Rngs(seed))
+      opt = nnx.Optimizer(net, afo.adafisher_like_adam(1e-3), wrt=nnx.Param)
+      return {'model': nnx.state(net), 'opt': nnx.state(opt)}
+
+    return make
+  dense = nn.Dense(
+    3,
+    kernel_init=nn.with_partitioning(
+      nn.initializers.lecun_normal(), (None, 'mlp')
+    ),
+  )
+
+  def make(seed):
+    params = dense.init(jax.random.key(seed), x)['params']
+    tx = afo.adafisher_like_adam(1e-3)
+    return {'params': params, 'opt_state': tx.init(params)}
+
+  return make
+
+
+@pytest.mark.parametrize('kind', ['nnx', 'partitioned'])
+def test_restore_of_boxed_params(tmp_path, kind):
+  """Checkpoints of ``nnx.state(...)`` and of ``nn.Partitioned`` params
+  (stored by orbax with their ``value`` entries) restore."""
+  make = _boxed_trees(kind)
+  saved = make(0)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(tmp_path / 'ckpt', saved)
+    checkpointer.wait_until_finished()
+  restored = afo.checkpoint.restore(tmp_path / 'ckpt', make(1))
+  chex.assert_trees_all_equal(
+    jax.tree.leaves(afo._tree.unbox_tree(restored)),
+    jax.tree.leaves(afo._tree.unbox_tree(saved)),
+  )
+
+
 def test_diagnostics_under_inject_hyperparams(problem):
   params, batches, grad_fn = problem
   tx = optax.inject_hyperparams(afo.adafisher, static_args=('t_cov',))(
