@@ -38,8 +38,9 @@ class TrainState(train_state.TrainState):
     Returns:
       The state after the step, with ``step`` incremented.
     """
+    extra = {} if curvature is None else {'curvature': curvature}
     updates, opt_state = self.tx.update(
-      grads, self.opt_state, self.params, curvature=curvature
+      grads, self.opt_state, self.params, **extra
     )
     return self.replace(
       step=self.step + 1,

@@ -54,6 +54,25 @@ def test_train_state_matches_the_plain_optax_path():
   assert int(state.step) == 4
 
 
+def test_train_state_with_an_optimizer_that_takes_no_curvature():
+  """A plain step passes no ``curvature=``: optax's own transformations (no
+  extra arguments) run as in Flax's TrainState."""
+  from flax.training import train_state
+
+  model = MLP()
+  params = _params(model, (6, 5))
+  grads = jax.tree.map(jnp.ones_like, params)
+  tx = optax.scale_by_adam()
+  ours = afo.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+  flax_state = train_state.TrainState.create(
+    apply_fn=model.apply, params=params, tx=tx
+  )
+  chex.assert_trees_all_equal(
+    ours.apply_gradients(grads=grads).params,
+    flax_state.apply_gradients(grads=grads).params,
+  )
+
+
 # --- Flax serialization (msgpack, flax.training.checkpoints) ----------------
 
 _OPTIMIZERS = {
