@@ -26,6 +26,7 @@ from adafisher_optax.state import (
   adafisher_state,
   check_params,
   injected_hyperparameters,
+  one_replica,
   overdue,
 )
 
@@ -123,7 +124,7 @@ def diagnostics(opt_state: Any, params: Any) -> Diagnostics:
   Returns:
     A :class:`Diagnostics`; ``str()`` of it is a Markdown table.
   """
-  state = adafisher_state(opt_state)
+  state = one_replica(adafisher_state(opt_state), 'diagnostics')
   numerics = state.settings.numerics
   damping = _hyperparameter(state, opt_state, 'damping')
   relative = _hyperparameter(state, opt_state, 'relative_damping')

@@ -23,6 +23,7 @@ from adafisher_optax.accumulation import MultiStepsState
 from adafisher_optax.state import (
   StaleFactorsWarning,
   adafisher_state,
+  one_replica,
   overdue,
   plan_refreshes,
   refresh_due,
@@ -70,7 +71,7 @@ def refresh_schedule(opt_state: Any) -> Iterator[bool]:
       )
   """
   plan_refreshes()
-  state = adafisher_state(opt_state)
+  state = one_replica(adafisher_state(opt_state), 'refresh_schedule')
   late = overdue(state)
   if late:
     warnings.warn(

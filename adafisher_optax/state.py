@@ -105,6 +105,19 @@ def overdue(state: AdaFisherState) -> int:
   return max(0, count - last - state.settings.t_cov)
 
 
+def one_replica(state: AdaFisherState, caller: str) -> AdaFisherState:
+  """``state``, checked to be one replica's (a scalar ``count``): the host
+  functions read one state, not one per device of a ``jax.pmap``."""
+  shape = getattr(state.count, 'shape', ())
+  if shape:
+    raise ValueError(
+      f'{caller}: the AdaFisher state has a leading axis of {shape[0]} (a '
+      'state replicated by jax.pmap?); pass one replica: '
+      'jax.tree.map(lambda x: x[0], opt_state) (and params[0]).'
+    )
+  return state
+
+
 def check_params(params: Any, state: AdaFisherState, caller: str) -> None:
   """Raises, naming a path, unless ``params`` are the params (paths and
   shapes) that ``state`` was initialised for."""

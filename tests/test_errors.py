@@ -356,6 +356,20 @@ def test_diagnostics_of_a_state_without_adafisher(setup):
     afo.diagnostics(optax.adam(1e-3).init(params), params)
 
 
+def test_host_functions_refuse_a_replicated_state(setup):
+  """A ``jax.pmap`` state (a leading device axis) is named, with the fix."""
+  _, params, _, _, _ = setup
+  state = afo.adafisher(1e-3).init(params)
+  replicated = jax.tree.map(lambda x: jnp.stack([x, x]), state)
+  stacked = jax.tree.map(lambda x: jnp.stack([x, x]), params)
+  with pytest.raises(
+    ValueError, match=r'refresh_schedule: .* leading axis of 2'
+  ):
+    afo.refresh_schedule(replicated)
+  with pytest.raises(ValueError, match=r'diagnostics: .*pmap.*x\[0\]'):
+    afo.diagnostics(replicated, stacked)
+
+
 def test_diagnostics_of_params_of_another_model(setup):
   _, params, _, _, _ = setup
   state = afo.adafisher(1e-3).init(params)
