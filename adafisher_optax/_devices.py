@@ -55,3 +55,15 @@ def untracked_axes(x: Any) -> frozenset:
   except (ImportError, AttributeError):  # another JAX: no detection
     return frozenset()
   return frozenset(n for n in names if not tracks_varying(n))
+
+
+def unbound_axes(axis_names: tuple) -> list:
+  """Those of ``axis_names`` that no enclosing ``pmap``/``shard_map`` binds
+  here (empty where JAX's axis environment cannot be read)."""
+  try:
+    from jax._src import core
+
+    bound = set(core.get_axis_env().axis_names())
+  except (ImportError, AttributeError):  # another JAX: no detection
+    return []
+  return [name for name in axis_names if name not in bound]

@@ -20,7 +20,13 @@ import jax.numpy as jnp
 import optax
 from optax import tree as otu
 
-from adafisher_optax import _tree, conventions, flax_serialization, rules
+from adafisher_optax import (
+  _devices,
+  _tree,
+  conventions,
+  flax_serialization,
+  rules,
+)
 from adafisher_optax import factors as factors_lib
 from adafisher_optax import grafting as grafting_lib
 from adafisher_optax import hyperparameters as hp
@@ -302,6 +308,7 @@ def _scale_by_adafisher(
   def update_fn(updates, state, params=None, *, curvature=None, **extra_args):
     del params, extra_args
     _check_state(state, settings)
+    _check_axes_bound(axis_names)
     _check_gradients(updates, state.mu)
     _warn_on_new_t_cov(state.settings, settings)
     state, layout = _with_curvature(
@@ -339,6 +346,17 @@ def _scale_by_adafisher(
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_axes_bound(axis_names: tuple) -> None:
+  unbound = _devices.unbound_axes(axis_names)
+  if unbound:
+    raise ValueError(
+      f'AdaFisher was built with axis_name={unbound[0]!r}, but this update '
+      'runs outside a jax.pmap (or shard_map) over that axis: run it inside '
+      'one, or build the optimizer without axis_name (under a sharded jit '
+      'the statistics and gradients are global already).'
+    )
 
 
 def _power(f: jax.Array, power: Any) -> jax.Array:

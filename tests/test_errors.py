@@ -370,6 +370,16 @@ def test_host_functions_refuse_a_replicated_state(setup):
     afo.diagnostics(replicated, stacked)
 
 
+def test_an_axis_name_outside_its_pmap_is_named(setup):
+  _, params, grads, _, _ = setup
+  tx = afo.adafisher(1e-3, axis_name='batch')
+  state = tx.init(params)
+  with pytest.raises(
+    ValueError, match=r"axis_name='batch'.*outside a jax.pmap"
+  ):
+    jax.jit(tx.update)(grads, state, params)
+
+
 def test_diagnostics_of_params_of_another_model(setup):
   _, params, _, _, _ = setup
   state = afo.adafisher(1e-3).init(params)
