@@ -71,6 +71,16 @@ def _shape_error(directory, where: str, shape, want) -> ValueError:
   )
 
 
+def _which_differs(path: str) -> str:
+  if '/nu/' in f'/{path}/':  # Adam's second moment: grafting='adam' only
+    return (
+      'a checkpoint of another model or optimizer? AdaFisher keeps nu, '
+      "Adam's second moment, only with grafting='adam' "
+      '(adafisher_like_adam): restore into an optimizer of the same grafting'
+    )
+  return 'a checkpoint of another model or optimizer?'
+
+
 def _compare(directory, stored: dict, wanted: dict) -> None:
   saved, asked = _numerics(stored), _numerics(wanted)
   if saved and asked and saved != asked:
@@ -79,12 +89,12 @@ def _compare(directory, stored: dict, wanted: dict) -> None:
     if path not in stored:
       raise ValueError(
         f'checkpoint {directory}: no entry {path!r}, which the target has '
-        '(a checkpoint of another model or optimizer?).'
+        f'({_which_differs(path)}).'
       )
     if path not in wanted:
       raise ValueError(
-        f'checkpoint {directory}: entry {path!r} is not in the target (a '
-        'checkpoint of another model or optimizer?).'
+        f'checkpoint {directory}: entry {path!r} is not in the target '
+        f'({_which_differs(path)}).'
       )
     if stored[path] != wanted[path]:
       raise _shape_error(directory, path, stored[path], wanted[path])

@@ -342,6 +342,17 @@ def test_restore_of_boxed_params(tmp_path, kind):
   )
 
 
+def test_restore_into_another_grafting_names_it(problem, tmp_path):
+  params, _, _ = problem
+  saved = {'opt_state': afo.adafisher_like_adam(1e-3).init(params)}
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(tmp_path / 'ckpt', saved)
+    checkpointer.wait_until_finished()
+  target = {'opt_state': afo.adafisherw(1e-3).init(params)}
+  with pytest.raises(ValueError, match=r"nu/.*grafting='adam'"):
+    afo.checkpoint.restore(tmp_path / 'ckpt', target)
+
+
 def test_diagnostics_under_inject_hyperparams(problem):
   params, batches, grad_fn = problem
   tx = optax.inject_hyperparams(afo.adafisher, static_args=('t_cov',))(
