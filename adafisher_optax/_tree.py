@@ -85,6 +85,12 @@ def map_with_path(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
   return jax.tree_util.tree_map_with_path(apply, tree, *rest, is_leaf=is_box)
 
 
+def is_sequence(node: Any) -> bool:
+  """A list or tuple of params (not a NamedTuple such as optax's
+  ``MaskedNode``, which stands for a leaf)."""
+  return isinstance(node, (list, tuple)) and not hasattr(node, '_fields')
+
+
 def _index(node: Any, key: Any) -> Any:
   """The key of ``node`` (a mapping, list or tuple) that ``key`` names, or
   ``None``."""
@@ -92,11 +98,26 @@ def _index(node: Any, key: Any) -> Any:
     if key in node:
       return key
     return next((k for k in node if str(k) == str(key)), None)
-  if isinstance(node, (list, tuple)):
+  if is_sequence(node):
     index = str(key)
     if index.isdigit() and int(index) < len(node):
       return int(index)
   return None
+
+
+def shape_differences(
+  tree: Any, reference: Any
+) -> dict[Path, tuple[tuple | None, tuple | None]]:
+  """``{path: (shape in tree, shape in reference)}`` where the two differ
+  (``None``: no such leaf), ``tree``'s paths first in its order, then those
+  only ``reference`` has."""
+  got = {p: tuple(getattr(v, 'shape', ())) for p, v in leaves_with_paths(tree)}
+  want = {p: tuple(v.shape) for p, v in leaves_with_paths(reference)}
+  differences = {
+    p: (s, want.get(p)) for p, s in got.items() if want.get(p) != s
+  }
+  differences.update({p: (None, s) for p, s in want.items() if p not in got})
+  return differences
 
 
 def get_node(tree: Any, path: Path) -> Any:
@@ -132,7 +153,7 @@ def set_in(tree: Any, path: Path, value: Any) -> Any:
   """A copy of ``tree`` with ``value`` at ``path``: mappings are copied as
   dicts (a missing key is added), lists and tuples keep their type."""
   key = _index(tree, path[0])
-  if isinstance(tree, (list, tuple)):
+  if is_sequence(tree):
     if key is None:
       raise KeyError(f'{path[0]!r} is not an index of a {type(tree).__name__}')
     entries: Any = list(tree)
@@ -141,8 +162,6 @@ def set_in(tree: Any, path: Path, value: Any) -> Any:
     entries = dict(tree)
     key, child = (path[0], {}) if key is None else (key, entries[key])
   entries[key] = value if len(path) == 1 else set_in(child, path[1:], value)
-  if hasattr(tree, '_fields'):  # a NamedTuple
-    return type(tree)(*entries)
   return tuple(entries) if isinstance(tree, tuple) else entries
 
 

@@ -121,31 +121,26 @@ def one_replica(state: AdaFisherState, caller: str) -> AdaFisherState:
 def check_params(params: Any, state: AdaFisherState, caller: str) -> None:
   """Raises, naming a path, unless ``params`` are the params (paths and
   shapes) that ``state`` was initialised for."""
-  held = {p: tuple(v.shape) for p, v in _tree.leaves_with_paths(state.mu)}
-  given = {
-    p: tuple(getattr(v, 'shape', ()))
-    for p, v in _tree.leaves_with_paths(params)
-  }
+  differences = _tree.shape_differences(params, state.mu)
   not_those = (
     'the params are not those the state was initialised for (another '
     'model, or the whole variables dict?).'
   )
-  for path, shape in given.items():
+  for path, (shape, held) in differences.items():
     where = _tree.format_path(path)
-    if path not in held:
+    if shape is None:  # after every path params has: only missing ones
+      missing = sum(given is None for given, _ in differences.values())
+      raise ValueError(
+        f'{caller}: params has no {where!r}, which the state holds '
+        f'({missing} such): ' + not_those
+      )
+    if held is None:
       raise ValueError(
         f'{caller}: params {where!r} is not in the state: ' + not_those
       )
-    if held[path] != shape:
-      raise ValueError(
-        f'{caller}: params {where!r} has shape {shape}, the state holds '
-        f'{held[path]}: ' + not_those
-      )
-  missing = [path for path in held if path not in given]
-  if missing:
     raise ValueError(
-      f'{caller}: params has no {_tree.format_path(missing[0])!r}, which the '
-      f'state holds ({len(missing)} such): ' + not_those
+      f'{caller}: params {where!r} has shape {shape}, the state holds '
+      f'{held}: ' + not_those
     )
 
 

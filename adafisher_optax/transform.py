@@ -67,25 +67,24 @@ def _check_parameters(tree: Any, what: str) -> None:
 def _check_gradients(updates: Any, mu: Any) -> None:
   """Gradients must have the params' structure and shapes (those of ``mu``)."""
   _check_parameters(updates, 'gradient')
-  grads = dict(_tree.leaves_with_paths(updates))
-  moments = dict(_tree.leaves_with_paths(mu))
-  for path in sorted(set(grads) | set(moments)):
+  differences = _tree.shape_differences(updates, mu)
+  for path in sorted(differences):
     where = _tree.format_path(path)
-    if path not in moments:
+    shape, held = differences[path]
+    if held is None:
       raise ValueError(
         f'AdaFisher: gradient {where!r} has no momentum in the state: the '
         'gradients are not of the params the state was initialised for.'
       )
-    if path not in grads:
+    if shape is None:
       raise ValueError(
         f'AdaFisher: no gradient for {where!r}, which the state has: the '
         'gradients are not of the params the state was initialised for.'
       )
-    if tuple(grads[path].shape) != tuple(moments[path].shape):
-      raise ValueError(
-        f'AdaFisher: gradient {where!r} has shape {grads[path].shape}, the '
-        f'params (momentum) {moments[path].shape}.'
-      )
+    raise ValueError(
+      f'AdaFisher: gradient {where!r} has shape {shape}, the params '
+      f'(momentum) {held}.'
+    )
 
 
 def _check_state(state: Any, settings: Settings) -> None:
