@@ -36,19 +36,31 @@ def tracks_varying(axis_name: Any) -> bool:
   return axis_name in varying_axes(jax.lax.axis_index(axis_name))
 
 
+def _bound_axes() -> set | None:
+  """The axis names bound around this trace (``pmap``, ``shard_map``, a
+  named ``vmap``), read from JAX's axis environment, which has no public
+  API: ``None`` where it cannot be read."""
+  try:
+    from jax._src import core
+
+    return set(core.get_axis_env().axis_names())
+  except (ImportError, AttributeError):  # another JAX: no detection
+    return None
+
+
 def untracked_axes(x: Any) -> frozenset:
   """Named axes around this trace along which ``x`` may differ untracked.
 
   The axes of an enclosing ``pmap``: neither typed varying (as inside
-  ``shard_map``) nor the axis of a named ``jax.vmap`` that batches ``x``.
-  Read from JAX's axis environment, which has no public API: empty where
-  it cannot be read.
+  ``shard_map``) nor the axis of a named ``jax.vmap`` that batches ``x``;
+  empty where JAX's axis environment cannot be read.
   """
+  names = _bound_axes()
+  if names is None:
+    return frozenset()
   try:
-    from jax._src import core
     from jax._src.interpreters import batching
 
-    names = set(core.get_axis_env().axis_names())
     while isinstance(x, batching.BatchTracer):
       names.discard(x._trace.axis_data.name)
       x = x.val
@@ -60,10 +72,7 @@ def untracked_axes(x: Any) -> frozenset:
 def unbound_axes(axis_names: tuple) -> list:
   """Those of ``axis_names`` that no enclosing ``pmap``/``shard_map`` binds
   here (empty where JAX's axis environment cannot be read)."""
-  try:
-    from jax._src import core
-
-    bound = set(core.get_axis_env().axis_names())
-  except (ImportError, AttributeError):  # another JAX: no detection
+  bound = _bound_axes()
+  if bound is None:
     return []
   return [name for name in axis_names if name not in bound]

@@ -100,7 +100,7 @@ def _layer_dicts(params: Any) -> Iterator[tuple[_tree.Path, Mapping]]:
   """
 
   def visit(node, path):
-    if _is_sequence(node):  # e.g. an ensemble's list of params
+    if _tree.is_sequence(node):  # e.g. an ensemble's list of params
       for index, value in enumerate(node):
         yield from visit(value, path + (str(index),))
     if not isinstance(node, Mapping):
@@ -113,14 +113,8 @@ def _layer_dicts(params: Any) -> Iterator[tuple[_tree.Path, Mapping]]:
   yield from visit(_tree.unbox_tree(params), ())
 
 
-def _is_sequence(node: Any) -> bool:
-  """A list or tuple of params (not a NamedTuple such as optax's
-  ``MaskedNode``, which stands for a leaf)."""
-  return isinstance(node, (list, tuple)) and not hasattr(node, '_fields')
-
-
 def _is_container(node: Any) -> bool:
-  return isinstance(node, Mapping) or _is_sequence(node)
+  return isinstance(node, Mapping) or _tree.is_sequence(node)
 
 
 def guess(params: Any) -> dict[_tree.Path, Guess]:
