@@ -161,6 +161,8 @@ class _Interceptor:
     self.entries: list[tuple[_tree.Path, dict]] = []
 
   def __call__(self, next_fun, args, kwargs, context):
+    if context.method_name == 'setup':  # builds submodules, applies none
+      return next_fun(*args, **kwargs)
     self.session.saw_call()
     module = context.module
     params = [] if module.is_initializing() else _params_of(module)

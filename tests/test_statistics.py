@@ -674,6 +674,53 @@ def test_teacher_network_in_the_loss_is_not_captured(wider):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), got, want)
 
 
+class _SetupModel(nn.Module):
+  """Submodules built in ``setup``, as many models are written."""
+
+  def setup(self):
+    self.encoder = nn.Dense(7)
+    self.head = nn.Dense(3)
+
+  def __call__(self, x):
+    return self.head(jnp.tanh(self.encoder(x)))
+
+
+@pytest.mark.parametrize('entry', ['method_function', 'nn_apply', 'bind'])
+def test_setup_model_entered_through_a_function_is_captured(entry):
+  """``setup`` runs through Flax's interceptors; it is not the model's entry
+  (taking it for one built the submodules on a clone: AttributeError)."""
+  _, _, x, y = _mlp_problem()
+  model = _SetupModel()
+  params = model.init(jax.random.key(2), x)['params']
+
+  def forward(m, x):
+    return m.head(jnp.tanh(m.encoder(x)))
+
+  outputs = {
+    'method_function': lambda p, x: model.apply(
+      {'params': p}, x, method=forward
+    ),
+    'nn_apply': lambda p, x: nn.apply(forward, model)({'params': p}, x),
+    'bind': lambda p, x: forward(model.bind({'params': p}), x),
+  }[entry]
+
+  def loss(p, x, y):
+    return _cross_entropy(outputs(p, x), y)
+
+  def by_call(p, x, y):
+    return _cross_entropy(model.apply({'params': p}, x), y)
+
+  value, grads, got = afo.value_and_grad_with_curvature(loss)(params, x, y)
+  _, want_grads, want = afo.value_and_grad_with_curvature(by_call)(
+    params, x, y
+  )
+  assert sorted(got) == ['encoder', 'head']
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), got, want)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, **TOL), grads, want_grads
+  )
+
+
 def test_frozen_dict_params_give_the_dict_statistics():
   from flax.core import freeze, unfreeze
 
