@@ -306,9 +306,13 @@ def drive(
       f'(it was called {len(discovery.losses)} times).'
     )
   plan = discovery.plan
+  for path, record in plan.items():
+    if record.unsupported is None:
+      try:
+        record.stack = record.stack_shape(path, layer_params(path))
+      except UnsupportedCall as reason:
+        record.unsupported = str(reason)
   captured = [path for path, r in plan.items() if r.unsupported is None]
-  for path in captured:
-    plan[path].stack = plan[path].stack_shape(path, layer_params(path))
   _warn_unsupported(plan)
   probes = [plan[path].probe() for path in captured]
 

@@ -157,12 +157,16 @@ class LayerRecord:
 
   def stack_shape(self, path: _tree.Path, outer: Any) -> tuple[int, ...]:
     """Leading axes by which ``outer`` (the layer's params as the caller
-    holds them, boxed or not) exceed the params inside the model."""
-    where = _tree.format_path(path)
+    holds them, boxed or not) exceed the params inside the model.
+
+    Raises ``UnsupportedCall`` when they differ otherwise (the layer is then
+    reported and left at ``F~ = 1``).
+    """
     if outer is None:
       raise CaptureError(
-        f'Layer {where!r} ({self.description}): the first argument has no '
-        'params at this path (a tags op given a name= that is not its path?).'
+        f'Layer {_tree.format_path(path)!r} ({self.description}): the first '
+        'argument has no params at this path (a tags op given a name= that '
+        'is not its path?).'
       )
     stacks = set()
     for contribution in self.contributions.values():
@@ -171,18 +175,17 @@ class LayerRecord:
         shape = tuple(getattr(value, 'shape', ()))
         n = len(shape) - len(inner)
         if value is None or n < 0 or shape[n:] != inner:
-          raise CaptureError(
-            f'Layer {where!r}: parameter {name!r} has shape {shape} in params '
-            f'but {inner} inside the model. Lifted transforms (nn.scan, '
-            'nn.vmap, jax.lax.scan over stacked params) must stack parameters '
-            "along leading axes (variable_axes {'params': 0})."
+          raise UnsupportedCall(
+            f'parameter {name!r} has shape {shape} in params but {inner} '
+            'inside the model (nn.map_variables reshaped it, or a lifted '
+            'transform such as nn.scan or nn.vmap stacked it along an axis '
+            "other than the leading ones: variable_axes {'params': 0})"
           )
         stacks.add(shape[:n])
     if len(stacks) != 1:
-      raise CaptureError(
-        f'Layer {where!r}: its parameters are stacked differently '
-        f'({sorted(stacks)}): a lifted transform mapped them over different '
-        'axes.'
+      raise UnsupportedCall(
+        f'its parameters are stacked differently ({sorted(stacks)}): a '
+        'lifted transform mapped them over different axes'
       )
     return stacks.pop()
 

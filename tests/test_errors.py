@@ -207,8 +207,53 @@ def test_scan_stacking_params_on_another_axis():
   grad_fn = afo.value_and_grad_with_curvature(
     lambda p, x: scan.apply({'params': p}, x, None)[0].sum()
   )
-  with pytest.raises(afo.CaptureError, match=r"'dense'.*variable_axes"):
-    grad_fn(params, x)
+  with pytest.warns(afo.UnsupportedLayerWarning, match=r'dense.*variable_axes'):
+    _, _, curvature = grad_fn(params, x)
+  assert curvature == {}
+
+
+def test_layer_whose_params_map_variables_reshapes_is_reported_alone():
+  """A kernel stored flat and reshaped by nn.map_variables: that layer gets
+  F~ = 1 with a warning naming it; the rest of the model is captured."""
+
+  def reshaped(source, target):
+    return lambda v: jax.tree.map(
+      lambda a: a.reshape(target) if a.shape == source else a, v
+    )
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      flat_dense = nn.map_variables(
+        nn.Dense, 'params', trans_in_fn=reshaped((40,), (5, 8)),
+        trans_out_fn=reshaped((5, 8), (40,)), init=True,
+      )  # fmt: skip
+      h = jnp.tanh(flat_dense(8, name='flat')(x))
+      return nn.Dense(3, name='head')(h)
+
+  model = Model()
+  x = jax.random.normal(jax.random.key(1), (16, 5))
+  y = jnp.arange(16) % 3
+  params = model.init(jax.random.key(0), x)['params']
+  assert params['flat']['kernel'].shape == (40,)
+
+  def loss(p, x, y):
+    logits = model.apply({'params': p}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  grad_fn = afo.value_and_grad_with_curvature(loss)
+  with pytest.warns(afo.UnsupportedLayerWarning, match=r'flat \(Dense.*map_v'):
+    value, grads, curvature = grad_fn(params, x, y)
+    layout = afo.curvature_layout(grad_fn, params, x, y)
+  assert sorted(curvature) == ['head']
+  chex.assert_trees_all_close(grads, jax.grad(loss)(params, x, y))
+  tx = afo.adafisher_like_adam(1e-3, layout=layout)
+  state = tx.init(params)
+  assert set(afo.adafisher_state(state).factors) == {'head'}
+  with pytest.warns(afo.UnpreconditionedParametersWarning, match='flat/kernel'):
+    updates, _ = tx.update(grads, state, params, curvature=curvature)
+  assert all(jnp.isfinite(u).all() for u in jax.tree.leaves(updates))
+  assert jnp.isfinite(value)
 
 
 def test_scan_that_drops_the_probe():
