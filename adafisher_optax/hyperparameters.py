@@ -69,11 +69,15 @@ def check(name: str, value: Any) -> None:
     return
   ok, requirement = _RULES[name]
   infinite_ok = name == 'relative_damping'
-  if number.dtype.kind not in 'biuf':
+  # jnp.issubdtype: NumPy calls bfloat16 (ml_dtypes) kind 'V'.
+  if number.dtype.kind not in 'biu' and not jnp.issubdtype(
+    number.dtype, jnp.floating
+  ):
     raise TypeError(
       f'{name} must be a real number ({requirement}), got {value!r} of '
       f'dtype {number.dtype}.'
     )
+  number = number.astype(np.float64)
   if (
     np.any(np.isnan(number))
     or (np.any(np.isinf(number)) and not infinite_ok)

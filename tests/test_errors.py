@@ -813,6 +813,21 @@ def test_a_learning_rate_that_is_not_a_real_number_is_named(value):
     afo.adafisher(value)
 
 
+@pytest.mark.parametrize('alias', [afo.adafisher, afo.adafisher_like_adam])
+def test_bfloat16_hyperparameters_are_real_numbers(alias):
+  """optax.inject_hyperparams casts hyperparameters to the params' dtype:
+  bfloat16 (NumPy kind 'V') is a real number, as optax.adam takes it."""
+  params = {'w': jnp.ones((4, 3), jnp.bfloat16)}
+  tx = optax.inject_hyperparams(alias, static_args=('t_cov',))(1e-3)
+  state = tx.init(params)
+  assert state.hyperparams['learning_rate'].dtype == jnp.bfloat16
+  with pytest.warns(afo.UnpreconditionedParametersWarning):
+    tx.update(params, state, params)
+  alias(jnp.asarray(1e-3, jnp.bfloat16))
+  with pytest.raises(ValueError, match='learning_rate must be non-negative'):
+    alias(jnp.asarray(-1e-3, jnp.bfloat16))
+
+
 def test_infinite_learning_rate():
   with pytest.raises(ValueError, match='learning_rate'):
     afo.adafisher(float('inf'))
