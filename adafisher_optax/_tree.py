@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import optax
 
 Path = tuple[str, ...]
 
@@ -105,13 +106,27 @@ def _index(node: Any, key: Any) -> Any:
   return None
 
 
+def masked_out(tree: Any, path: Path) -> bool:
+  """Whether ``optax.masked`` put a ``MaskedNode`` at ``path`` of ``tree``
+  or above it (a mask given as a prefix of the params)."""
+  return any(
+    isinstance(get_node(tree, path[:i]), optax.MaskedNode)
+    for i in range(len(path) + 1)
+  )
+
+
 def shape_differences(
   tree: Any, reference: Any
 ) -> dict[Path, tuple[tuple | None, tuple | None]]:
   """``{path: (shape in tree, shape in reference)}`` where the two differ
   (``None``: no such leaf), ``tree``'s paths first in its order, then those
-  only ``reference`` has."""
-  got = {p: tuple(getattr(v, 'shape', ())) for p, v in leaves_with_paths(tree)}
+  only ``reference`` has. Paths that ``reference`` masks out
+  (:func:`masked_out`) are not compared."""
+  got = {
+    p: tuple(getattr(v, 'shape', ()))
+    for p, v in leaves_with_paths(tree)
+    if not masked_out(reference, p)
+  }
   want = {p: tuple(v.shape) for p, v in leaves_with_paths(reference)}
   differences = {
     p: (s, want.get(p)) for p, s in got.items() if want.get(p) != s

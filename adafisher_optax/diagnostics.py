@@ -130,9 +130,10 @@ def diagnostics(opt_state: Any, params: Any) -> Diagnostics:
   relative = _hyperparameter(state, opt_state, 'relative_damping')
   factors = factors_lib.by_block(state.factors)
   layout = factors_lib.layout_of(state.factors)
-  shapes = {
+  shapes = {  # optax.masked's other params are not AdaFisher's
     path: tuple(np.shape(leaf))
     for path, leaf in _tree.leaves_with_paths(params)
+    if not _tree.masked_out(state.mu, path)
   }
   check_params(params, state, 'diagnostics')
   report = {}

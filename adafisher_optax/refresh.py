@@ -18,7 +18,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from adafisher_optax import _tree, rules
 from adafisher_optax import factors as factors_lib
@@ -41,15 +40,6 @@ def _present_shapes(updates, path, roles: Mapping[str, str]):
     if leaf is not None and hasattr(leaf, 'shape'):
       shapes[role] = tuple(leaf.shape)
   return shapes
-
-
-def _masked_out(updates, path) -> bool:
-  """Whether ``optax.masked`` put a ``MaskedNode`` at ``path`` or above it
-  (a mask given as a prefix of the params, one flag per layer or module)."""
-  return any(
-    isinstance(_tree.get_node(updates, path[:i]), optax.MaskedNode)
-    for i in range(len(path) + 1)
-  )
 
 
 def _find_block(layout: FactorLayout, path, stats) -> Block:
@@ -130,7 +120,7 @@ def match(
   """
   matched = {}
   for (path, _), stats in statistics_lib.by_block(curvature).items():
-    if _masked_out(updates, path):
+    if _tree.masked_out(updates, path):
       continue
     if not isinstance(_tree.get_node(updates, path), Mapping):
       raise ValueError(

@@ -329,6 +329,27 @@ def test_a_mask_or_labels_per_layer_equal_a_mask_per_leaf(grafting):
   chex.assert_trees_all_equal(got, want)
 
 
+def test_diagnostics_of_a_masked_adafisher_take_the_whole_params():
+  """Under optax.masked the params given to tx.init are the ones a user has
+  at hand: diagnostics reports AdaFisher's layers and leaves the others out
+  (they are not AdaFisher's, so not "unpreconditioned" either)."""
+  model, params, batches = _setup()
+  trainable = {
+    'dense0': {'kernel': True, 'bias': True},
+    'dense1': {'kernel': False, 'bias': False},
+    'head': {'kernel': True, 'bias': False},
+  }
+  _, state = run(model, _masked_tx(trainable), params, batches)
+  report = afo.diagnostics(state, params)
+  assert sorted(report.layers) == ['dense0', 'head']
+  assert report.layers['head'].parameters == ('kernel',)
+  assert report.unpreconditioned == []
+  subtree = {k: v for k, v in params.items() if k != 'dense1'}
+  assert str(afo.diagnostics(state, subtree)) == str(report)
+  with pytest.raises(ValueError, match="params 'extra/kernel' is not in"):
+    afo.diagnostics(state, {**params, 'extra': {'kernel': jnp.ones(3)}})
+
+
 def test_masked_weights_need_a_layout():
   """Bias-only training (BitFit): the kernel shape is hidden by the mask."""
   model, params, batches = _setup()
