@@ -115,25 +115,33 @@ def match(
   """``{block key: (statistics, {role: parameter shape})}`` of a curvature.
 
   Raises when the curvature does not belong to the model and state.
-  Statistics whose parameters are all masked out of ``updates`` are left
-  out.
+  Statistics of layers the updates do not hold (an ``nnx.Optimizer`` with a
+  ``wrt`` filter, or an optimizer of a sub-tree, given the whole model's
+  curvature) or whose parameters are all masked out are left out; a
+  curvature none of whose layers the updates hold is refused.
   """
-  matched = {}
-  for (path, _), stats in statistics_lib.by_block(curvature).items():
+  matched, absent = {}, []
+  by_block = statistics_lib.by_block(curvature)
+  for (path, _), stats in by_block.items():
     if _tree.masked_out(updates, path):
       continue
     if not isinstance(_tree.get_node(updates, path), Mapping):
-      raise ValueError(
-        f'curvature has statistics for layer {_tree.format_path(path)!r} '
-        'but the updates have no such layer: the curvature comes from '
-        'another model.'
-      )
+      absent.append(_tree.format_path(path))
+      continue
     shapes = _present_shapes(updates, path, stats.roles())
     if not shapes:
       continue  # every parameter of the layer is masked out
     block = _find_block(layout, path, stats)
     _check_block(block, stats, shapes, numerics)
     matched[block.key] = (stats, shapes)
+  if absent and len(absent) == len(by_block):
+    raise ValueError(
+      f'curvature has statistics for layers {absent}, none of which the '
+      'updates hold: the curvature comes from another model, or the updates '
+      'are of a sub-tree of the params whose paths differ from the '
+      "curvature's (pass the gradients with the paths the model's params "
+      'have).'
+    )
   return matched
 
 

@@ -350,6 +350,28 @@ def test_diagnostics_of_a_masked_adafisher_take_the_whole_params():
     afo.diagnostics(state, {**params, 'extra': {'kernel': jnp.ones(3)}})
 
 
+def test_an_optimizer_of_a_sub_tree_takes_the_whole_models_curvature():
+  """An nnx.Optimizer with a wrt filter (or an optimizer of some layers)
+  gets the curvature of the whole model: statistics of layers it does not
+  hold are left out, as when the curvature is filtered by hand."""
+  model, params, batches = _setup()
+  grad_fn = afo.value_and_grad_with_curvature(loss_fn(model))
+  _, grads, curvature = grad_fn(params, *batches[0])
+  sub = {'head': params['head']}
+  tx = afo.adafisher(1e-2, t_cov=1)
+  state = tx.init(sub)
+  got = tx.update({'head': grads['head']}, state, sub, curvature=curvature)
+  want = tx.update(
+    {'head': grads['head']}, state, sub,
+    curvature={'head': curvature['head']},
+  )  # fmt: skip
+  chex.assert_trees_all_equal(got, want)
+  assert afo.adafisher_state(got[1]).factors['head'].refreshes == 1
+  elsewhere = {'encoder': curvature['dense0']}
+  with pytest.raises(ValueError, match=r"\['encoder'\], none of which"):
+    tx.update({'head': grads['head']}, state, sub, curvature=elsewhere)
+
+
 def test_masked_weights_need_a_layout():
   """Bias-only training (BitFit): the kernel shape is hidden by the mask."""
   model, params, batches = _setup()
