@@ -110,7 +110,9 @@ def multi_steps(
   only; an update refreshes only when its last micro-batch brings
   curvature, and a window's statistics never reach the next window.
   :func:`adafisher_optax.refresh_schedule` of this optimizer's state yields
-  one flag per micro-batch, the same over each window.
+  one flag per micro-batch, the same over each window. A micro-batch that
+  ``should_skip_update_fn`` rejects contributes neither gradients nor
+  statistics.
 
   Args:
     tx: the optimizer (e.g. :func:`adafisher_optax.adafisher`).
@@ -155,11 +157,21 @@ def multi_steps(
     new_updates, inner_state = inner.update(
       updates, state.inner, params, **inner_args, **extra_args
     )
-    emitted = inner_state.mini_step == 0  # a window's statistics end with it
+    # A micro-batch that should_skip_update_fn rejects moves no counter;
+    # its statistics are dropped with its gradients.
+    skipped = (inner_state.mini_step == state.inner.mini_step) & (
+      inner_state.gradient_step == state.inner.gradient_step
+    )
+    emitted = ~skipped & (inner_state.mini_step == 0)  # a window ends
+    kept = jax.tree.map(
+      lambda t, old: jnp.where(skipped, old, t), total, state.curvature
+    )
     return new_updates, MultiStepsState(
       inner=inner_state,
-      curvature=jax.tree.map(lambda t: jnp.where(emitted, 0, t), total),
-      captured=jnp.where(emitted, 0, captured),
+      curvature=jax.tree.map(lambda t: jnp.where(emitted, 0, t), kept),
+      captured=jnp.where(
+        emitted, 0, jnp.where(skipped, state.captured, captured)
+      ),
       settings=settings,
     )
 

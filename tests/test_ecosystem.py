@@ -320,6 +320,42 @@ def test_multi_steps_counts_every_micro_batch(x64, numerics):
     )
 
 
+def _is_factors(node):
+  return isinstance(node, afo.Factors)
+
+
+def test_multi_steps_drops_the_statistics_of_a_skipped_micro_batch(x64):
+  """should_skip_update_fn rejects a micro-batch (a NaN input): the run
+  equals the run without that micro-batch, factors included."""
+  model = ConvNet()
+  params = _params(model, (4, 5, 5, 2), dtype=jnp.float64)
+  grad_fn = jax.jit(afo.value_and_grad_with_curvature(loss_fn(model)))
+  batches = [batch(jax.random.key(30 + i), (4, 5, 5, 2)) for i in range(3)]
+  batches = [(x.astype(jnp.float64), y) for x, y in batches]
+  poisoned = (batches[1][0].at[0, 0, 0, 0].set(jnp.nan), batches[1][1])
+  layout = afo.curvature_layout(grad_fn, params, *batches[0])
+
+  def run(micro_batches):
+    tx = afo.multi_steps(
+      afo.adafisher(1e-2, t_cov=1), 2, layout=layout,
+      should_skip_update_fn=optax.skip_not_finite,
+    )  # fmt: skip
+    p, state = params, tx.init(params)
+    for x, y in micro_batches:
+      _, grads, curvature = grad_fn(p, x, y)
+      updates, state = tx.update(grads, state, p, curvature=curvature)
+      p = optax.apply_updates(p, updates)
+    return p, afo.adafisher_state(state).factors
+
+  got = run([batches[0], poisoned, batches[2]])
+  want = run([batches[0], batches[2]])
+  chex.assert_trees_all_close(got, want, rtol=1e-12)
+  counts = [f.counts for f in jax.tree.leaves(got[1], is_leaf=_is_factors)]
+  assert all(
+    int(c[..., 0].min()) == 1 and int(c[..., 1].max()) == 0 for c in counts
+  )
+
+
 # --- mixed precision ---------------------------------------------------------
 
 
