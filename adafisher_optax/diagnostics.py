@@ -104,15 +104,27 @@ class Diagnostics:
     return '\n'.join(lines)
 
 
-def _hyperparameter(state, opt_state, name: str) -> float | None:
+def _hyperparameter(state, opt_state, name: str, given: Any) -> float | None:
   """What the next update uses for ``name`` (``None``: not set)."""
   value = getattr(state.settings, name)
   if value == INJECTED:
-    value = injected_hyperparameters(opt_state).get(name, math.nan)
+    value = injected_hyperparameters(opt_state).get(name, given)
+    if value is None:
+      raise ValueError(
+        f'diagnostics: {name} was given to the optimizer as an array, or '
+        'injected under another name, so the state does not hold it: pass '
+        f'diagnostics(opt_state, params, {name}=<its value>).'
+      )
   return None if value is None else float(value)
 
 
-def diagnostics(opt_state: Any, params: Any) -> Diagnostics:
+def diagnostics(
+  opt_state: Any,
+  params: Any,
+  *,
+  damping: float | None = None,
+  relative_damping: float | None = None,
+) -> Diagnostics:
   """Reports, per layer, the range of ``F~`` and how much damping dominates.
 
   Args:
@@ -120,14 +132,20 @@ def diagnostics(opt_state: Any, params: Any) -> Diagnostics:
       ``opt_state``, ... is searched for its one ``AdaFisherState``).
     params: the params, or their shapes: a dict, boxed params, or an
       ``nnx.State`` (``nnx.state(model, nnx.Param)``).
+    damping: the optimizer's ``damping``, needed only when it was given as
+      an array or injected under another name (the state then does not
+      record it; ``optax.inject_hyperparams(...)(damping=...)`` it does).
+    relative_damping: the same for ``relative_damping``.
 
   Returns:
     A :class:`Diagnostics`; ``str()`` of it is a Markdown table.
   """
   state = one_replica(adafisher_state(opt_state), 'diagnostics')
   numerics = state.settings.numerics
-  damping = _hyperparameter(state, opt_state, 'damping')
-  relative = _hyperparameter(state, opt_state, 'relative_damping')
+  damping = _hyperparameter(state, opt_state, 'damping', damping)
+  relative = _hyperparameter(
+    state, opt_state, 'relative_damping', relative_damping
+  )
   factors = factors_lib.by_block(state.factors)
   layout = factors_lib.layout_of(state.factors)
   shapes = {  # optax.masked's other params are not AdaFisher's

@@ -152,8 +152,15 @@ def adafisher_state(opt_state: Any) -> AdaFisherState:
   """
   found = _tree.nodes_of(opt_state, AdaFisherState)
   if len(found) != 1:
+    hint = (
+      ' (pass the part of the state that holds the one you mean, e.g. '
+      "opt_state.inner_states['label'] of an optax.multi_transform)"
+      if found
+      else ''
+    )
     raise ValueError(
-      f'opt_state must contain exactly one AdaFisherState, found {len(found)}.'
+      'opt_state must contain exactly one AdaFisherState, found '
+      f'{len(found)}{hint}.'
     )
   return found[0]
 
@@ -168,13 +175,15 @@ def _injected(node: Any) -> bool:
 
 
 def injected_hyperparameters(opt_state: Any) -> dict[str, Any]:
-  """The hyperparameters of the ``optax.inject_hyperparams`` around AdaFisher.
+  """The hyperparameters of the ``optax.inject_hyperparams`` states around
+  AdaFisher (an inner one's win; those around other optimizers, as in an
+  ``optax.multi_transform``, are not AdaFisher's).
 
   Empty when there is none (the settings are then all static).
   """
-  found = [
-    node
-    for node in jax.tree.leaves(opt_state, is_leaf=_injected)
-    if _injected(node)
-  ]
-  return dict(found[0].hyperparams) if len(found) == 1 else {}
+  found = {}
+  for node in jax.tree.leaves(opt_state, is_leaf=_injected):
+    if _injected(node) and _tree.nodes_of(node.inner_state, AdaFisherState):
+      found.update(node.hyperparams)
+      found.update(injected_hyperparameters(node.inner_state))
+  return found

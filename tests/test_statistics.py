@@ -710,10 +710,8 @@ def test_setup_model_entered_through_a_function_is_captured(entry):
   def by_call(p, x, y):
     return _cross_entropy(model.apply({'params': p}, x), y)
 
-  value, grads, got = afo.value_and_grad_with_curvature(loss)(params, x, y)
-  _, want_grads, want = afo.value_and_grad_with_curvature(by_call)(
-    params, x, y
-  )
+  _, grads, got = afo.value_and_grad_with_curvature(loss)(params, x, y)
+  _, want_grads, want = afo.value_and_grad_with_curvature(by_call)(params, x, y)
   assert sorted(got) == ['encoder', 'head']
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), got, want)
   jax.tree.map(

@@ -365,6 +365,65 @@ def test_diagnostics_under_inject_hyperparams(problem):
   assert after - before == pytest.approx(0.25 - 1e-3, rel=1e-4)
 
 
+def test_diagnostics_of_a_damping_the_state_does_not_record(problem):
+  """A damping given as an array, or injected under another name: the report
+  asks for it instead of showing NaN; given, it is the static one's."""
+  params, batches, grad_fn = problem
+  static = afo.adafisher(1e-3, damping=1e-2, t_cov=1)
+  _, want = _loop(static, params, batches[:2], grad_fn, [True, True])
+  as_array = afo.adafisher(1e-3, damping=jnp.asarray(1e-2), t_cov=1)
+  _, state = _loop(as_array, params, batches[:2], grad_fn, [True, True])
+  with pytest.raises(ValueError, match=r'damping=<its value>'):
+    afo.diagnostics(state, params)
+  assert str(afo.diagnostics(state, params, damping=1e-2)) == str(
+    afo.diagnostics(want, params)
+  )
+
+  def factory(lr, damp):
+    return afo.adafisher(lr, damping=damp, t_cov=1)
+
+  renamed = optax.inject_hyperparams(factory)(lr=1e-3, damp=1e-2)
+  _, state = _loop(renamed, params, batches[:2], grad_fn, [True, True])
+  with pytest.raises(ValueError, match=r'damping=<its value>'):
+    afo.diagnostics(state, params)
+
+
+def test_diagnostics_read_the_injected_hyperparameters_around_adafisher(
+  problem,
+):
+  """multi_transform with AdaFisher and another optimizer each injected:
+  the report reads AdaFisher's damping, not the other's."""
+  params, batches, grad_fn = problem
+  labels = {k: 'fisher' if k == 'head' else 'adam' for k in params}
+  tx = optax.multi_transform(
+    {
+      'fisher': optax.inject_hyperparams(afo.adafisher, static_args=('t_cov',))(
+        learning_rate=1e-3, damping=0.25, t_cov=1
+      ),
+      'adam': optax.inject_hyperparams(optax.adam)(learning_rate=1e-3),
+    },
+    labels,
+  )
+  _, state = _loop(tx, params, batches[:2], grad_fn, [True, True])
+  report = afo.diagnostics(state, params)
+  assert sorted(report.layers) == ['head']
+  assert report.layers['head'].f_min >= 0.25
+
+
+def test_two_adafishers_in_one_state_are_named_with_the_fix(problem):
+  params, _, _ = problem
+  labels = {k: 'a' if k == 'head' else 'b' for k in params}
+  tx = optax.multi_transform(
+    {'a': afo.adafisher(1e-3), 'b': afo.adafisher(1e-2)}, labels
+  )
+  state = tx.init(params)
+  with pytest.raises(
+    ValueError, match=r'found 2 \(pass the part.*inner_states'
+  ):
+    afo.refresh_schedule(state)
+  assert next(afo.refresh_schedule(state.inner_states['a'])) is True
+
+
 # --- hyperparameters -----------------------------------------------------------
 
 
