@@ -51,6 +51,23 @@ def _checked(
   return optax.GradientTransformationExtraArgs(chained.init, update_fn)
 
 
+def _decayed_weights(
+  weight_decay: Any, mask: Any
+) -> optax.GradientTransformation:
+  """``optax.add_decayed_weights`` that, with a weight decay of Python 0,
+  needs no params (as ``optax.adam``'s update); its state is the same."""
+  decay = optax.add_decayed_weights(weight_decay, mask)
+  if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
+    return decay
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      return updates, state
+    return decay.update(updates, state, params)
+
+  return optax.GradientTransformation(decay.init, update_fn)
+
+
 def adafisher(
   learning_rate: optax.ScalarOrSchedule,
   *,
@@ -124,7 +141,7 @@ def adafisher(
     relative_damping=relative_damping, grafting=grafting, b2=b2, eps=eps,
     axis_name=axis_name, mu_dtype=mu_dtype, layout=layout,
   )  # fmt: skip
-  decay = optax.add_decayed_weights(weight_decay, mask)
+  decay = _decayed_weights(weight_decay, mask)
   rate = optax.scale_by_learning_rate(learning_rate)
   return _checked(optax.chain(decay, core, rate), core_index=1)
 
@@ -192,7 +209,7 @@ def adafisherw(
     relative_damping=relative_damping, grafting=grafting, b2=b2, eps=eps,
     axis_name=axis_name, mu_dtype=mu_dtype, layout=layout,
   )  # fmt: skip
-  decay = optax.add_decayed_weights(weight_decay, mask)
+  decay = _decayed_weights(weight_decay, mask)
   rate = optax.scale_by_learning_rate(learning_rate)
   return _checked(optax.chain(core, decay, rate), core_index=0)
 

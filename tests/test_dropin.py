@@ -88,3 +88,21 @@ def test_nnx_model_trains_at_adams_learning_rate():
   assert float(loss(net, x, y)) < 0.9 * first
   report = afo.diagnostics(optimizer.opt_state, nnx.state(net, nnx.Param))
   assert report.unpreconditioned == []
+
+
+@pytest.mark.parametrize('alias', [afo.adafisher_like_adam, afo.adafisher])
+def test_an_update_without_params_as_optax_adams(alias):
+  """optax.adam's update takes no params; neither does AdaFisher's without
+  weight decay. With weight decay it needs them, as optax.adamw's."""
+  params = {'w': jax.numpy.ones((3, 2)), 'b': jax.numpy.zeros(2)}
+  grads = jax.tree.map(lambda p: p + 0.5, params)
+  tx = alias(1e-3)
+  state = tx.init(params)
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore', afo.UnpreconditionedParametersWarning)
+    without, _ = tx.update(grads, state)
+    with_params, _ = tx.update(grads, state, params)
+    np.testing.assert_array_equal(without['w'], with_params['w'])
+    decayed = alias(1e-3, weight_decay=1e-2)
+    with pytest.raises(ValueError, match='current value of parameters'):
+      decayed.update(grads, decayed.init(params))
