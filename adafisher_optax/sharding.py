@@ -49,14 +49,41 @@ def state_shardings(
       f'parameter ({plain_structure.num_leaves}), got {len(per_leaf)}.'
     )
   abstract_state = jax.eval_shape(tx.init, params)
+  by_param = plain_structure.unflatten(per_leaf)
 
-  def like_params(node) -> bool:
-    return jax.tree.structure(_tree.unbox_tree(node)) == plain_structure
+  def like_params(node) -> list | None:
+    """The params' shardings at ``node``'s leaves when ``node`` is laid out
+    like the params (``optax.masked`` may put a ``MaskedNode`` in place of a
+    leaf or a sub-tree), else ``None``."""
+    plain_node = _tree.unbox_tree(node)
+    structure = jax.tree.structure(plain_node, is_leaf=_masked)
+    try:
+      parts = structure.flatten_up_to(by_param)
+    except (ValueError, TypeError):
+      return None
+    leaves = structure.flatten_up_to(plain_node)
+    if all(_masked(leaf) for leaf in leaves) or not all(
+      _masked(leaf) or isinstance(part, NamedSharding)
+      for leaf, part in zip(leaves, parts)
+    ):
+      return None
+    return [
+      leaf if _masked(leaf) else part for leaf, part in zip(leaves, parts)
+    ]
 
   def assign(node):
-    if like_params(node):
-      boxed = jax.tree.structure(node, is_leaf=_tree.is_box)
-      return boxed.unflatten(per_leaf)
-    return jax.tree.map(lambda _: replicated, node)
+    found = like_params(node)
+    if found is None:
+      return jax.tree.map(lambda _: replicated, node)
+    boxed = jax.tree.structure(
+      node, is_leaf=lambda n: _tree.is_box(n) or _masked(n)
+    )
+    return boxed.unflatten(found)
 
-  return jax.tree.map(assign, abstract_state, is_leaf=like_params)
+  return jax.tree.map(
+    assign, abstract_state, is_leaf=lambda n: like_params(n) is not None
+  )
+
+
+def _masked(node: Any) -> bool:
+  return isinstance(node, optax.MaskedNode)

@@ -246,6 +246,42 @@ def _all_gathers(compiled_text):
   return sorted(sizes)
 
 
+@pytest.mark.parametrize('per_layer', [False, True])
+def test_state_shardings_of_a_masked_adafisher_shard_its_momentum(per_layer):
+  """optax.masked / multi_transform put MaskedNodes in the state (in place of
+  a leaf, or of a layer with a per-layer mask): the momentum of the trained
+  params is still sharded like them, not replicated."""
+  model = Wide()
+  params = model.init(jax.random.key(0), jnp.ones((2, 32)))['params']
+  mesh = jax.make_mesh((8,), ('fsdp',))
+  params_shardings = jax.tree.map(
+    lambda leaf: NamedSharding(
+      mesh,
+      P(*[None] * (leaf.ndim - 1), 'fsdp') if leaf.shape[-1] % 8 == 0 else P(),
+    ),
+    params,
+  )
+  if per_layer:
+    mask = {name: name != 'fc1' for name in params}
+  else:
+    mask = {n: {'kernel': True, 'bias': n != 'fc1'} for n in params}
+  labels = jax.tree.map(lambda m: 'fisher' if m else 'frozen', mask)
+  for tx in (
+    optax.masked(afo.adafisher(1e-3), mask),
+    optax.multi_transform(
+      {'fisher': afo.adafisher(1e-3), 'frozen': optax.set_to_zero()}, labels
+    ),
+  ):
+    shardings = afo.state_shardings(tx, params, params_shardings)
+    mu = afo.adafisher_state(shardings).mu
+    assert mu['fc2']['kernel'] == params_shardings['fc2']['kernel']
+    p = jax.device_put(params, params_shardings)
+    state = jax.jit(tx.init, out_shardings=shardings)(p)
+    got = afo.adafisher_state(state).mu['fc2']['kernel'].sharding
+    assert got.is_equivalent_to(params_shardings['fc2']['kernel'], 2)
+    assert jax.tree.structure(shardings) == jax.tree.structure(state)
+
+
 def test_fsdp_sharded_params_and_state():
   model = Wide()
   keys = jax.random.split(jax.random.key(3), 3)
