@@ -109,6 +109,18 @@ def norm_target_square(reference: Mapping[_tree.Path, jax.Array]):
   return target
 
 
+def initial_nu(params: Any, dtype: Any) -> Any:
+  """Adam's second moment of ``'adam'``, zero: in ``dtype``, or in the
+  params' dtype but float32 for float16 params (whose squared gradients
+  below 2.4e-4 would underflow to 0 and blow Adam's update up)."""
+
+  def zeros(p):
+    wanted = dtype or (jnp.float32 if p.dtype == jnp.float16 else p.dtype)
+    return jnp.zeros(p.shape, wanted)
+
+  return jax.tree.map(zeros, params)
+
+
 def _adam_direction(grads, mu, nu, count, b1, b2, eps):
   """``(Adam's update, new nu)``; non-finite gradient entries change nothing."""
 

@@ -224,7 +224,8 @@ def scale_by_adafisher(
     axis_name: the ``pmap`` axis (or axes) over which raw statistics are
       summed on refresh steps, giving global-batch factors. Not needed in
       ``shard_map`` or a sharded ``jit``.
-    mu_dtype: optional dtype of the momentum (and of ``nu``).
+    mu_dtype: optional dtype of the momentum (and of ``nu``, which is
+      float32 for float16 params when it is not given).
     layout: the curvature's shapes, from
       :func:`adafisher_optax.curvature_layout`, to size the factors exactly;
       without it they are guessed from Flax's parameter names.
@@ -296,7 +297,9 @@ def _scale_by_adafisher(
     return AdaFisherState(
       count=jnp.zeros([], jnp.int32),
       mu=otu.zeros_like(params, dtype=mu_dtype),
-      nu=otu.zeros_like(params, dtype=mu_dtype) if grafting == 'adam' else (),
+      nu=grafting_lib.initial_nu(params, mu_dtype)
+      if grafting == 'adam'
+      else (),
       factors=factors_lib.initial(
         factor_layout, numerics == 'paper', rules.statistics_dtype()
       ),

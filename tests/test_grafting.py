@@ -223,15 +223,23 @@ def test_adam_grafting_squares_float16_gradients_in_float32():
   not divide by a second moment that underflowed."""
   params = {'dense': {'kernel': jnp.ones((4, 3)), 'bias': jnp.ones(3)}}
   grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-4), params)
-  tx = afo.adafisher(1e-2, grafting='adam', mu_dtype=jnp.float32)
 
-  def first_update(dtype):
+  def first_update(dtype, tx):
     p, g = (jax.tree.map(lambda a: a.astype(dtype), t) for t in (params, grads))
     return tx.update(g, tx.init(p), p)[0]
 
-  chex.assert_trees_all_close(
-    first_update(jnp.float16), first_update(jnp.float32), rtol=1e-2
-  )
+  for mu_dtype in (jnp.float32, None):  # nu is float32 for float16 params
+    tx = afo.adafisher(1e-2, grafting='adam', mu_dtype=mu_dtype)
+    chex.assert_trees_all_close(
+      first_update(jnp.float16, tx), first_update(jnp.float32, tx), rtol=1e-2
+    )
+  half = jax.tree.map(lambda a: a.astype(jnp.float16), params)
+  nu = afo.adafisher_state(afo.adafisher_like_adam(1e-3).init(half)).nu
+  assert {a.dtype for a in jax.tree.leaves(nu)} == {jnp.dtype(jnp.float32)}
+  nu = afo.adafisher_state(afo.adafisher_like_adam(1e-3).init(params)).nu
+  assert {a.dtype for a in jax.tree.leaves(nu)} == {
+    params['dense']['bias'].dtype
+  }
 
 
 def test_a_zero_gradient_layer_gets_a_zero_update():
