@@ -162,6 +162,11 @@ def _jitted_fold(block: Block, numerics, shapes: tuple, entries: int):
   )  # fmt: skip
 
   def fold(vectors, counts, emas, h_hat, s_hat, rows, due, gamma):
+    # Curvature estimates are not differentiated (nor is the reduction that
+    # folds them in): jax.grad through an update takes the factors as given.
+    vectors, emas, h_hat, s_hat = jax.lax.stop_gradient(
+      (vectors, emas, h_hat, s_hat)
+    )
     factors = factors_lib.refresh(
       factors_lib.Factors(vectors, counts, emas, block), (h_hat, s_hat), rows,
       due=due, numerics=numerics, gamma=gamma, form=form, entries=entries,

@@ -424,6 +424,29 @@ def test_two_adafishers_in_one_state_are_named_with_the_fix(problem):
   assert next(afo.refresh_schedule(state.inner_states['a'])) is True
 
 
+def test_a_meta_gradient_through_refreshing_updates(problem):
+  """jax.grad of the loss after unrolled updates with respect to the
+  learning rate: the factors' refresh is taken as given (as if the user had
+  stopped the curvature's gradient), not an error inside JAX."""
+  params, batches, grad_fn = problem
+  x, y = batches[0]
+
+  def after_two_steps(learning_rate, stop):
+    tx = afo.adafisher(learning_rate, t_cov=1)
+    p, state = params, tx.init(params)
+    for _ in range(2):
+      _, grads, curvature = grad_fn(p, x, y)
+      if stop:
+        curvature = jax.lax.stop_gradient(curvature)
+      updates, state = tx.update(grads, state, p, curvature=curvature)
+      p = optax.apply_updates(p, updates)
+    return grad_fn(p, x, y, capture=False)[0]
+
+  got = jax.grad(after_two_steps)(1e-3, False)
+  assert np.isfinite(got) and got < 0
+  assert got == jax.grad(after_two_steps)(1e-3, True)
+
+
 # --- hyperparameters -----------------------------------------------------------
 
 
