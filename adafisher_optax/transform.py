@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numbers
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -291,6 +292,14 @@ def _scale_by_adafisher(
   def init_fn(params):
     _check_parameters(params, 'parameter')
     flax_serialization.register_if_flax_loaded()
+    no_params = not isinstance(params, (Mapping, list, tuple))
+    if fixed_layout is None and no_params and not jax.tree.leaves(params):
+      raise TypeError(
+        f'AdaFisher: init got a {type(params).__name__}, not params: the '
+        'factor sizes are guessed from the params (optax.tree_utils.'
+        'tree_map_params passes a placeholder). Build the optimizer with '
+        'layout=adafisher_optax.curvature_layout(grad_fn, params, *batch).'
+      )
     factor_layout = fixed_layout or layout_lib.from_guesses(
       conventions.guess(params), numerics
     )

@@ -356,6 +356,30 @@ def test_multi_steps_drops_the_statistics_of_a_skipped_micro_batch(x64):
   )
 
 
+def test_optax_tree_map_params_over_the_state():
+  """tree_map_params inits with a placeholder: with layout= it maps the
+  momentum like Adam's moments; without, the error says to give layout=."""
+  model = ConvNet()
+  params = _params(model, (4, 5, 5, 2))
+  grad_fn = afo.value_and_grad_with_curvature(loss_fn(model))
+  layout = afo.curvature_layout(
+    grad_fn, params, *batch(jax.random.key(0), (4, 5, 5, 2))
+  )
+  tx = afo.adafisher_like_adam(1e-3, layout=layout)
+  state = tx.init(params)
+  half = optax.tree_utils.tree_map_params(
+    tx, lambda p: p.astype(jnp.bfloat16), state
+  )
+  inner = afo.adafisher_state(half)
+  assert {a.dtype for a in jax.tree.leaves((inner.mu, inner.nu))} == {
+    jnp.dtype(jnp.bfloat16)
+  }
+  chex.assert_trees_all_equal(inner.factors, afo.adafisher_state(state).factors)
+  guessed = afo.adafisher_like_adam(1e-3)
+  with pytest.raises(TypeError, match=r'placeholder\).*layout='):
+    optax.tree_utils.tree_map_params(guessed, lambda p: p, guessed.init(params))
+
+
 # --- mixed precision ---------------------------------------------------------
 
 
