@@ -239,8 +239,9 @@ class _Interceptor:
       return self._subclass_call(next_fun, args, kwargs, context, base, path)
     outputs = next_fun(*args, **kwargs)
     if path is None:  # its params are not arrays of the first argument
-      where = _tree.format_path(tuple(module.path))
-      self.session.params_elsewhere(f'{where} ({description})')
+      if _own_params(module):  # (a layer without params has nothing to say)
+        where = _tree.format_path(tuple(module.path))
+        self.session.params_elsewhere(f'{where} ({description})')
       return outputs
     if method not in entries or not args:
       why = 'not captured' if args else 'called without a positional input'

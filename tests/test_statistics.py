@@ -263,6 +263,25 @@ def test_conv_transpose_that_is_not_a_dilated_conv_is_reported():
   assert curvature == {}
 
 
+def test_a_layer_without_params_is_not_a_layer_elsewhere():
+  """The only registered layer has no params (a LayerNorm without scale and
+  bias): no curvature, as for a model with no capturable layer, not "the
+  params of these layers are not arrays of the first argument"."""
+  norm = nn.LayerNorm(use_scale=False, use_bias=False)
+  x = jnp.ones((4, 5)) * jnp.arange(5.0)
+
+  def loss(p, x):
+    return jnp.sum(norm.apply({}, x) @ p['w'])
+
+  _, grads, curvature = afo.value_and_grad_with_curvature(loss)(
+    {'w': jnp.ones((5, 2))}, x
+  )
+  assert curvature == {}
+  np.testing.assert_allclose(
+    grads['w'], jax.grad(loss)({'w': jnp.ones((5, 2))}, x)['w']
+  )
+
+
 def test_embed():
   ids = jnp.array([[0, 3, 3, 1], [5, 3, 0, 0]])
   layer = nn.Embed(7, 4)
