@@ -894,3 +894,46 @@ def test_lstm_cells_are_preconditioned(cell):
   grad_fn = afo.nnx.value_and_grad_with_curvature(lambda m, xs: m(xs).sum())
   _, grads, curvature = grad_fn(model, xs)
   assert afo.unpreconditioned_parameters(grads, curvature) == []
+
+
+class _TwoLayers(nnx.Module):
+  def __init__(self, rngs):
+    self.hidden = nnx.Linear(5, 16, rngs=rngs)
+    self.head = nnx.Linear(16, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(jnp.tanh(self.hidden(x)))
+
+
+def test_an_optimizer_with_a_wrt_filter_takes_the_whole_curvature():
+  """nnx.Optimizer(wrt=...) filters the grads, not the curvature: the
+  frozen layer's statistics are left out, as if filtered by hand."""
+  x = _x(8, 5)
+  y = jnp.arange(8) % 3
+  head_only = nnx.All(nnx.Param, nnx.PathContains('head'))
+  grad_fn = afo.nnx.value_and_grad_with_curvature(
+    lambda m, x, y: optax.softmax_cross_entropy_with_integer_labels(
+      m(x), y
+    ).mean()
+  )
+
+  def train(by_hand):
+    model = _TwoLayers(nnx.Rngs(0))
+    hidden = model.hidden.kernel[...]
+    optimizer = nnx.Optimizer(
+      model, afo.adafisher(1e-2, t_cov=1), wrt=head_only
+    )
+
+    @nnx.jit
+    def step(model, optimizer, x, y):
+      _, grads, curvature = grad_fn(model, x, y)
+      if by_hand:
+        curvature = {'head': curvature['head']}
+      optimizer.update(model, grads, curvature=curvature)
+
+    for _ in range(3):
+      step(model, optimizer, x, y)
+    np.testing.assert_array_equal(model.hidden.kernel[...], hidden)
+    return model.head.kernel[...]
+
+  np.testing.assert_array_equal(train(False), train(True))
