@@ -330,16 +330,25 @@ def drive(
       )
     return (loss, session.losses[:1]), (aux, extra)
 
-  (loss, logits), backward, (aux, extra) = jax.vjp(
-    forward, params, probes, has_aux=True
-  )
-  grads, cotangents = backward(
-    (jnp.ones_like(loss), jax.tree.map(jnp.zeros_like, logits))
-  )
-  if options.fisher == 'sampled':
-    _, cotangents = backward(
-      (jnp.zeros_like(loss), [sampled_cotangent(logits[0], options.fisher_key)])
+  try:
+    (loss, logits), backward, (aux, extra) = jax.vjp(
+      forward, params, probes, has_aux=True
     )
+    grads, cotangents = backward(
+      (jnp.ones_like(loss), jax.tree.map(jnp.zeros_like, logits))
+    )
+    if options.fisher == 'sampled':
+      sampled = sampled_cotangent(logits[0], options.fisher_key)
+      _, cotangents = backward((jnp.zeros_like(loss), [sampled]))
+  except jax.errors.UnexpectedTracerError as error:
+    if options.fisher != 'sampled':
+      raise
+    raise CaptureError(
+      'fisher="sampled": adafisher_optax.softmax_cross_entropy was called '
+      'inside a transformation of the loss (jax.vmap, lax.scan, a nested '
+      f'jit), whose logits cannot leave it; call it in `{options.name}` '
+      'itself, on the logits of the whole batch.'
+    ) from error
   curvature = {
     path: plan[path].statistics(cotangent)
     for path, cotangent in zip(captured, cotangents)

@@ -100,6 +100,11 @@ def _compare(directory, stored: dict, wanted: dict) -> None:
       raise _shape_error(directory, path, stored[path], wanted[path])
 
 
+def _check_exists(directory: Any) -> None:
+  if not os.path.isdir(os.fspath(directory)):
+    raise FileNotFoundError(f'checkpoint directory {directory} does not exist.')
+
+
 def restore(directory: Any, target: Any, checkpointer: Any = None) -> Any:
   """Restores a checkpoint saved with orbax into the structure of ``target``.
 
@@ -125,8 +130,7 @@ def restore(directory: Any, target: Any, checkpointer: Any = None) -> Any:
   """
   import orbax.checkpoint as ocp  # heavy; imported only when restoring
 
-  if not os.path.isdir(os.fspath(directory)):
-    raise FileNotFoundError(f'checkpoint directory {directory} does not exist.')
+  _check_exists(directory)
   checkpointer = checkpointer or ocp.StandardCheckpointer()
   metadata = checkpointer.metadata(directory)
   stored = _shapes(getattr(metadata, 'item_metadata', metadata))
@@ -228,6 +232,7 @@ def restore_legacy(
   """
   import orbax.checkpoint as ocp
 
+  _check_exists(directory)
   checkpointer = checkpointer or ocp.StandardCheckpointer()
   metadata = checkpointer.metadata(directory)
   if not _earlier_layout(_shapes(getattr(metadata, 'item_metadata', metadata))):

@@ -57,6 +57,12 @@ def read_call(
       f'Layer {_tree.format_path(call.path)!r} ({call.description}): its '
       f'adapter raised {type(error).__name__}: {error}'
     ) from error
+  where = f'Layer {_tree.format_path(call.path)!r} ({call.description})'
+  if config is None:
+    raise CaptureError(
+      f'{where}: its adapter returned None, not the configuration of the '
+      "call (the adapter's return?)."
+    )
   roles = layer_type.roles(config)
   if not roles:
     raise UnsupportedCall('the layer has no parameters to capture')
@@ -67,9 +73,18 @@ def read_call(
     )
   by_role = {role: _tree.unbox(call.params[n]) for n, role in roles.items()}
   rule = rules.check_rule(layer_type.rule.resolve(config))
-  application = rule.statistics(
-    config, inputs, outputs, by_role.get('weight'), by_role.get('bias')
-  )
+  try:
+    application = rule.statistics(
+      config, inputs, outputs, by_role.get('weight'), by_role.get('bias')
+    )
+  except UnsupportedCall:
+    raise
+  except Exception as error:
+    raise CaptureError(
+      f'{where}: its {rule.name!r} rule raised {type(error).__name__}: '
+      f'{error} (is the rule the one for this layer, and the adapter '
+      'configuration right?)'
+    ) from error
   return rule, roles, application
 
 
@@ -140,9 +155,30 @@ class LayerRecord:
       tuple(tuple(a.shape) for a in output_shapes),
       tuple(application.stack),
     )
+    for name, role in roles.items():
+      shape = contribution.param_shapes[name]
+      why = rule.parameter_mismatch(
+        role, shape, contribution.input_shapes, contribution.output_shapes
+      )
+      if why:
+        raise UnsupportedCall(
+          f'its {role} {name!r} of shape {shape} does not fit the '
+          f'{rule.name!r} rule: {why} (check its registration: weight=, '
+          "bias=, the adapter's axes)"
+        )
     known = self.contributions.setdefault(contribution.rule, contribution)
     if known != contribution:
-      raise UnsupportedCall('applications with different statistics shapes')
+      differ = [
+        field.name.replace('_', ' ')
+        for field in dataclasses.fields(Contribution)
+        if getattr(known, field.name) != getattr(contribution, field.name)
+      ]
+      raise UnsupportedCall(
+        f'two applications of its {rule.name!r} rule differ in '
+        f'{" and ".join(differ)} (one rule reads one set of parameters of '
+        'a layer; two methods reading different parameters need different '
+        'rules)'
+      )
 
   def probe(self) -> dict[str, Any]:
     return {r: c.probe(self.stack) for r, c in self.contributions.items()}

@@ -123,8 +123,11 @@ def register_layer(
     ValueError: for a name in ``methods`` that ``layer_class`` has no
       method of.
   """
-  if not isinstance(layer_class, type):
-    raise TypeError(f'layer_class must be a class, got {layer_class!r}.')
+  if not isinstance(layer_class, type) or not _is_flax_module(layer_class):
+    raise TypeError(
+      'layer_class must be a Flax linen or NNX Module class, got '
+      f'{layer_class!r}.'
+    )
   if not callable(adapter):
     raise TypeError(f'adapter must be callable, got {adapter!r}.')
   if isinstance(methods, str) or not all(isinstance(m, str) for m in methods):
@@ -133,12 +136,38 @@ def register_layer(
   if missing:
     raise ValueError(
       f'{layer_class.__name__} has no method {missing[0]!r} (methods='
-      f'{tuple(methods)!r}).'
+      f'{tuple(methods)!r}); its own methods: '
+      f'{", ".join(_own_methods(layer_class)) or "none"}.'
     )
   layer_type = LayerType(rules.check_rule(rule), adapter, weight, bias)
   entries = _REGISTRY.setdefault(layer_class, {})
   for method in methods:
     entries[method] = layer_type
+
+
+def _flax_class(cls: type) -> bool:
+  return cls.__module__.split('.')[0] == 'flax'
+
+
+def _is_flax_module(layer_class: type) -> bool:
+  """A subclass of linen's or NNX's ``Module`` (duck-typed: Flax is not
+  imported here)."""
+  return any(
+    c.__name__ == 'Module' and _flax_class(c) for c in layer_class.__mro__
+  )
+
+
+def _own_methods(layer_class: type) -> list[str]:
+  """The public methods a layer class defines beyond Flax's Module."""
+  return sorted(
+    {
+      name
+      for c in layer_class.__mro__
+      if not _flax_class(c) and c is not object
+      for name, value in vars(c).items()
+      if callable(value) and (name == '__call__' or not name.startswith('_'))
+    }
+  )
 
 
 def register_all(table: Iterable[BuiltIn]) -> None:

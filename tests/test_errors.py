@@ -765,7 +765,9 @@ class _CallsProject(nn.Module):
 
 def test_a_registered_layer_through_another_method_is_reported():
   afo.register_layer(
-    _TwoMethods, afo.rules.DENSE, lambda m, x, k: afo.rules.Dense(False)
+    _TwoMethods,
+    afo.rules.DENSE,
+    lambda m, x, k: afo.rules.Dense(use_bias=False),
   )  # __call__ only
   params, x, grad_fn = _summed_output(_CallsProject())
   with pytest.warns(
@@ -896,6 +898,20 @@ def test_register_layer_checks_its_arguments():
 
   with pytest.raises(ValueError, match="rule named 'dense'"):
     afo.register_layer(DenseMonotone, Impostor(), lambda m, x, k: None)
+  with pytest.raises(TypeError, match='in_axes must be a tuple of ints'):
+    afo.rules.Dense(False)  # use_bias given as in_axes
+  with pytest.raises(TypeError, match='Flax linen or NNX Module class'):
+    afo.register_layer(dict, afo.rules.DENSE, lambda m, x, k: None)
+  with pytest.raises(ValueError, match=r'its own methods: __call__\.'):
+    afo.register_layer(
+      _Faulty, afo.rules.DENSE, lambda m, x, k: None, methods=('forward',)
+    )
+
+  class Nameless(afo.rules.DenseRule):
+    name = ''
+
+  with pytest.raises(TypeError, match=r"Nameless has no name.*name = '...'"):
+    afo.register_layer(_Faulty, Nameless(), lambda m, x, k: None)
 
 
 class _Faulty(nn.Module):
@@ -913,6 +929,102 @@ def test_adapter_failures_name_the_layer():
   params, x, grad_fn = _summed_output(_Faulty())
   with pytest.raises(afo.CaptureError, match=r"'<root>' \(_Faulty\).*KeyError"):
     grad_fn(params, x)
+
+
+class _Transposed(nn.Module):
+  """``x @ w.T + b`` with ``w`` stored [outputs, inputs]: not the dense
+  rule's [inputs, outputs] layout."""
+
+  @nn.compact
+  def __call__(self, x):
+    w = self.param('w', nn.initializers.ones, (2, x.shape[-1]))
+    return x @ w.T + self.param('b', nn.initializers.zeros, (2,))
+
+
+@pytest.mark.parametrize(
+  'registration, match',
+  [
+    (dict(weight='w', bias='b'), r"weight 'w' of shape \(2, 4\) does not fit"),
+    (dict(weight='b', bias='w'), r"weight 'b' of shape \(2,\) does not fit"),
+  ],
+)
+def test_a_registration_that_does_not_fit_its_layer_is_reported(
+  registration, match
+):
+  """A transposed kernel (the same size as the rule's layout) or swapped
+  roles: the layer is reported and left at F~ = 1, not preconditioned with
+  a scrambled F~."""
+  afo.register_layer(
+    _Transposed, afo.rules.DENSE, lambda m, x, k: afo.rules.Dense(),
+    **registration,
+  )  # fmt: skip
+  params, x, grad_fn = _summed_output(_Transposed())
+  with pytest.warns(afo.UnsupportedLayerWarning, match=match):
+    _, _, curvature = grad_fn(params, x)
+  assert curvature == {}
+
+
+class _EncodeDecode(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return self.decode(self.encode(x))
+
+  @nn.compact
+  def encode(self, x):
+    return x @ self.param('w_enc', nn.initializers.ones, (4, 4))
+
+  def decode(self, x):
+    return x @ self.param('w_dec', nn.initializers.ones, (4, 4))
+
+
+def test_two_methods_of_one_rule_reading_different_parameters_say_so():
+  for method, weight in (('encode', 'w_enc'), ('decode', 'w_dec')):
+    afo.register_layer(
+      _EncodeDecode, afo.rules.DENSE, lambda m, x, k: afo.rules.Dense(use_bias=False),
+      methods=(method,), weight=weight, bias=None,
+    )  # fmt: skip
+  params, x, grad_fn = _summed_output(_EncodeDecode())
+  with pytest.warns(
+    afo.UnsupportedLayerWarning, match=r"'dense' rule differ in roles"
+  ):
+    grad_fn(params, x)
+
+
+def test_rule_failures_and_an_adapter_without_a_configuration_name_the_layer():
+  afo.register_layer(_Faulty, afo.rules.DENSE, lambda m, x, k: None)
+  params, x, grad_fn = _summed_output(_Faulty())
+  with pytest.raises(
+    afo.CaptureError, match=r'\(_Faulty\): its adapter returned None'
+  ):
+    grad_fn(params, x)
+  afo.register_layer(
+    _Faulty, afo.rules.EMBED, lambda m, x, k: afo.rules.Embed(num_embeddings=4)
+  )
+  with pytest.raises(
+    afo.CaptureError, match=r"\(_Faulty\): its 'embed' rule raised TypeError"
+  ):
+    grad_fn(params, x)
+
+
+def test_sampled_fisher_inside_vmap_is_named():
+  dense = nn.Dense(3)
+  x, y = jnp.ones((4, 2)), jnp.arange(4) % 3
+  params = dense.init(jax.random.key(0), x)['params']
+
+  def per_example(p, x, y):
+    logits = dense.apply({'params': p}, x)
+    return jax.vmap(
+      lambda row, t: afo.softmax_cross_entropy(row[None], t[None])
+    )(logits, y).mean()
+
+  grad_fn = afo.value_and_grad_with_curvature(per_example, fisher='sampled')
+  with pytest.raises(afo.CaptureError, match=r'inside a transformation.*vmap'):
+    grad_fn(params, x, y, fisher_key=jax.random.key(1))
+
+
+def test_restore_legacy_of_a_missing_directory(tmp_path):
+  with pytest.raises(FileNotFoundError, match='does not exist'):
+    afo.checkpoint.restore_legacy(tmp_path / 'none', {})
 
 
 def test_tags_index_on_params_that_are_not_stacked():

@@ -142,6 +142,20 @@ class Rule:
     """Shapes ``[*stack, n]`` of the factors ``H`` and ``S``."""
     raise NotImplementedError
 
+  def parameter_mismatch(
+    self,
+    role: Literal['weight', 'bias'],
+    shape: Shape,
+    input_shapes: Sequence[Shape],
+    output_shapes: Sequence[Shape],
+  ) -> str | None:
+    """Why a parameter of ``shape`` (as the layer reads it) cannot take the
+    curvature of statistics of these shapes, or ``None`` (the default:
+    :meth:`curvature` needs nothing more). Checked at capture, so that a
+    registration that does not fit its layer is reported there."""
+    del role, shape, input_shapes, output_shapes
+    return None
+
   def curvature(
     self,
     h: jax.Array,
@@ -192,6 +206,11 @@ class KroneckerRule(Rule):
   entry last when the layer has a bias; ``S`` one entry per output.
   """
 
+  #: Whether the kernel's trailing axes are its outputs (``[*inputs,
+  #: *outputs]``, as :meth:`curvature` reshapes ``H (x) S``); ``False``:
+  #: its leading ones (``[*outputs, *inputs]``).
+  outputs_last = True
+
   def has_parameters(self, config):
     return True, bool(getattr(config, 'use_bias', False))
 
@@ -199,6 +218,28 @@ class KroneckerRule(Rule):
     del numerics
     rows = jnp.maximum(rows, 1)[..., None].astype(input_sums[0].dtype)
     return input_sums[0] / rows, output_sums[0] / rows
+
+  def parameter_mismatch(self, role, shape, input_shapes, output_shapes):
+    own = tuple(shape[len(input_shapes[0]) - 1 :])
+    n_h, n_s = input_shapes[0][-1], output_shapes[0][-1]
+    if role == 'bias':
+      if count(own) == n_s:
+        return None
+      return f'{count(own)} entries for the {n_s} outputs of the statistics'
+    splits = [(own[:k], own[k:]) for k in range(len(own) + 1)]
+    if not self.outputs_last:
+      splits = [(after, before) for before, after in splits]
+    if any(
+      count(out) == n_s and count(inp) in (n_h, n_h - 1) for inp, out in splits
+    ):
+      return None
+    order = (
+      'inputs..., outputs...' if self.outputs_last else 'outputs..., inputs...'
+    )
+    return (
+      f"the statistics have {n_h} input entries (with the bias's, if any) and "
+      f'{n_s} outputs, so the rule reads the weight as [{order}] axes'
+    )
 
   def factor_shapes(self, input_shapes, output_shapes, numerics):
     del numerics
@@ -256,6 +297,11 @@ class RuleTable(dict):
       raise TypeError(
         f'rule must be an adafisher_optax.rules.Rule (e.g. rules.DENSE), '
         f'got {rule!r}.'
+      )
+    if not isinstance(getattr(rule, 'name', None), str) or not rule.name:
+      raise TypeError(
+        f'{type(rule).__name__} has no name: a Rule subclass sets a class '
+        "attribute name = '...' (states and checkpoints hold rules by name)."
       )
     known = self.setdefault(rule.name, rule)
     if known is not rule and known != rule:

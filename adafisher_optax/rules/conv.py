@@ -171,6 +171,13 @@ class TransposedKernelConvRule(ConvRule):
 
   name = 'conv_transpose_kernel'
 
+  def parameter_mismatch(self, role, shape, input_shapes, output_shapes):
+    if role == 'bias':
+      return super().parameter_mismatch(
+        role, shape, input_shapes, output_shapes
+      )
+    return None  # [*kernel, c_out, c_in]: curvature transposes it
+
   def curvature(self, h, s, numerics, role, shape):
     if role == 'bias':
       return super().curvature(h, s, numerics, role, shape)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
+import numpy as np
 
 from adafisher_optax.rules.base import (
   Application,
@@ -31,6 +32,23 @@ class Dense:
   out_ndim: int = 1
   use_bias: bool = True
   batch_ndim: int = 0
+
+  def __post_init__(self):
+    in_axes = self.in_axes
+    if isinstance(in_axes, int) and not isinstance(in_axes, bool):
+      in_axes = (in_axes,)
+    if not isinstance(in_axes, (tuple, list)) or not all(
+      isinstance(a, int) and not isinstance(a, bool) for a in in_axes
+    ):
+      raise TypeError(
+        f'rules.Dense: in_axes must be a tuple of ints, got {self.in_axes!r}.'
+      )
+    object.__setattr__(self, 'in_axes', tuple(in_axes))
+    if not isinstance(self.use_bias, (bool, np.bool_)):
+      raise TypeError(
+        f'rules.Dense: use_bias must be a bool, got {self.use_bias!r}.'
+      )
+    object.__setattr__(self, 'use_bias', bool(self.use_bias))
 
 
 class DenseRule(KroneckerRule):

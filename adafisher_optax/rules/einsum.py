@@ -192,6 +192,13 @@ class EinsumRule(KroneckerRule):
 
     return Application((h,), rows, output_sums, stack_shape)
 
+  def parameter_mismatch(self, role, shape, input_shapes, output_shapes):
+    if role == 'bias' or self.pattern is None:
+      return super().parameter_mismatch(
+        role, shape, input_shapes, output_shapes
+      )
+    return None  # the pattern places each kernel axis
+
   def curvature(self, h, s, numerics, role, shape):
     if role == 'bias' or self.pattern is None:
       return super().curvature(h, s, numerics, role, shape)

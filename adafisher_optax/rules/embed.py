@@ -66,6 +66,7 @@ class AttendRule(KroneckerRule):
   """
 
   name = 'attend'
+  outputs_last = False
 
   def has_parameters(self, config):
     return True, False
