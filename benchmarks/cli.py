@@ -19,6 +19,29 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / 'results'
 
 
+def positive_int(text: str) -> int:
+  """An ``argparse`` type: an integer of at least 1."""
+  value = int(text)
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'must be at least 1, got {value}')
+  return value
+
+
+def names_from(choices: Any):
+  """An ``argparse`` type: a comma-separated list of names of ``choices``."""
+
+  def parse(text: str) -> list[str]:
+    names = text.split(',')
+    unknown = [n for n in names if n not in choices]
+    if unknown:
+      raise argparse.ArgumentTypeError(
+        f'unknown {unknown}; choose from {", ".join(choices)}'
+      )
+    return names
+
+  return parse
+
+
 def machine_info() -> dict[str, Any]:
   """The backend, device, CPUs and library versions of this process."""
   import jax

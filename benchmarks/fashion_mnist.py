@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from benchmarks import datasets
+from benchmarks import cli, datasets
 from benchmarks import optimizers as opt
 from benchmarks.models import SmallCNN
 from benchmarks.training import evaluate, init_model, make_train_step
@@ -89,10 +89,11 @@ def train(name, data, *, epochs, batch_size, steps_per_epoch, seed):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--epochs', type=int, default=2)
-  parser.add_argument('--batch-size', type=int, default=128)
+  parser.add_argument('--epochs', type=cli.positive_int, default=2)
+  parser.add_argument('--batch-size', type=cli.positive_int, default=128)
   parser.add_argument(
     '--optimizers',
+    type=cli.names_from(OPTIMIZERS),
     default='adam,adafisher-like-adam,adafisher',
     help='comma-separated, from '
     + ', '.join(f'{n} (lr {lr:g})' for n, (_, lr) in OPTIMIZERS.items()),
@@ -135,7 +136,7 @@ def main(argv=None):
       steps_per_epoch=steps,
       seed=args.seed,
     )
-    for name in args.optimizers.split(',')
+    for name in args.optimizers
   }
   print('\n| optimizer | test accuracy | test loss | train seconds |')
   print('|---|---:|---:|---:|')

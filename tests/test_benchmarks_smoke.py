@@ -1,6 +1,7 @@
 """Smoke tests of the benchmarks' pieces: CharGPT, the Shakespeare data, K-FAC."""
 
 import json
+import re
 import warnings
 
 import jax
@@ -172,3 +173,28 @@ def test_communication_benchmark_reads_collectives(tmp_path):
   amortised = rows[communication.AMORTISED]
   assert 0 < amortised['added_percent'] <= communication.TARGET_PERCENT
   assert '[PASS]' in (tmp_path / 'communication.md').read_text()
+
+
+@pytest.mark.parametrize(
+  'argv, match',
+  [
+    (['--optimizers', 'adam,foo'], r"unknown \['foo'\]; choose from adam"),
+    (['--optimizers', 'adam,'], r"unknown \[''\]"),
+    (['--epochs', '0'], 'must be at least 1'),
+    (['--batch-size', '0'], 'must be at least 1'),
+  ],
+)
+def test_the_main_job_refuses_bad_arguments_before_loading_data(
+  argv, match, capsys, monkeypatch
+):
+  from benchmarks import fashion_mnist
+
+  def no_data(*args, **kwargs):
+    raise AssertionError(
+      'the data was loaded before the arguments were checked'
+    )
+
+  monkeypatch.setattr(datasets, 'fashion_mnist', no_data)
+  with pytest.raises(SystemExit):
+    fashion_mnist.main(argv)
+  assert re.search(match, capsys.readouterr().err)
