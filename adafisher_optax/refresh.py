@@ -28,7 +28,8 @@ from adafisher_optax.state import AdaFisherState, refresh_due
 
 _WITH_LAYOUT = (
   'build the optimizer with '
-  'layout=adafisher_optax.curvature_layout(grad_fn, params, *batch)'
+  'layout=adafisher_optax.curvature_layout(grad_fn, params, *batch), '
+  'the model in place of params for NNX'
 )
 
 
