@@ -283,8 +283,9 @@ def refresh(
   form: rules.CurvatureSum | None,
   entries: int,
   mean_of: Callable[[jax.Array, jax.Array], jax.Array],
-) -> Factors:
-  """One block's factors with one refresh step's statistics folded in.
+) -> tuple[Factors, jax.Array]:
+  """One block's factors with one refresh step's statistics folded in, and
+  whether any of its slices took them.
 
   A slice refreshes when the refresh is ``due``, rows reached it, and its
   statistics are finite; a due slice with non-finite statistics is counted
@@ -346,12 +347,13 @@ def refresh(
   emas = factors.emas
   if numerics == 'paper':
     emas = jnp.where(keep, x, emas).astype(dtype)
-  return Factors(
+  refreshed = Factors(
     vectors=jnp.where(keep, new, old).astype(dtype),
     counts=factors.counts + jnp.stack([ok, reached & ~ok], -1),
     emas=emas,
     block=factors.block,
   )
+  return refreshed, jnp.any(ok)
 
 
 def _range(x: jax.Array) -> tuple[jax.Array, jax.Array]:

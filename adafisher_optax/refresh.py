@@ -168,12 +168,12 @@ def _jitted_fold(block: Block, numerics, shapes: tuple, entries: int):
     vectors, emas, h_hat, s_hat = jax.lax.stop_gradient(
       (vectors, emas, h_hat, s_hat)
     )
-    factors = factors_lib.refresh(
+    factors, took = factors_lib.refresh(
       factors_lib.Factors(vectors, counts, emas, block), (h_hat, s_hat), rows,
       due=due, numerics=numerics, gamma=gamma, form=form, entries=entries,
       mean_of=mean_of,
     )  # fmt: skip
-    return factors.vectors, factors.counts, factors.emas
+    return factors.vectors, factors.counts, factors.emas, took
 
   return jax.jit(fold)
 
@@ -201,7 +201,7 @@ def refresh_if_due(
     combined = statistics_lib.over_devices(
       {key: stats for key, (stats, _) in matched.items()}, axis_names
     )
-    new = dict(current)
+    new, took = dict(current), []
     for key, stats in combined.items():
       factors, shapes = current[key], matched[key][1]
       fold = _jitted_fold(
@@ -209,24 +209,30 @@ def refresh_if_due(
         tuple(sorted(shapes.items())), entries[key[0]],
       )  # fmt: skip
       h_hat, s_hat = stats.means(numerics)
-      arrays = fold(
+      *arrays, block_took = fold(
         factors.vectors, factors.counts, factors.emas, h_hat, s_hat,
         stats.rows, due, gamma,
       )  # fmt: skip
       new[key] = factors_lib.Factors(*arrays, block=factors.block)
-    return factors_lib.nest(new)
+      took.append(block_took)
+    return factors_lib.nest(new), jnp.any(jnp.stack(took))
 
   if axis_names:  # collectives on due steps only
-    tree = jax.lax.cond(
-      due, lambda t: refreshed(t, True), lambda t: t, state.factors
+    tree, folded = jax.lax.cond(
+      due,
+      lambda t: refreshed(t, True),
+      lambda t: (t, jnp.asarray(False)),
+      state.factors,
     )
   else:  # a refresh that is not due changes nothing: no conditional
-    tree = refreshed(state.factors, due)
+    tree, folded = refreshed(state.factors, due)
   # The update reads the new factors as the plain step reads the stored
   # ones: without the barrier XLA fuses each refresh into every parameter's
   # update, which costs compile time, not run time.
   tree = jax.lax.optimization_barrier(tree)
+  # A refresh that no block took (every one skipped: a non-finite batch)
+  # stays due, so the next curvature refreshes and `overdue` counts on.
   return state._replace(
     factors=tree,
-    last_refresh=jnp.where(due, state.count, state.last_refresh),
+    last_refresh=jnp.where(due & folded, state.count, state.last_refresh),
   )

@@ -67,6 +67,35 @@ def _refreshed_at(tx, params, batches, grad_fn, schedule, state=None):
 # --- refresh_schedule follows the optimizer that runs -----------------------
 
 
+def test_a_refresh_no_layer_takes_stays_due(problem):
+  """A non-finite batch on a refresh step: every layer skips it, so the
+  refresh stays due (the next curvature refreshes, overdue counts) instead
+  of counting as done and leaving F~ = 1 for t_cov updates."""
+  params, batches, grad_fn = problem
+  poisoned = [(batches[0][0].at[0, 0].set(jnp.nan), batches[0][1])]
+  tx = afo.adafisher(1e-3, t_cov=4)
+  _, state = _loop(tx, params, poisoned, grad_fn, [True])
+  inner = afo.adafisher_state(state)
+  assert int(inner.last_refresh) == -1
+  assert all(int(f.skipped) == 1 for f in inner.factors.values())
+  assert afo.diagnostics(state, params).overdue == 1
+  seen, state = _refreshed_at(
+    tx, params, batches[1:6], grad_fn, [True] * 5, state=state
+  )
+  assert seen == [1, 5]  # at once, then t_cov later
+  inner = afo.adafisher_state(state)
+  assert all(int(f.refreshes) == 2 for f in inner.factors.values())
+  # One layer skipping does not hold the others' refresh back.
+  partial = tx.init(params)
+  _, grads, curvature = grad_fn(params, *batches[0])
+  curvature['head'] = jax.tree.map(lambda a: a * jnp.nan, curvature['head'])
+  _, partial = tx.update(grads, partial, params, curvature=curvature)
+  inner = afo.adafisher_state(partial)
+  assert int(inner.last_refresh) == 0
+  assert int(inner.factors['head'].refreshes) == 0
+  assert int(inner.factors['dense0'].refreshes) == 1
+
+
 def _saved_at_t_cov_4(params, batches, grad_fn, path):
   old = afo.adafisher(1e-3, t_cov=4)
   _, state = _loop(old, params, batches[:5], grad_fn, [True] * 5)
