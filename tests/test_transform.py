@@ -290,14 +290,17 @@ def _masked_tx(trainable, **kwargs):
   )
 
 
+#: A frozen layer and a frozen bias.
+_TRAINABLE = {
+  'dense0': {'kernel': True, 'bias': True},
+  'dense1': {'kernel': False, 'bias': False},
+  'head': {'kernel': True, 'bias': False},
+}
+
+
 def test_masked_freezes_layers_and_biases():
   model, params, batches = _setup()
-  trainable = {
-    'dense0': {'kernel': True, 'bias': True},
-    'dense1': {'kernel': False, 'bias': False},
-    'head': {'kernel': True, 'bias': False},
-  }
-  new, state = run(model, _masked_tx(trainable), params, batches)
+  new, state = run(model, _masked_tx(_TRAINABLE), params, batches)
   assert np.array_equal(new['dense1']['kernel'], params['dense1']['kernel'])
   assert np.array_equal(new['head']['bias'], params['head']['bias'])
   assert not np.array_equal(new['head']['kernel'], params['head']['kernel'])
@@ -334,12 +337,7 @@ def test_diagnostics_of_a_masked_adafisher_take_the_whole_params():
   at hand: diagnostics reports AdaFisher's layers and leaves the others out
   (they are not AdaFisher's, so not "unpreconditioned" either)."""
   model, params, batches = _setup()
-  trainable = {
-    'dense0': {'kernel': True, 'bias': True},
-    'dense1': {'kernel': False, 'bias': False},
-    'head': {'kernel': True, 'bias': False},
-  }
-  _, state = run(model, _masked_tx(trainable), params, batches)
+  _, state = run(model, _masked_tx(_TRAINABLE), params, batches)
   report = afo.diagnostics(state, params)
   assert sorted(report.layers) == ['dense0', 'head']
   assert report.layers['head'].parameters == ('kernel',)
