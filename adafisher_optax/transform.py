@@ -145,22 +145,32 @@ def _warn_on_new_t_cov(held: Settings, settings: Settings) -> None:
 
 
 def _warn_unpreconditioned(layout, updates, refreshed: Any) -> None:
-  """One warning listing the parameters updated with ``F~ = 1``.
-
-  Those no block covers; on a refresh, also those whose blocks got no
-  statistics from this curvature (``refreshed``: the keys that did).
-  """
-  silent = [
-    _tree.format_path(path)
-    for path, _ in _tree.leaves_with_paths(updates)
-    if not any(
-      refreshed is None or b.key in refreshed for b in layout.blocks_of(path)
+  """One warning listing the parameters no block covers (updated with
+  ``F~ = 1``) and, on a refresh, those whose blocks got no statistics from
+  this curvature (``refreshed``: the keys that did), which keep their
+  factors."""
+  uncovered, unrefreshed = [], []
+  for path, _ in _tree.leaves_with_paths(updates):
+    blocks = layout.blocks_of(path)
+    if not blocks:
+      uncovered.append(_tree.format_path(path))
+    elif refreshed is not None and not any(b.key in refreshed for b in blocks):
+      unrefreshed.append(_tree.format_path(path))
+  said = []
+  if uncovered:
+    said.append(
+      'no curvature statistics for these parameters; they are updated '
+      'with F~ = 1 (bias-corrected momentum): ' + ', '.join(uncovered)
     )
-  ]
-  if silent:
+  if unrefreshed:
+    said.append(
+      'this curvature has no statistics for these parameters (their layer '
+      'was not applied, or not captured); they keep the factors of their '
+      'latest refresh (F~ = 1 until their first): ' + ', '.join(unrefreshed)
+    )
+  if said:
     warnings.warn(
-      'AdaFisher: no curvature statistics for these parameters; they are '
-      'updated with F~ = 1 (bias-corrected momentum): ' + ', '.join(silent),
+      'AdaFisher: ' + '. '.join(said),
       UnpreconditionedParametersWarning,
       stacklevel=4,
     )

@@ -370,6 +370,41 @@ def test_an_optimizer_of_a_sub_tree_takes_the_whole_models_curvature():
     tx.update({'head': grads['head']}, state, sub, curvature=elsewhere)
 
 
+class _TwoHeads(nn.Module):
+  @nn.compact
+  def __call__(self, x, both=True):
+    a = nn.Dense(3, name='a')(x)
+    return a + nn.Dense(3, name='b')(x) if both else a
+
+
+def test_a_layer_without_statistics_in_a_refresh_keeps_its_factors():
+  """The warning says what the update does: a layer that was refreshed
+  before and brings no statistics now divides by its stored factors."""
+  model = _TwoHeads()
+  x = jax.random.normal(jax.random.key(0), (8, 4))
+  params = model.init(jax.random.key(1), x)['params']
+
+  def loss(p, x, both):
+    return jnp.mean(model.apply({'params': p}, x, both) ** 2)
+
+  grad_fn = afo.value_and_grad_with_curvature(loss)
+  tx = afo.adafisher(1e-3, t_cov=1)
+  _, grads, curvature = grad_fn(params, x, True)
+  _, state = tx.update(grads, tx.init(params), params, curvature=curvature)
+  _, grads, curvature = grad_fn(params, x, False)
+  grads['b'] = jax.tree.map(jnp.ones_like, grads['b'])
+  with pytest.warns(
+    afo.UnpreconditionedParametersWarning,
+    match=r'keep the factors of their latest refresh.*: b/bias, b/kernel',
+  ):
+    updates, _ = tx.update(grads, state, params, curvature=curvature)
+  plain, _ = tx.update(grads, state, params)  # divides by stored factors
+  chex.assert_trees_all_close(updates['b'], plain['b'], rtol=1e-6)
+  # F~ = 1 would give steps of about lr (the gradients are ones); the stored
+  # F~ ~ 1e-2 gives steps more than ten times larger.
+  assert float(jnp.max(jnp.abs(updates['b']['kernel']))) > 10 * 1e-3
+
+
 def test_masked_weights_need_a_layout():
   """Bias-only training (BitFit): the kernel shape is hidden by the mask."""
   model, params, batches = _setup()
