@@ -138,6 +138,15 @@ def _own_params(layer: nnx.Module) -> dict[str, Any]:
   }
 
 
+def _frozen(layer: nnx.Module) -> frozenset[str]:
+  """Names of the layer's variables that are not ``nnx.Param``."""
+  return frozenset(
+    name
+    for name, value in vars(layer).items()
+    if isinstance(value, nnx.Variable) and not isinstance(value, nnx.Param)
+  )
+
+
 def _tapped_method(base: type, name: str) -> Callable[..., Any]:
   """``base.name`` followed by a report to the current session.
 
@@ -166,6 +175,7 @@ def _tapped_method(base: type, name: str) -> Callable[..., Any]:
         params=_own_params(self),
         description=type(self).__name__,
         probe=lambda: _probe(self, path, session),
+        frozen=_frozen(self),
       )
     )
 

@@ -64,6 +64,14 @@ def read_call(
       "call (the adapter's return?)."
     )
   roles = layer_type.roles(config)
+  frozen = {name: role for name, role in roles.items() if name in call.frozen}
+  for name, role in frozen.items():
+    if role == 'weight':
+      raise UnsupportedCall(f'its weight {name!r} is not trained (not a Param)')
+  if frozen:  # a frozen bias: a constant, the weight's statistics without it
+    roles = {name: role for name, role in roles.items() if name not in frozen}
+    if hasattr(config, 'use_bias'):
+      config = dataclasses.replace(config, use_bias=False)
   if not roles:
     raise UnsupportedCall('the layer has no parameters to capture')
   missing = [name for name in roles if name not in call.params]

@@ -55,6 +55,8 @@ class LayerCall:
     params: the layer's parameters as the layer sees them, by name.
     description: the layer's type, for messages.
     probe: returns the probe that reached the layer (``None`` if none).
+    frozen: names of the layer's variables that are not trained (an NNX
+      bias held as another ``Variable`` type than ``nnx.Param``).
   """
 
   path: _tree.Path
@@ -66,6 +68,7 @@ class LayerCall:
   params: Mapping[str, Any]
   description: str
   probe: Callable[[], Any] = lambda: None
+  frozen: frozenset[str] = frozenset()
 
 
 class Session(abc.ABC):

@@ -937,3 +937,48 @@ def test_an_optimizer_with_a_wrt_filter_takes_the_whole_curvature():
     return model.head.kernel[...]
 
   np.testing.assert_array_equal(train(False), train(True))
+
+
+class _FrozenVariable(nnx.Variable):
+  pass
+
+
+@pytest.mark.parametrize('frozen', ['bias', 'kernel'])
+def test_a_layer_with_a_frozen_parameter(frozen):
+  """A bias frozen as another Variable type is a constant: the kernel is
+  captured (its statistics without the bias entry) and preconditioned. A
+  frozen kernel leaves the layer uncaptured, reported, its bias at F~ = 1."""
+  x = _x(8, 5)
+  y = jnp.arange(8) % 3
+  model = _TwoLayers(nnx.Rngs(0))
+  layer = model.hidden
+  setattr(layer, frozen, _FrozenVariable(getattr(layer, frozen)[...]))
+  kept = getattr(layer, frozen)[...]
+  grad_fn = afo.nnx.value_and_grad_with_curvature(
+    lambda m, x, y: optax.softmax_cross_entropy_with_integer_labels(
+      m(x), y
+    ).mean()
+  )
+  optimizer = nnx.Optimizer(model, afo.adafisher(1e-2, t_cov=1), wrt=nnx.Param)
+  if frozen == 'bias':
+    _, grads, curvature = grad_fn(model, x, y)
+    np.testing.assert_allclose(
+      curvature['hidden'].input_sums[0], jnp.sum(x * x, 0), rtol=1e-6
+    )
+    with warnings.catch_warnings():
+      warnings.simplefilter('error')
+      optimizer.update(model, grads, curvature=curvature)
+    assert afo.adafisher_state(optimizer.opt_state).factors[
+      'hidden'
+    ].h.shape == (5,)
+  else:
+    with pytest.warns(
+      afo.UnsupportedLayerWarning, match="'kernel' is not trained"
+    ):
+      _, grads, curvature = grad_fn(model, x, y)
+    assert sorted(curvature) == ['head']
+    with pytest.warns(
+      afo.UnpreconditionedParametersWarning, match='hidden/bias'
+    ):
+      optimizer.update(model, grads, curvature=curvature)
+  np.testing.assert_array_equal(getattr(layer, frozen)[...], kept)
