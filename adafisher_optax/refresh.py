@@ -61,8 +61,10 @@ def _find_block(layout: FactorLayout, path, stats) -> Block:
     raise ValueError(
       f'curvature has statistics for layer {where!r} but the optimizer state '
       'has no factors for it: the curvature comes from another model, the '
-      "state was initialised for other params, or the layer's weight is "
-      f'masked out (then {_WITH_LAYOUT}).'
+      "state was initialised for other params, the layer's weight is "
+      "masked out, or the layer holds another module's parameters "
+      "(nnx.LoRALinear's lora), so its factors could not be sized from "
+      f'parameter names (then {_WITH_LAYOUT}).'
     )
   raise ValueError(
     f'Layer {where!r}: the state holds factors of '

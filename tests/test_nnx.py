@@ -982,3 +982,26 @@ def test_a_layer_with_a_frozen_parameter(frozen):
     ):
       optimizer.update(model, grads, curvature=curvature)
   np.testing.assert_array_equal(getattr(layer, frozen)[...], kept)
+
+
+def test_lora_linear_is_preconditioned_with_a_layout():
+  """nnx.LoRALinear holds its lora module's params: the factors are sized
+  from a layout (without one the error names the case); its kernel and bias
+  are preconditioned, the LoRA matrices get F~ = 1."""
+  x = _x(8, 5)
+  model = nnx.LoRALinear(5, 3, lora_rank=2, rngs=nnx.Rngs(0))
+  grad_fn = afo.nnx.value_and_grad_with_curvature(
+    lambda m, x: (m(x) ** 2).mean()
+  )
+  _, grads, curvature = grad_fn(model, x)
+  guessed = nnx.Optimizer(model, afo.adafisher(1e-3), wrt=nnx.Param)
+  with pytest.raises(ValueError, match="LoRALinear's lora"):
+    guessed.update(model, grads, curvature=curvature)
+  layout = afo.nnx.curvature_layout(grad_fn, model, x)
+  optimizer = nnx.Optimizer(
+    model, afo.adafisher(1e-3, layout=layout), wrt=nnx.Param
+  )
+  with pytest.warns(afo.UnpreconditionedParametersWarning, match='lora/lora_a'):
+    optimizer.update(model, grads, curvature=curvature)
+  factors = afo.adafisher_state(optimizer.opt_state).factors
+  assert int(factors.refreshes) == 1 and factors.h.shape == (6,)
