@@ -70,7 +70,7 @@ def read_call(
       raise UnsupportedCall(f'its weight {name!r} is not trained (not a Param)')
   if frozen:  # a frozen bias: a constant, the weight's statistics without it
     roles = {name: role for name, role in roles.items() if name not in frozen}
-    if hasattr(config, 'use_bias'):
+    if dataclasses.is_dataclass(config) and hasattr(config, 'use_bias'):
       config = dataclasses.replace(config, use_bias=False)
   if not roles:
     raise UnsupportedCall('the layer has no parameters to capture')

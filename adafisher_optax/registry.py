@@ -117,9 +117,9 @@ def register_layer(
     methods: the methods to capture with this rule.
 
   Raises:
-    TypeError: for a ``layer_class`` that is not a class, a ``rule`` that is
-      not a :class:`~adafisher_optax.rules.Rule` or an adapter that is not
-      callable.
+    TypeError: for a ``layer_class`` that is not a Flax Module class, a
+      ``rule`` that is not a named :class:`~adafisher_optax.rules.Rule` or
+      an adapter that is not callable.
     ValueError: for a name in ``methods`` that ``layer_class`` has no
       method of.
   """
