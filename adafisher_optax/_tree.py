@@ -92,6 +92,11 @@ def is_sequence(node: Any) -> bool:
   return isinstance(node, (list, tuple)) and not hasattr(node, '_fields')
 
 
+def is_container(node: Any) -> bool:
+  """A mapping, list or tuple of params (not a leaf)."""
+  return isinstance(node, Mapping) or is_sequence(node)
+
+
 def _index(node: Any, key: Any) -> Any:
   """The key of ``node`` (a mapping, list or tuple) that ``key`` names, or
   ``None``."""

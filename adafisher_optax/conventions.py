@@ -105,16 +105,12 @@ def _layer_dicts(params: Any) -> Iterator[tuple[_tree.Path, Mapping]]:
         yield from visit(value, path + (str(index),))
     if not isinstance(node, Mapping):
       return
-    if node and all(not _is_container(v) for v in node.values()):
+    if node and all(not _tree.is_container(v) for v in node.values()):
       yield path, node
     for key, value in node.items():
       yield from visit(value, path + (str(key),))
 
   yield from visit(_tree.unbox_tree(params), ())
-
-
-def _is_container(node: Any) -> bool:
-  return isinstance(node, Mapping) or _tree.is_sequence(node)
 
 
 def guess(params: Any) -> dict[_tree.Path, Guess]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -302,7 +301,7 @@ def _scale_by_adafisher(
   def init_fn(params):
     _check_parameters(params, 'parameter')
     flax_serialization.register_if_flax_loaded()
-    no_params = not isinstance(params, (Mapping, list, tuple))
+    no_params = not _tree.is_container(params)
     if fixed_layout is None and no_params and not jax.tree.leaves(params):
       raise TypeError(
         f'AdaFisher: init got a {type(params).__name__}, not params: the '

@@ -896,15 +896,6 @@ def test_lstm_cells_are_preconditioned(cell):
   assert afo.unpreconditioned_parameters(grads, curvature) == []
 
 
-class _TwoLayers(nnx.Module):
-  def __init__(self, rngs):
-    self.hidden = nnx.Linear(5, 16, rngs=rngs)
-    self.head = nnx.Linear(16, 3, rngs=rngs)
-
-  def __call__(self, x):
-    return self.head(jnp.tanh(self.hidden(x)))
-
-
 def test_an_optimizer_with_a_wrt_filter_takes_the_whole_curvature():
   """nnx.Optimizer(wrt=...) filters the grads, not the curvature: the
   frozen layer's statistics are left out, as if filtered by hand."""
@@ -918,8 +909,8 @@ def test_an_optimizer_with_a_wrt_filter_takes_the_whole_curvature():
   )
 
   def train(by_hand):
-    model = _TwoLayers(nnx.Rngs(0))
-    hidden = model.hidden.kernel[...]
+    model = NNXMLP(5, nnx.Rngs(0), widths=(16,))
+    hidden = model.dense0.kernel[...]
     optimizer = nnx.Optimizer(
       model, afo.adafisher(1e-2, t_cov=1), wrt=head_only
     )
@@ -933,7 +924,7 @@ def test_an_optimizer_with_a_wrt_filter_takes_the_whole_curvature():
 
     for _ in range(3):
       step(model, optimizer, x, y)
-    np.testing.assert_array_equal(model.hidden.kernel[...], hidden)
+    np.testing.assert_array_equal(model.dense0.kernel[...], hidden)
     return model.head.kernel[...]
 
   np.testing.assert_array_equal(train(False), train(True))
@@ -950,8 +941,8 @@ def test_a_layer_with_a_frozen_parameter(frozen):
   frozen kernel leaves the layer uncaptured, reported, its bias at F~ = 1."""
   x = _x(8, 5)
   y = jnp.arange(8) % 3
-  model = _TwoLayers(nnx.Rngs(0))
-  layer = model.hidden
+  model = NNXMLP(5, nnx.Rngs(0), widths=(16,))
+  layer = model.dense0
   setattr(layer, frozen, _FrozenVariable(getattr(layer, frozen)[...]))
   kept = getattr(layer, frozen)[...]
   grad_fn = afo.nnx.value_and_grad_with_curvature(
@@ -963,13 +954,13 @@ def test_a_layer_with_a_frozen_parameter(frozen):
   if frozen == 'bias':
     _, grads, curvature = grad_fn(model, x, y)
     np.testing.assert_allclose(
-      curvature['hidden'].input_sums[0], jnp.sum(x * x, 0), rtol=1e-6
+      curvature['dense0'].input_sums[0], jnp.sum(x * x, 0), rtol=1e-6
     )
     with warnings.catch_warnings():
       warnings.simplefilter('error')
       optimizer.update(model, grads, curvature=curvature)
     assert afo.adafisher_state(optimizer.opt_state).factors[
-      'hidden'
+      'dense0'
     ].h.shape == (5,)
   else:
     with pytest.warns(
@@ -978,7 +969,7 @@ def test_a_layer_with_a_frozen_parameter(frozen):
       _, grads, curvature = grad_fn(model, x, y)
     assert sorted(curvature) == ['head']
     with pytest.warns(
-      afo.UnpreconditionedParametersWarning, match='hidden/bias'
+      afo.UnpreconditionedParametersWarning, match='dense0/bias'
     ):
       optimizer.update(model, grads, curvature=curvature)
   np.testing.assert_array_equal(getattr(layer, frozen)[...], kept)
