@@ -36,7 +36,7 @@ import jax.numpy as jnp
 
 from adafisher_optax import _devices, _tree
 from adafisher_optax.arguments import split_output
-from adafisher_optax.fisher import sampled_cotangent
+from adafisher_optax.fisher import loss_weight_tap, sampled_cotangent
 from adafisher_optax.plan import LayerRecord, Plan, read_call
 from adafisher_optax.registry import Selection, UnsupportedCall
 from adafisher_optax.session import (
@@ -92,6 +92,17 @@ class Discovery(Session):
     super().__init__(first_argument, mode, selection)
     self.plan: Plan = {}
     self.unmatched: list[str] = []
+    self.loss_types: list[tuple[Any, frozenset]] = []
+
+  def register_loss(self, logits, value):
+    self.loss_types.append((value.dtype, _devices.varying_axes(value)))
+    return super().register_loss(logits, value)
+
+  def loss_weight_probe(self) -> jax.Array:
+    """A zero scalar typed like the first cross-entropy's value, whose
+    cotangent will be the loss's weight on it."""
+    dtype, axes = self.loss_types[0]
+    return _devices.to_varying(jnp.zeros((), dtype), axes)
 
   def _apply(self, call: LayerCall) -> Any:
     record = self.plan.setdefault(call.path, LayerRecord(call.description))
@@ -119,11 +130,20 @@ class Discovery(Session):
 class Capture(Session):
   """The second trace: taps the planned layers' applications."""
 
-  def __init__(self, first_argument, mode, selection, plan: Plan, probes):
+  def __init__(
+    self, first_argument, mode, selection, plan: Plan, probes, loss_probe
+  ):
     super().__init__(first_argument, mode, selection)
     self.plan = plan
     self.probes = probes
+    self.loss_probe = loss_probe
     self.tapped: set[_tree.Path] = set()
+
+  def register_loss(self, logits, value):
+    value = super().register_loss(logits, value)
+    if self.loss_probe is None or len(self.losses) > 1:
+      return value
+    return loss_weight_tap(value, self.loss_probe)
 
   def probe(self, path):
     return self.probes.get(path)
@@ -316,10 +336,14 @@ def drive(
   _warn_unsupported(plan)
   probes = [plan[path].probe() for path in captured]
 
-  def forward(p, probes):
+  sampled = options.fisher == 'sampled'
+  loss_probe = discovery.loss_weight_probe() if sampled else None
+
+  def forward(p, probes, loss_probe):
     session = Capture(
-      p, discovery.mode, options.selection, plan, dict(zip(captured, probes))
-    )
+      p, discovery.mode, options.selection, plan, dict(zip(captured, probes)),
+      loss_probe,
+    )  # fmt: skip
     out, extra = run(session, p)
     loss, aux = split_output(out, options.has_aux, options.name)
     if captured and not session.tapped:
@@ -332,16 +356,17 @@ def drive(
 
   try:
     (loss, logits), backward, (aux, extra) = jax.vjp(
-      forward, params, probes, has_aux=True
+      forward, params, probes, loss_probe, has_aux=True
     )
-    grads, cotangents = backward(
+    grads, cotangents, weight = backward(
       (jnp.ones_like(loss), jax.tree.map(jnp.zeros_like, logits))
     )
-    if options.fisher == 'sampled':
-      sampled = sampled_cotangent(logits[0], options.fisher_key)
-      _, cotangents = backward((jnp.zeros_like(loss), [sampled]))
+    if sampled:  # weighted as the loss weighs the cross-entropy
+      cotangent = sampled_cotangent(logits[0], options.fisher_key)
+      cotangent = cotangent * weight.astype(cotangent.dtype)
+      _, cotangents, _ = backward((jnp.zeros_like(loss), [cotangent]))
   except jax.errors.UnexpectedTracerError as error:
-    if options.fisher != 'sampled':
+    if not sampled:
       raise
     raise CaptureError(
       'fisher="sampled": adafisher_optax.softmax_cross_entropy was called '

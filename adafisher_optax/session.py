@@ -111,9 +111,12 @@ class Session(abc.ABC):
     self._applied[call.path] = self.applied(call.path) + 1
     return self._apply(call)
 
-  def register_loss(self, logits: jax.Array) -> None:
-    """Records the logits of :func:`adafisher_optax.softmax_cross_entropy`."""
+  def register_loss(self, logits: jax.Array, value: jax.Array) -> jax.Array:
+    """Records the logits of :func:`adafisher_optax.softmax_cross_entropy`
+    and returns its ``value`` (tapped for its weight in the loss when the
+    capture samples the Fisher)."""
     self.losses.append(logits)
+    return value
 
   @abc.abstractmethod
   def _apply(self, call: LayerCall) -> Any: ...

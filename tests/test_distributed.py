@@ -185,6 +185,51 @@ def test_shard_map_equals_one_device(t_cov, numerics, axis_name):
   _assert_close(p, want)
 
 
+def test_sampled_fisher_in_shard_map_sums_the_devices_shares():
+  """Each device's sampled statistics are weighted by its share of the loss
+  (``1 / D``), as its gradients are: the shard_map statistics are those of
+  the mean of the shards' own losses (not ``D**2`` times them)."""
+  model, params, xs, ys = _problem()
+  base = lambda p, x, y: afo.softmax_cross_entropy(  # noqa: E731
+    model.apply({'params': p}, x), y
+  )
+  grad_fn = afo.value_and_grad_with_curvature(
+    lambda p, x, y: base(p, x, y) / DEVICES, fisher='sampled'
+  )
+  key = jax.random.key(3)
+
+  def local(params, x, y):
+    device_key = jax.random.fold_in(key, jax.lax.axis_index('batch'))
+    return grad_fn(params, x, y, fisher_key=device_key)[2]
+
+  mesh = jax.make_mesh((DEVICES,), ('batch',), devices=jax.devices()[:DEVICES])
+  got = jax.jit(
+    jax.shard_map(
+      local, mesh=mesh, in_specs=(P(), P('batch'), P('batch')), out_specs=P()
+    )
+  )(
+    jax.device_put(params, NamedSharding(mesh, P())),
+    *jax.device_put((xs[0], ys[0]), NamedSharding(mesh, P('batch'))),
+  )
+  own_loss = afo.value_and_grad_with_curvature(base, fisher='sampled')
+  shards = [
+    own_loss(
+      params,
+      xs[0][d * PER_DEVICE : (d + 1) * PER_DEVICE],
+      ys[0][d * PER_DEVICE : (d + 1) * PER_DEVICE],
+      fisher_key=jax.random.fold_in(key, d),
+    )[2]
+    for d in range(DEVICES)
+  ]
+  summed = jax.tree.map(lambda *parts: sum(parts), *shards)
+  want = jax.tree.map(
+    lambda stats: stats.average_of(DEVICES),
+    summed,
+    is_leaf=lambda node: isinstance(node, afo.LayerStatistics),
+  )
+  _assert_close(got, want)
+
+
 def test_pmap_without_axis_name_is_refused_with_the_fix():
   """Per-device statistics would let the replicas drift apart (issue 18)."""
   model, params, xs, ys = _problem()

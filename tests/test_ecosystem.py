@@ -555,6 +555,34 @@ def test_sampled_fisher_uses_labels_drawn_from_the_model(x64):
   )
 
 
+def test_sampled_fisher_is_weighted_as_the_loss_weighs_the_cross_entropy(x64):
+  """A loss that weighs the cross-entropy by ``w`` (a device's share under
+  shard_map, an auxiliary-loss mix) scales the sampled output gradients by
+  ``w``, as it scales the empirical ones."""
+  model = MLP()
+  params = _params(model, (9, 5), dtype=jnp.float64)
+  x, y = batch(jax.random.key(6), (9, 5))
+  x, key = x.astype(jnp.float64), jax.random.key(11)
+
+  def curvature(weight):
+    def loss(p, x, y):
+      return weight * afo.softmax_cross_entropy(model.apply({'params': p}, x), y)
+
+    grad_fn = afo.value_and_grad_with_curvature(loss, fisher='sampled')
+    return grad_fn(params, x, y, fisher_key=key)[2]
+
+  one, quarter = curvature(1.0), curvature(0.25)
+  for layer in ('dense0', 'head'):
+    np.testing.assert_allclose(
+      quarter[layer].output_sums[0],
+      one[layer].output_sums[0] / 16,
+      rtol=1e-12,
+    )
+    np.testing.assert_allclose(
+      quarter[layer].input_sums[0], one[layer].input_sums[0], rtol=1e-12
+    )
+
+
 def test_layers_and_exclude_select_tags_ops():
   params = {
     'embed': {'embedding': jnp.ones((5, 3))},
