@@ -566,7 +566,9 @@ def test_sampled_fisher_is_weighted_as_the_loss_weighs_the_cross_entropy(x64):
 
   def curvature(weight):
     def loss(p, x, y):
-      return weight * afo.softmax_cross_entropy(model.apply({'params': p}, x), y)
+      return weight * afo.softmax_cross_entropy(
+        model.apply({'params': p}, x), y
+      )
 
     grad_fn = afo.value_and_grad_with_curvature(loss, fisher='sampled')
     return grad_fn(params, x, y, fisher_key=key)[2]
