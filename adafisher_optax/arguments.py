@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import jax
@@ -10,6 +11,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from adafisher_optax import _tree
+
+
+def layer_arguments(
+  method: Any, args: tuple, kwargs: dict
+) -> tuple[Any, dict] | None:
+  """``(input, the other arguments by name)`` of a layer method call
+  ``method(self, x, ...)`` whose input comes by position or by name
+  (``nn.Dense(4)(inputs=x)``); ``None`` when it has none."""
+  names = list(inspect.signature(method).parameters)[1:]
+  if args:
+    return args[0], {**dict(zip(names[1:], args[1:])), **kwargs}
+  if names and names[0] in kwargs:
+    others = dict(kwargs)
+    return others.pop(names[0]), others
+  return None
 
 
 def split_output(out: Any, has_aux: bool, name: str) -> tuple[Any, Any]:

@@ -25,13 +25,13 @@ whose method never calls its base's is reported (``F~ = 1``).
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 
 from adafisher_optax import _tree, flax_serialization, linen_layers, registry
+from adafisher_optax.arguments import layer_arguments
 from adafisher_optax.session import PROBE, CaptureError, LayerCall, Session
 
 flax_serialization.register()
@@ -143,12 +143,6 @@ def _by_structure(session: Session, params) -> dict:
   return {rel[:-1]: prefix + rel[:-1] for rel, _ in params}
 
 
-def _named_arguments(function: Any, args: tuple, kwargs: dict) -> dict:
-  """The arguments after the input, by name (``RMSNorm(x, mask)``)."""
-  names = list(inspect.signature(function).parameters)[2:]
-  return {**dict(zip(names, args[1:])), **kwargs}
-
-
 class _Interceptor:
   """Routes the linen calls made inside the user's function to a session.
 
@@ -243,8 +237,9 @@ class _Interceptor:
         where = _tree.format_path(tuple(module.path))
         self.session.params_elsewhere(f'{where} ({description})')
       return outputs
-    if method not in entries or not args:
-      why = 'not captured' if args else 'called without a positional input'
+    called = layer_arguments(function, args, kwargs)
+    if method not in entries or called is None:
+      why = 'not captured' if called else 'called without its input'
       self.session.not_captured(path, description, f'method {method!r} {why}')
       return outputs
     return self.session.apply(
@@ -252,8 +247,8 @@ class _Interceptor:
         path=path,
         layer_type=entries[method],
         layer=module,
-        inputs=args[0],
-        kwargs=_named_arguments(function, args, kwargs),
+        inputs=called[0],
+        kwargs=called[1],
         outputs=outputs,
         params=_own_params(module),
         description=description,

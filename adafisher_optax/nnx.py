@@ -27,7 +27,6 @@ parameters. NNX's lifted transforms therefore slice probes like parameters
 from __future__ import annotations
 
 import functools
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,7 +36,7 @@ from flax import nnx
 
 from adafisher_optax import _tree, flax_serialization, registry, rules
 from adafisher_optax import capture as capture_lib
-from adafisher_optax.arguments import check_call
+from adafisher_optax.arguments import check_call, layer_arguments
 from adafisher_optax.fisher import check_fisher
 from adafisher_optax.flax_adapters import (
   attend_config,
@@ -154,7 +153,6 @@ def _tapped_method(base: type, name: str) -> Callable[..., Any]:
   (``RMSNorm(x, mask)`` takes its mask positionally).
   """
   original = getattr(base, name)
-  names = list(inspect.signature(original).parameters)[2:]
 
   @functools.wraps(original)
   def method(self, *args, **kwargs):
@@ -164,13 +162,18 @@ def _tapped_method(base: type, name: str) -> Callable[..., Any]:
     if session is None or path is None:
       return outputs
     session.saw_call()
+    called = layer_arguments(original, args, kwargs)
+    if called is None:
+      why = f'method {name!r} called without its input'
+      session.not_captured(path, type(self).__name__, why)
+      return outputs
     return session.apply(
       LayerCall(
         path=path,
         layer_type=registry.lookup_class(base)[1][name],
         layer=self,
-        inputs=args[0],
-        kwargs={**dict(zip(names, args[1:])), **kwargs},
+        inputs=called[0],
+        kwargs=called[1],
         outputs=outputs,
         params=_own_params(self),
         description=type(self).__name__,

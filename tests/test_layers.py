@@ -6,6 +6,7 @@ them. The NNX twins are in ``test_nnx.LAYERS``."""
 import math
 import subprocess
 import sys
+import warnings
 
 import flax.linen as nn
 import jax
@@ -502,3 +503,35 @@ def test_a_subclass_registered_for_an_extra_method_keeps_its_base_methods(
   np.testing.assert_allclose(got_h, want_h, **TOL)
   if method == '__call__':
     np.testing.assert_allclose(got_s, want_s, **TOL)
+
+
+class _ByKeyword(nn.Module):
+  """Layers given their input by name; ``keyword=False``: by position."""
+
+  keyword: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    def call(layer, value, name='inputs'):
+      return layer(**{name: value}) if self.keyword else layer(value)
+
+    x = nn.relu(call(nn.Conv(3, (3, 3), name='conv'), x))
+    x = call(nn.LayerNorm(name='ln'), x.reshape(x.shape[0], -1), 'x')
+    return call(nn.Dense(2, name='head'), x)
+
+
+def test_an_input_given_by_name_is_captured_as_by_position():
+  x = jax.random.normal(jax.random.key(0), (4, 5, 5, 2))
+  params = _ByKeyword().init(jax.random.key(1), x)['params']
+
+  def curvature(keyword):
+    def loss(p):
+      return jnp.mean(_ByKeyword(keyword).apply({'params': p}, x) ** 2)
+
+    with warnings.catch_warnings():
+      warnings.simplefilter('error', afo.UnsupportedLayerWarning)
+      return afo.value_and_grad_with_curvature(loss)(params)[2]
+
+  by_name, by_position = curvature(True), curvature(False)
+  assert set(by_name) == {'conv', 'ln', 'head'}
+  jax.tree.map(np.testing.assert_array_equal, by_name, by_position)

@@ -996,3 +996,30 @@ def test_lora_linear_is_preconditioned_with_a_layout():
     optimizer.update(model, grads, curvature=curvature)
   factors = afo.adafisher_state(optimizer.opt_state).factors
   assert int(factors.refreshes) == 1 and factors.h.shape == (6,)
+
+
+def test_an_input_given_by_name_is_captured_as_by_position():
+  class ByKeyword(nnx.Module):
+    def __init__(self, rngs):
+      self.embed = nnx.Embed(7, 4, rngs=rngs)
+      self.dense = nnx.Linear(4, 4, rngs=rngs)
+
+    def __call__(self, ids, keyword):
+      h = self.embed(inputs=ids) if keyword else self.embed(ids)
+      h = self.dense(inputs=h) if keyword else self.dense(h)
+      return self.embed.attend(query=h) if keyword else self.embed.attend(h)
+
+  model = ByKeyword(nnx.Rngs(0))
+  ids = jnp.array([[1, 2, 3], [4, 5, 6]])
+
+  def curvature(keyword):
+    def loss(model):
+      return jnp.mean(model(ids, keyword) ** 2)
+
+    with warnings.catch_warnings():
+      warnings.simplefilter('error', afo.UnsupportedLayerWarning)
+      return afo.nnx.value_and_grad_with_curvature(loss)(model)[2]
+
+  by_name, by_position = curvature(True), curvature(False)
+  assert set(by_name) == {'embed', 'dense'}
+  jax.tree.map(np.testing.assert_array_equal, by_name, by_position)
