@@ -192,6 +192,8 @@ def first_leaf_not_of(tree: Any, kind: Any) -> tuple[Path, Any] | None:
 
   for path, leaf in leaves_with_paths(tree):
     dtype = getattr(leaf, 'dtype', None)
+    if dtype is None and isinstance(leaf, (int, float, complex)):
+      dtype = jnp.result_type(leaf)  # a Python scalar (bool: bool)
     if dtype is None or not jnp.issubdtype(dtype, kind):
       return path, dtype
   return None

@@ -28,6 +28,32 @@ def layer_arguments(
   return None
 
 
+def with_capture_arguments(wrapper: Any, fun: Any) -> Any:
+  """``wrapper`` (a ``functools.wraps`` of ``fun``) with ``fun``'s signature
+  plus the keyword-only ``capture`` and ``fisher_key``, so that
+  ``jax.jit(wrapper, static_argnames='capture')`` finds them."""
+  try:
+    signature = inspect.signature(fun)
+  except (TypeError, ValueError):  # nothing to read
+    return wrapper
+  if {'capture', 'fisher_key'} & set(signature.parameters):
+    return wrapper
+  parameters = list(signature.parameters.values())
+  extra = [
+    inspect.Parameter('capture', inspect.Parameter.KEYWORD_ONLY, default=True),
+    inspect.Parameter(
+      'fisher_key', inspect.Parameter.KEYWORD_ONLY, default=None
+    ),
+  ]
+  at = len(parameters)
+  if parameters and parameters[-1].kind is inspect.Parameter.VAR_KEYWORD:
+    at -= 1
+  wrapper.__signature__ = signature.replace(
+    parameters=parameters[:at] + extra + parameters[at:]
+  )
+  return wrapper
+
+
 def split_output(out: Any, has_aux: bool, name: str) -> tuple[Any, Any]:
   """``(loss, aux)`` of the user's function, checked as ``jax.grad`` does."""
   if has_aux:

@@ -105,16 +105,30 @@ class Diagnostics:
 
 
 def _hyperparameter(state, opt_state, name: str, given: Any) -> float | None:
-  """What the next update uses for ``name`` (``None``: not set)."""
-  value = getattr(state.settings, name)
-  if value == INJECTED:
-    value = injected_hyperparameters(opt_state).get(name, given)
-    if value is None:
+  """What the next update uses for ``name`` (``None``: not set); ``given``
+  is the caller's value, needed where the state does not hold it."""
+  recorded = getattr(state.settings, name)
+  value = recorded
+  if recorded == INJECTED:
+    value = injected_hyperparameters(opt_state).get(name)
+    if value is None and given is None:
       raise ValueError(
         f'diagnostics: {name} was given to the optimizer as an array, or '
         'injected under another name, so the state does not hold it: pass '
         f'diagnostics(opt_state, params, {name}=<its value>).'
       )
+    if value is None:
+      return float(given)
+  # (an injected bfloat16 value equals the given one to 1%)
+  if given is not None and (
+    value is None or not np.isclose(float(given), float(value), rtol=1e-2)
+  ):
+    raise ValueError(
+      f'diagnostics: {name}={given!r} was given, but the next update uses '
+      f'{None if value is None else float(value)!r} (the state records '
+      f'it): pass {name}= only when the optimizer took it as an array or '
+      'injected it under another name.'
+    )
   return None if value is None else float(value)
 
 

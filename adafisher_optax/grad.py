@@ -16,7 +16,11 @@ import jax
 
 from adafisher_optax import capture as capture_lib
 from adafisher_optax import registry, tags
-from adafisher_optax.arguments import check_call, check_differentiable
+from adafisher_optax.arguments import (
+  check_call,
+  check_differentiable,
+  with_capture_arguments,
+)
 from adafisher_optax.fisher import check_fisher
 
 
@@ -128,12 +132,12 @@ def value_and_grad_with_curvature(
     params, *args, capture=True, fisher_key=None, **kwargs
   ):
     capture = check_call(capture, fisher, fisher_key)
-    _check_params(params)
     if not capture:
       value, grads = jax.value_and_grad(fun, has_aux=has_aux)(
         params, *args, **kwargs
       )
       return value, grads, None
+    _check_params(params)
     check_differentiable(params, 'fun')
     options = capture_lib.Options(
       'fun', has_aux, fisher, fisher_key, selection, _NOTHING_APPLIED
@@ -143,7 +147,7 @@ def value_and_grad_with_curvature(
     )
     return value, grads, curvature
 
-  return value_grads_curvature
+  return with_capture_arguments(value_grads_curvature, fun)
 
 
 def curvature_layout(

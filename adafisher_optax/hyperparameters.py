@@ -1,7 +1,8 @@
 """Checks of AdaFisher's hyperparameters, run when an optimizer is built.
 
-A concrete bad value raises a ``ValueError`` (or ``TypeError``) naming the
-argument. Traced values (``optax.inject_hyperparams``) are not checked.
+A bad value raises a ``ValueError`` (or ``TypeError``) naming the
+argument: a non-scalar, a bool, or a concrete value out of range. The
+values of traced ones (``optax.inject_hyperparams``) are not checked.
 """
 
 from __future__ import annotations
@@ -64,19 +65,11 @@ def check(name: str, value: Any) -> None:
       f'{name}: only learning_rate takes a schedule; to vary {name} during '
       f'training, use optax.inject_hyperparams(afo.adafisher)({name}=...).'
     )
-  number = _concrete(value)
+  number = check_number(name, value)
   if number is None:
     return
   ok, requirement = _RULES[name]
   infinite_ok = name == 'relative_damping'
-  # jnp.issubdtype: NumPy calls bfloat16 (ml_dtypes) kind 'V'.
-  if number.dtype.kind not in 'biu' and not jnp.issubdtype(
-    number.dtype, jnp.floating
-  ):
-    raise TypeError(
-      f'{name} must be a real number ({requirement}), got {value!r} of '
-      f'dtype {number.dtype}.'
-    )
   number = number.astype(np.float64)
   if (
     np.any(np.isnan(number))
@@ -84,6 +77,28 @@ def check(name: str, value: Any) -> None:
     or not np.all(ok(number))
   ):
     raise ValueError(f'{name} must be {requirement}, got {value!r}.')
+
+
+def check_number(name: str, value: Any) -> np.ndarray | None:
+  """Raises unless ``value`` is a real scalar; returns it as a NumPy array
+  (``None`` when it is traced)."""
+  requirement = _RULES[name][1]
+  shape = np.shape(value)
+  if shape != ():
+    raise ValueError(
+      f'{name} must be a scalar ({requirement}), got an array of shape {shape}.'
+    )
+  number = _concrete(value)
+  # jnp.issubdtype: NumPy calls bfloat16 (ml_dtypes) kind 'V'.
+  if number is not None and (
+    number.dtype.kind not in 'iu'
+    and not jnp.issubdtype(number.dtype, jnp.floating)
+  ):
+    raise TypeError(
+      f'{name} must be a real number ({requirement}), got {value!r} of '
+      f'dtype {number.dtype}.'
+    )
+  return number
 
 
 def check_all(**values: Any) -> None:

@@ -36,7 +36,11 @@ from flax import nnx
 
 from adafisher_optax import _tree, flax_serialization, registry, rules
 from adafisher_optax import capture as capture_lib
-from adafisher_optax.arguments import check_call, layer_arguments
+from adafisher_optax.arguments import (
+  check_call,
+  layer_arguments,
+  with_capture_arguments,
+)
 from adafisher_optax.fisher import check_fisher
 from adafisher_optax.flax_adapters import (
   attend_config,
@@ -402,7 +406,7 @@ def value_and_grad_with_curvature(
     grads = grads[0] if 0 in grads else nnx.State({})
     return value, grads, curvature
 
-  return value_grads_curvature
+  return with_capture_arguments(value_grads_curvature, loss_fn)
 
 
 def _check_model(model: Any) -> None:

@@ -289,8 +289,9 @@ def _scale_by_adafisher(
   settings = _settings(numerics, t_cov, damping, relative_damping, grafting)
   numerics = settings.numerics
   hp.check_all(b1=b1, damping=damping, gamma=gamma, fisher_power=fisher_power)
-  if grafting == 'adam':
-    hp.check_all(b2=b2, eps=eps)
+  for name, value in dict(b2=b2, eps=eps).items():
+    # Ranges only where used: inject_hyperparams casts b2 to bfloat16 (1.0).
+    (hp.check if grafting == 'adam' else hp.check_number)(name, value)
   ablation = hp.check_choice('ablation', ablation, ABLATIONS)
   mu_dtype = hp.check_mu_dtype(mu_dtype)
   axis_names = hp.check_axis_name(axis_name)

@@ -1,6 +1,7 @@
 """Malformed uses raise exceptions that name the parameter path or argument."""
 
 import dataclasses
+import inspect
 import warnings
 
 import chex
@@ -1068,3 +1069,88 @@ def test_tags_name_that_is_not_a_path_of_the_params():
 
   with pytest.raises(afo.CaptureError, match=r"'nowhere'.*no params"):
     afo.value_and_grad_with_curvature(loss)(params, jnp.ones((4, 3)))
+
+
+@pytest.mark.parametrize(
+  'kwargs,error,match',
+  [
+    (
+      dict(damping=jnp.array([1e-3, 1e-3])),
+      ValueError,
+      'damping must be a scalar',
+    ),
+    (
+      dict(b1=jnp.array([[0.9]])),
+      ValueError,
+      r'b1 must be a scalar .* \(1, 1\)',
+    ),
+    (dict(learning_rate=[1e-3]), ValueError, 'learning_rate must be a scalar'),
+    (
+      dict(learning_rate=True),
+      TypeError,
+      'learning_rate must be a real number',
+    ),
+    (dict(gamma=True), TypeError, 'gamma must be a real number'),
+    (dict(b2=5.0, grafting='adam'), ValueError, r'b2 must be in \[0, 1\)'),
+    (dict(b2='0.9'), TypeError, 'b2 must be a real number'),
+    (dict(eps=jnp.ones(2)), ValueError, 'eps must be a scalar'),
+  ],
+)
+def test_hyperparameters_that_are_not_real_scalars(kwargs, error, match):
+  """Non-scalars and bools are refused when the optimizer is built (they
+  broadcast the params to another shape, or count as 1.0); b2 and eps are
+  checked for a number even where only grafting='adam' uses them."""
+  kwargs = {'learning_rate': 1e-3, **kwargs}
+  with pytest.raises(error, match=match):
+    afo.adafisher(**kwargs)
+
+
+def test_a_python_float_parameter_is_optimised_as_by_adam():
+  params = {'w': jnp.ones(3), 'temperature': 1.0}
+  grads = {'w': jnp.ones(3), 'temperature': 0.5}
+  tx = afo.adafisher(1e-3)
+  with pytest.warns(afo.UnpreconditionedParametersWarning):
+    updates, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(updates['temperature'], -0.5e-3, rtol=1e-6)
+
+
+def test_capture_false_is_jax_value_and_grad_for_any_params():
+  def loss(params, x):
+    return jnp.sum((params[0] * x) ** 2)
+
+  grad_fn = afo.value_and_grad_with_curvature(loss)
+  params, x = [jnp.ones(2)], jnp.ones(2)
+  value, grads, curvature = grad_fn(params, x, capture=False)
+  want = jax.value_and_grad(loss)(params, x)
+  chex.assert_trees_all_equal((value, grads), want)
+  assert curvature is None
+
+
+def test_the_capture_function_has_the_signature_it_documents(setup):
+  """``capture`` is found by jax.jit's static_argnames."""
+  model, params, _, _, (x, y) = setup
+
+  def loss(params, x, y, **options):
+    return loss_fn(model)(params, x, y)
+
+  with_options = afo.value_and_grad_with_curvature(loss)
+  assert str(inspect.signature(with_options)) == (
+    '(params, x, y, *, capture=True, fisher_key=None, **options)'
+  )
+  grad_fn = afo.value_and_grad_with_curvature(loss_fn(model))
+  jitted = jax.jit(grad_fn, static_argnames='capture')
+  assert jitted(params, x, y, capture=False)[2] is None
+  assert set(jitted(params, x, y)[2]) == {'dense0', 'dense1', 'head'}
+
+
+def test_diagnostics_refuses_a_damping_the_state_contradicts(setup):
+  _, params, grads, curvature, _ = setup
+  tx = afo.adafisher(1e-3, damping=1e-3, t_cov=1)
+  _, state = tx.update(grads, tx.init(params), params, curvature=curvature)
+  assert afo.diagnostics(state, params, damping=1e-3).layers
+  with pytest.raises(
+    ValueError, match=r'damping=100.0 was given, but .* 0.001'
+  ):
+    afo.diagnostics(state, params, damping=100.0)
+  with pytest.raises(ValueError, match=r'relative_damping=0\.1 was given'):
+    afo.diagnostics(state, params, relative_damping=0.1)
