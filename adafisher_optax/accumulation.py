@@ -57,6 +57,16 @@ class MultiStepsState(NamedTuple):
   settings: Accumulation
 
 
+_OTHER_SETTINGS = (
+  'multi_steps: the state holds an AdaFisher state of other settings '
+  '(t_cov, damping, numerics, ...) than this optimizer: optax.MultiSteps '
+  'keeps either the inner state or its update, which must have the same '
+  'settings. Restore the checkpoint into this optimizer\'s state '
+  '(afo.checkpoint.restore(directory, tx.init(params))), which takes the '
+  'new settings.'
+)
+
+
 def _check_every_k(every_k_schedule: Any) -> None:
   if callable(every_k_schedule):
     return
@@ -154,9 +164,14 @@ def multi_steps(
       total = jax.tree.map(jnp.add, total, curvature)
       captured = captured + 1
       inner_args['curvature'] = _averaged(total, captured)
-    new_updates, inner_state = inner.update(
-      updates, state.inner, params, **inner_args, **extra_args
-    )
+    try:
+      new_updates, inner_state = inner.update(
+        updates, state.inner, params, **inner_args, **extra_args
+      )
+    except (TypeError, ValueError) as error:
+      if 'Settings(' not in str(error):
+        raise
+      raise ValueError(_OTHER_SETTINGS) from error
     # A micro-batch that should_skip_update_fn rejects moves no counter;
     # its statistics are dropped with its gradients.
     skipped = (inner_state.mini_step == state.inner.mini_step) & (

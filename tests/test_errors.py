@@ -365,6 +365,9 @@ def test_multi_steps_needs_a_layout_and_matching_curvature(setup):
     tx.update(grads, afo.adafisher(1e-3).init(params), params)
   with pytest.raises(TypeError, match='multi_steps'):
     afo.adafisher(1e-3).update(grads, state, params)
+  other_t_cov = afo.multi_steps(afo.adafisher(1e-3, t_cov=3), 2, layout=layout)
+  with pytest.raises(ValueError, match=r'other settings .* tx\.init'):
+    other_t_cov.update(grads, state, params, curvature=curvature)
 
 
 def test_train_state_without_curvature_is_a_plain_step(setup):
