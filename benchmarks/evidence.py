@@ -564,7 +564,30 @@ def parse_args(argv):
     args.tier = 'quick'
     if args.out_dir == RESULTS:
       args.out_dir = cli.RESULTS / 'evidence_quick'
+  _check_names(parser, args)
   return args
+
+
+def _check_names(parser, args) -> None:
+  """Refuses unknown tasks and arms before anything runs, and a subset of
+  arms where the batch-size study (which needs the recommended candidate
+  that only the whole set of arms picks) would follow."""
+  tasks = [*protocol.PROTOCOL[args.tier].tasks, 'batch']
+  names = args.task.split(',') if args.task else []
+  unknown = [n for n in names if n not in tasks]
+  if unknown:
+    parser.error(f'--task: unknown {unknown} in tier {args.tier!r}; choose '
+                 f'from {", ".join(tasks)}')  # fmt: skip
+  arms = [a.name for a in protocol.PRIMARY] + ['kfac']
+  only = [a for a in args.arms.split(',') if a]
+  unknown = [a for a in only if a not in arms]
+  if unknown:
+    parser.error(f'--arms: unknown {unknown}; choose from {", ".join(arms)}')
+  if only and (not names or 'batch' in names):
+    parser.error(
+      '--arms runs a subset of the arms: name the tasks with --task (not '
+      "'batch': the batch-size study needs the candidate all arms choose)"
+    )
 
 
 def argparse_hidden():

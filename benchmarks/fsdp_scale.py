@@ -34,7 +34,7 @@ import optax  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from benchmarks import measure, workloads  # noqa: E402
+from benchmarks import cli, measure, workloads  # noqa: E402
 from benchmarks import optimizers as opt  # noqa: E402
 from benchmarks.training import cross_entropy_loss  # noqa: E402
 
@@ -157,12 +157,17 @@ def table(results: dict, description: str) -> str:
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--layers', type=int, default=12)
-  parser.add_argument('--steps', type=int, default=4)
-  parser.add_argument('--batch', type=int, default=DEVICES)
-  parser.add_argument('--seq', type=int, default=128)
+  parser.add_argument('--layers', type=cli.positive_int, default=12)
+  parser.add_argument('--steps', type=cli.positive_int, default=4)
+  parser.add_argument(
+    '--batch', type=cli.positive_int, default=DEVICES,
+    help=f'a multiple of the {DEVICES} devices',
+  )  # fmt: skip
+  parser.add_argument('--seq', type=cli.positive_int, default=128)
   parser.add_argument('--out-dir', type=Path, default=RESULTS)
   args = parser.parse_args(argv)
+  if args.batch % DEVICES:
+    parser.error(f'--batch must be a multiple of the {DEVICES} devices')
   assert jax.device_count() == DEVICES, jax.devices()
   work = workloads.gpt2_workload(args.layers, batch=args.batch, seq=args.seq)
   mesh = jax.make_mesh(

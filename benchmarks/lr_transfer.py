@@ -25,8 +25,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from benchmarks import cli, zoo
 from benchmarks import optimizers as opt
-from benchmarks import zoo
 
 RESULTS = Path(__file__).parent / 'results'
 RATES = [1e-3 * 2.0**k for k in range(-3, 4)]
@@ -140,16 +140,24 @@ def _range(rates, ok) -> str:
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument('--steps', type=int, default=200)
-  parser.add_argument('--problems', default=','.join(zoo.PROBLEMS))
-  parser.add_argument('--optimizers', default=','.join(OPTIMIZERS))
+  parser.add_argument('--steps', type=cli.positive_int, default=200)
+  parser.add_argument(
+    '--problems',
+    type=cli.names_from(zoo.PROBLEMS),
+    default=list(zoo.PROBLEMS),
+  )
+  parser.add_argument(
+    '--optimizers',
+    type=cli.names_from(OPTIMIZERS),
+    default=list(OPTIMIZERS),
+  )
   parser.add_argument('--out', default=str(RESULTS / 'lr_transfer.json'))
   args = parser.parse_args(argv)
   out = Path(args.out)
   results = json.loads(out.read_text()) if out.exists() else {}
-  for problem_name in args.problems.split(','):
+  for problem_name in args.problems:
     problem = zoo.PROBLEMS[problem_name]
-    for name in args.optimizers.split(','):
+    for name in args.optimizers:
       train = train_nnx if problem.nnx else train_linen
       with warnings.catch_warnings():
         warnings.simplefilter('ignore', opt.Unpreconditioned)

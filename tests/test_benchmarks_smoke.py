@@ -1,5 +1,6 @@
 """Smoke tests of the benchmarks' pieces: CharGPT, the Shakespeare data, K-FAC."""
 
+import importlib
 import json
 import re
 import warnings
@@ -197,4 +198,29 @@ def test_the_main_job_refuses_bad_arguments_before_loading_data(
   monkeypatch.setattr(datasets, 'fashion_mnist', no_data)
   with pytest.raises(SystemExit):
     fashion_mnist.main(argv)
+  assert re.search(match, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+  'module, argv, match',
+  [
+    ('lr_transfer', ['--problems', 'mlp,nosuch'], r"unknown \['nosuch'\]"),
+    ('lr_transfer', ['--optimizers', 'adam,bogus'], r"unknown \['bogus'\]"),
+    ('lr_transfer', ['--steps', '0'], 'must be at least 1'),
+    ('fsdp_scale', ['--steps', '-1'], 'must be at least 1'),
+    ('fsdp_scale', ['--layers', '0'], 'must be at least 1'),
+    ('fsdp_scale', ['--batch', '3'], 'multiple of the 8 devices'),
+    ('evidence', ['--quick', '--task', 'mlp,nosuch'], r"unknown \['nosuch'\]"),
+    ('evidence', ['--quick', '--arms', 'bogus'], r"unknown \['bogus'\]"),
+    ('evidence', ['--quick', '--arms', 'sgdm'], 'name the tasks with --task'),
+  ],
+)
+def test_benchmark_commands_refuse_bad_arguments_before_running(
+  module, argv, match, capsys
+):
+  """Each of them would otherwise train first and fail late (evidence:
+  after a whole task, in the batch-size study)."""
+  main = importlib.import_module(f'benchmarks.{module}').main
+  with pytest.raises(SystemExit):
+    main(argv)
   assert re.search(match, capsys.readouterr().err)
