@@ -61,7 +61,7 @@ _OTHER_SETTINGS = (
   'multi_steps: the state holds an AdaFisher state of other settings '
   '(t_cov, damping, numerics, ...) than this optimizer: optax.MultiSteps '
   'keeps either the inner state or its update, which must have the same '
-  'settings. Restore the checkpoint into this optimizer\'s state '
+  "settings. Restore the checkpoint into this optimizer's state "
   '(afo.checkpoint.restore(directory, tx.init(params))), which takes the '
   'new settings.'
 )
