@@ -181,6 +181,22 @@ class LayerRecord:
         for field in dataclasses.fields(Contribution)
         if getattr(known, field.name) != getattr(contribution, field.name)
       ]
+      if (known.roles, known.param_shapes) == (
+        contribution.roles,
+        contribution.param_shapes,
+      ):
+        shapes = [
+          (c.input_shapes, c.output_shapes, c.stack)
+          for c in (known, contribution)
+        ]
+        raise UnsupportedCall(
+          f'two applications of its {rule.name!r} rule give statistics of '
+          f'different shapes (inputs, outputs, stack: {shapes[0]} and '
+          f'{shapes[1]}), which cannot be added: the layer '
+          'is applied to inputs whose shapes differ along an axis its '
+          "statistics keep (such as the token axis of a norm's reference "
+          'statistics)'
+        )
       raise UnsupportedCall(
         f'two applications of its {rule.name!r} rule differ in '
         f'{" and ".join(differ)} (one rule reads one set of parameters of '

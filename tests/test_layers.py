@@ -535,3 +535,22 @@ def test_an_input_given_by_name_is_captured_as_by_position():
   by_name, by_position = curvature(True), curvature(False)
   assert set(by_name) == {'conv', 'ln', 'head'}
   jax.tree.map(np.testing.assert_array_equal, by_name, by_position)
+
+
+def test_a_norm_shared_over_inputs_of_two_lengths_is_reported_as_such():
+  """Its reference statistics keep the token axis, so two lengths cannot be
+  added; the report says so (not 'two methods')."""
+
+  class Siamese(nn.Module):
+    @nn.compact
+    def __call__(self, a, b):
+      norm = nn.LayerNorm(name='ln')
+      return jnp.mean(norm(a)) + jnp.mean(norm(b))
+
+  a, b = jnp.ones((2, 3, 4)), jnp.ones((2, 5, 4))
+  params = Siamese().init(jax.random.key(0), a, b)['params']
+  grad_fn = afo.value_and_grad_with_curvature(
+    lambda p: Siamese().apply({'params': p}, a, b)
+  )
+  with pytest.warns(afo.UnsupportedLayerWarning, match='different shapes'):
+    assert grad_fn(params)[2] == {}
