@@ -85,6 +85,15 @@ def _check_gradients(updates: Any, mu: Any) -> None:
       f'AdaFisher: gradient {where!r} has shape {shape}, the params '
       f'(momentum) {held}.'
     )
+  try:
+    jax.tree.map(lambda *_: None, updates, mu, is_leaf=_tree.is_box)
+  except (TypeError, ValueError) as error:
+    raise TypeError(
+      'AdaFisher: the gradients have the paths and shapes of the params the '
+      'state was initialised for, in other containers (such as a FrozenDict '
+      "where the params have a dict): pass them in the params' own types "
+      '(flax.core.freeze / unfreeze).'
+    ) from error
 
 
 def _check_state(state: Any, settings: Settings) -> None:

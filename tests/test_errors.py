@@ -5,6 +5,7 @@ import inspect
 import warnings
 
 import chex
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -1157,3 +1158,10 @@ def test_diagnostics_refuses_a_damping_the_state_contradicts(setup):
     afo.diagnostics(state, params, damping=100.0)
   with pytest.raises(ValueError, match=r'relative_damping=0\.1 was given'):
     afo.diagnostics(state, params, relative_damping=0.1)
+
+
+def test_gradients_in_other_containers_than_the_params(setup):
+  _, params, grads, _, _ = setup
+  tx = afo.adafisher(1e-3)
+  with pytest.raises(TypeError, match=r'other containers .* FrozenDict'):
+    tx.update(flax.core.freeze(grads), tx.init(params), params)
