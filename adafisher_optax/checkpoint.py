@@ -65,9 +65,18 @@ def _numerics_error(directory, saved: str, asked: str) -> ValueError:
 
 
 def _shape_error(directory, where: str, shape, want) -> ValueError:
+  shape, want = tuple(shape), tuple(want)
+  if shape[1:] == want or want[1:] == shape:  # one more leading axis
+    why = (
+      'one of them has a leading axis of devices: save and restore the '
+      'state of one replica (flax.jax_utils.unreplicate, then replicate '
+      'after restoring) to change the device count'
+    )
+  else:
+    why = 'a checkpoint of another model?'
   return ValueError(
-    f'checkpoint {directory}: {where!r} has shape {tuple(shape)}, the '
-    f'target {tuple(want)} (a checkpoint of another model?).'
+    f'checkpoint {directory}: {where!r} has shape {shape}, the target '
+    f'{want} ({why}).'
   )
 
 

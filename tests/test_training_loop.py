@@ -382,6 +382,20 @@ def test_restore_into_another_grafting_names_it(problem, tmp_path):
     afo.checkpoint.restore(tmp_path / 'ckpt', target)
 
 
+def test_restore_of_a_replicated_state_into_one_replica_says_so(
+  problem, tmp_path
+):
+  params, _, _ = problem
+  tx = afo.adafisher(1e-3)
+  state = tx.init(params)
+  replicated = jax.tree.map(lambda v: jnp.stack([v, v]), state)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(tmp_path / 'ckpt', {'opt_state': replicated})
+    checkpointer.wait_until_finished()
+  with pytest.raises(ValueError, match='leading axis of devices'):
+    afo.checkpoint.restore(tmp_path / 'ckpt', {'opt_state': state})
+
+
 def test_diagnostics_under_inject_hyperparams(problem):
   params, batches, grad_fn = problem
   tx = optax.inject_hyperparams(afo.adafisher, static_args=('t_cov',))(
