@@ -120,16 +120,53 @@ def _check_norm_call(module, x, kwargs) -> None:
     raise UnsupportedCall('input without a batch axis')
 
 
+def _standardisation(module, axes, **kwargs) -> rules.Standardisation | None:
+  """The layer's ``x_hat`` from its input; ``None`` where its statistics are
+  averaged over devices (``axis_name``), which the input does not show."""
+  if getattr(module, 'axis_name', None) is not None:
+    return None
+  return rules.Standardisation(tuple(axes), float(module.epsilon), **kwargs)
+
+
 def token_norm_config(module, x, kwargs) -> rules.Norm:
   """LayerNorm and RMSNorm (linen or NNX): the reference surrogate axis is
   axis 1 of the input as given (the token axis of ``[B, T, D]``), as the
   authors' hooks see a batch-first tensor."""
   _check_norm_call(module, x, kwargs)
+  centred = hasattr(module, 'use_bias')  # LayerNorm; RMSNorm has no shift
   return rules.Norm(
     feature_axes=_norm_axes(module.feature_axes, x.ndim),
     surrogate_axis=1,
     use_scale=module.use_scale,
     use_bias=getattr(module, 'use_bias', False),
+    standardisation=_standardisation(
+      module, _norm_axes(module.reduction_axes, x.ndim), centred=centred
+    ),
+  )
+
+
+def _group_standardisation(module, x) -> rules.Standardisation | None:
+  """GroupNorm: statistics over its reduction axes and each group of
+  channels (the last axis split into groups)."""
+  channels = x.shape[-1]
+  groups = module.num_groups or channels // module.group_size
+  reduction = module.reduction_axes
+  if reduction is None:
+    reduction = list(range(1, x.ndim - 1)) + [-1]
+  axes = _norm_axes(reduction, x.ndim)[:-1] + (x.ndim,)
+  return _standardisation(module, axes, groups=groups)
+
+
+def _batch_standardisation(module, axes, x, kwargs):
+  """BatchNorm in training mode: statistics over every axis but its
+  feature axes (``None`` in eval mode, which reads its running averages)."""
+  running = kwargs.get('use_running_average')
+  if running is None:
+    running = module.use_running_average
+  if running:
+    return None
+  return _standardisation(
+    module, tuple(a for a in range(x.ndim) if a not in axes)
   )
 
 
@@ -147,9 +184,15 @@ def channel_norm_config(module, x, kwargs) -> rules.Norm:
     raise UnsupportedCall('more than one feature axis')
   if axes[0] == 0:
     raise UnsupportedCall('input without a batch axis')
+  grouped = hasattr(module, 'num_groups')
   return rules.Norm(
     feature_axes=axes,
     surrogate_axis=axes[0],
     use_scale=module.use_scale,
     use_bias=module.use_bias,
+    standardisation=(
+      _group_standardisation(module, x)
+      if grouped
+      else _batch_standardisation(module, axes, x, kwargs)
+    ),
   )

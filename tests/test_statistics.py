@@ -972,3 +972,55 @@ def test_lstm_cells_capture_their_gates_dense_layers(cell):
       h, s = stats[source + gate].means()
       np.testing.assert_allclose(h, want_h, **TOL)
       np.testing.assert_allclose(s, want_s, **TOL)
+
+
+@pytest.mark.parametrize(
+  'layer, x_hat',
+  [
+    (
+      nn.BatchNorm(use_running_average=False, scale_init=nn.initializers.zeros),
+      lambda x: bf.layer_norm_x_hat(x, (0, 1, 2), 1e-5),
+    ),
+    (
+      nn.GroupNorm(num_groups=2, scale_init=nn.initializers.zeros),
+      lambda x: bf.group_norm_x_hat(x, 2, 1e-6),
+    ),
+    (
+      nn.LayerNorm(scale_init=nn.initializers.zeros),
+      lambda x: bf.layer_norm_x_hat(x, (3,), 1e-6),
+    ),
+  ],
+)
+def test_paper_x_hat_of_a_norm_with_a_zero_scale(x64, layer, x_hat):
+  """A zero-initialised scale (the last BatchNorm of a ResNet block) hides
+  ``x_hat`` from the output; it is read from the input."""
+  x = jax.random.normal(jax.random.key(0), (4, 3, 3, 4), jnp.float64) * 2 + 1
+  variables = layer.init(jax.random.key(1), x)
+
+  def loss(params):
+    rest = {k: v for k, v in variables.items() if k != 'params'}
+    y = layer.apply({'params': params, **rest}, x, mutable=list(rest))[0]
+    return jnp.sum(jnp.sin(y))
+
+  params = variables['params']
+  assert not np.any(params['scale'])
+  stats = afo.value_and_grad_with_curvature(loss)(params)[2]
+  h, _ = stats.means('paper')
+  want = (np.asarray(x_hat(np.asarray(x))) ** 2).reshape(-1, 4).mean(0)
+  np.testing.assert_allclose(h, want, rtol=1e-9)
+
+
+def test_paper_x_hat_of_a_bfloat16_layer_norm_is_read_from_its_input():
+  """From a bfloat16 output, ``(y - bias) / scale`` loses the digits a small
+  scale under a large bias leaves (1.8x off at scale 0.01, bias 4)."""
+  layer = nn.LayerNorm(dtype=jnp.bfloat16)
+  x = jax.random.normal(jax.random.key(0), (4, 6))
+  params = {'scale': jnp.full(6, 0.01), 'bias': jnp.full(6, 4.0)}
+
+  def loss(params):
+    return jnp.sum(layer.apply({'params': params}, x).astype(jnp.float32))
+
+  stats = afo.value_and_grad_with_curvature(loss)(params)[2]
+  h, _ = stats.means('paper')
+  want = (bf.layer_norm_x_hat(np.asarray(x), (1,), 1e-6) ** 2).mean(0)
+  np.testing.assert_allclose(h, want, rtol=1e-4)

@@ -55,7 +55,7 @@ from adafisher_optax.rules.einsum import (
   einsum_config,
 )
 from adafisher_optax.rules.embed import Attend, AttendRule, Embed, EmbedRule
-from adafisher_optax.rules.norm import Norm, NormRule
+from adafisher_optax.rules.norm import Norm, NormRule, Standardisation
 
 Config = Dense | Conv | Einsum | Embed | Attend | Norm
 
@@ -117,6 +117,7 @@ __all__ = [
   'Rule',
   'RuleTable',
   'Shape',
+  'Standardisation',
   'TransposedKernelConvRule',
   'check_rule',
   'conv_input_padding',

@@ -20,6 +20,33 @@ from adafisher_optax.rules.base import (
 
 
 @dataclasses.dataclass(frozen=True)
+class Standardisation:
+  """How a norm layer standardises its input: ``x_hat`` from ``x``.
+
+  Attributes:
+    axes: the axes its mean and variance run over (of the input split into
+      groups, where ``groups``).
+    epsilon: added to the variance.
+    centred: whether the mean is subtracted (``RMSNorm``: not).
+    groups: ``GroupNorm``: the last axis split into this many groups.
+  """
+
+  axes: tuple[int, ...]
+  epsilon: float
+  centred: bool = True
+  groups: int = 0
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    shape = x.shape
+    if self.groups:
+      x = x.reshape(shape[:-1] + (self.groups, shape[-1] // self.groups))
+    if self.centred:
+      x = x - jnp.mean(x, self.axes, keepdims=True)
+    variance = jnp.mean(jnp.square(x), self.axes, keepdims=True)
+    return (x * jax.lax.rsqrt(variance + self.epsilon)).reshape(shape)
+
+
+@dataclasses.dataclass(frozen=True)
 class Norm:
   """A normalisation with a per-feature scale and shift.
 
@@ -31,12 +58,16 @@ class Norm:
       LayerNorm input).
     use_scale: whether the layer has a scale.
     use_bias: whether the layer has a shift.
+    standardisation: how it computes ``x_hat`` from its input, where known
+      (``None``: ``x_hat = (y - shift) / scale`` from its output, which a
+      zero scale or a bfloat16 output makes inexact).
   """
 
   feature_axes: tuple[int, ...]
   surrogate_axis: int
   use_scale: bool = True
   use_bias: bool = True
+  standardisation: Standardisation | None = None
 
 
 class NormRule(Rule):
@@ -81,7 +112,10 @@ class NormRule(Rule):
     batch = x.shape[0]
     m = x.size // (batch * x.shape[k])
     z = sum_over_all_but(x, (k,)) / m**2
-    x_hat = _normalised_input(outputs.astype(dtype), features, weight, bias)
+    if config.standardisation is not None:
+      x_hat = config.standardisation(x)
+    else:
+      x_hat = _normalised_input(outputs.astype(dtype), features, weight, bias)
     return Application(
       (z, per_feature(x_hat * x_hat), jnp.full((1,), batch, dtype)),
       x.size // n_features,
