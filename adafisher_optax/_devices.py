@@ -1,4 +1,5 @@
-"""Typing of values across devices inside ``shard_map`` (manual mesh axes)."""
+"""Typing of values across devices: varying along ``shard_map``'s manual mesh
+axes, and sharded under explicit sharding."""
 
 from __future__ import annotations
 
@@ -24,6 +25,33 @@ def to_varying(x: Any, axes: frozenset) -> Any:
   if hasattr(jax.lax, 'pcast'):
     return jax.tree.map(lambda v: jax.lax.pcast(v, axes, to='varying'), x)
   return jax.tree.map(lambda v: jax.lax.pvary(v, axes), x)
+
+
+def _sharded_axes(x: Any) -> tuple:
+  """The mesh axes of ``x``'s type under explicit sharding (trailing
+  unsharded dimensions left out; empty elsewhere)."""
+  spec = getattr(getattr(jax.typeof(x), 'sharding', None), 'spec', None)
+  axes = tuple(spec or ())
+  while axes and axes[-1] is None:
+    axes = axes[:-1]
+  return axes
+
+
+def like_sharding(value: Any, like: Any) -> Any:
+  """``value`` resharded to ``like``'s explicit sharding type, where the two
+  differ (statistics of a tensor-parallel input are sharded by feature;
+  the probe that receives them is not)."""
+  if _sharded_axes(value) == _sharded_axes(like):
+    return value
+  return jax.sharding.reshard(value, jax.typeof(like).sharding.spec)
+
+
+def unsharded(x: jax.Array) -> jax.Array:
+  """``x`` replicated where explicit sharding types it sharded: a layer's
+  statistics are small vectors, padded and reshaped after the reduction."""
+  if not _sharded_axes(x):
+    return x
+  return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
 
 
 def tracks_varying(axis_name: Any) -> bool:

@@ -75,7 +75,7 @@ def _tap_bwd(output_sums, rows, stack, residuals, g):
   cotangent = {'inputs': input_sums, 'outputs': sums, 'rows': rows}
 
   def like_probe(value, probe_leaf):
-    value = value.astype(probe_leaf.dtype)
+    value = _devices.like_sharding(value.astype(probe_leaf.dtype), probe_leaf)
     missing = _devices.varying_axes(probe_leaf) - _devices.varying_axes(value)
     return _devices.to_varying(value, missing)
 

@@ -496,3 +496,34 @@ def test_multi_steps_inside_shard_map_with_a_layout_traced_outside():
       got, got_state, jax.device_put(x, batch), jax.device_put(y, batch)
     )
   _assert_close(got, want)
+
+
+def test_explicit_sharding_of_a_tensor_parallel_input():
+  """Under explicit sharding the input sums of a feature-sharded input are
+  typed sharded; the capture hands them to the probe replicated (bonsai's
+  Qwen3 with use_fsdp and use_tp), and they equal the unsharded ones."""
+  from flax import nnx
+
+  def loss_fn(model, x, **out):
+    return jnp.mean(jnp.sin(model(x, **out)) ** 2)
+
+  def capture(model, x, **out):
+    return afo.nnx.value_and_grad_with_curvature(loss_fn)(model, x, **out)[2]
+
+  x = jax.random.normal(jax.random.key(0), (4, 3, 8), jnp.float64)
+  want = capture(nnx.Linear(8, 4, param_dtype=jnp.float64, rngs=nnx.Rngs(0)), x)
+  mesh = jax.make_mesh(
+    (2, 2),
+    ('fsdp', 'tp'),
+    axis_types=(jax.sharding.AxisType.Explicit,) * 2,
+    devices=jax.devices()[:4],
+  )
+  with jax.set_mesh(mesh):
+    model = nnx.Linear(
+      8, 4, param_dtype=jnp.float64, rngs=nnx.Rngs(0),
+      kernel_metadata={'out_sharding': P('tp', None)},
+    )  # fmt: skip
+    sharded = jax.sharding.reshard(x, P('fsdp', None, 'tp'))
+    out = {'out_sharding': P('fsdp', None, None)}
+    got = jax.jit(functools.partial(capture, **out))(model, sharded)
+  _assert_close(got, want, rtol=1e-12)

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adafisher_optax import _devices
+
 Numerics = Literal['reference', 'paper']
 NUMERICS: tuple[Numerics, ...] = ('reference', 'paper')
 Shape = tuple[int, ...]
@@ -41,14 +43,20 @@ class Application(NamedTuple):
   stack: Shape = ()
 
 
+def reduced(x: jax.Array, axes: Sequence[int]) -> jax.Array:
+  """The sum of ``x`` over ``axes``, replicated (a statistic of a tensor
+  sharded by feature under explicit sharding is padded and reshaped next)."""
+  return _devices.unsharded(jnp.sum(x, axis=tuple(axes)))
+
+
 def sum_over_all_but(x: jax.Array, keep: Sequence[int]) -> jax.Array:
-  return jnp.sum(x, axis=tuple(i for i in range(x.ndim) if i not in keep))
+  return reduced(x, [i for i in range(x.ndim) if i not in keep])
 
 
 def sum_of_squares_over_leading(n_trailing: int):
   def reduce(g: jax.Array) -> tuple[jax.Array]:
     g = g.astype(statistics_dtype())
-    return (jnp.sum(g * g, axis=tuple(range(g.ndim - n_trailing))).reshape(-1),)
+    return (reduced(g * g, range(g.ndim - n_trailing)).reshape(-1),)
 
   return reduce
 

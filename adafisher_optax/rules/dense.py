@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax.numpy as jnp
 import numpy as np
 
 from adafisher_optax.rules.base import (
@@ -12,6 +11,7 @@ from adafisher_optax.rules.base import (
   KroneckerRule,
   append_entry,
   count,
+  reduced,
   statistics_dtype,
   sum_of_squares_over_leading,
   sum_over_all_but,
@@ -73,6 +73,6 @@ class DenseRule(KroneckerRule):
       def output_sums(g):
         g = g.astype(statistics_dtype())
         middle = range(len(stack), g.ndim - config.out_ndim)
-        return (jnp.sum(g * g, axis=tuple(middle)).reshape(stack + (-1,)),)
+        return (reduced(g * g, middle).reshape(stack + (-1,)),)
 
     return Application((h,), rows, output_sums, stack)

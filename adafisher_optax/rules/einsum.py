@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import opt_einsum
 
+from adafisher_optax import _devices
 from adafisher_optax.rules.base import (
   Application,
   KroneckerRule,
@@ -180,7 +181,7 @@ class EinsumRule(KroneckerRule):
     sizes = dict(zip(kept, x.shape))
     stack_shape = tuple(sizes[a] for a in stack)
     h = jnp.einsum(f'{kept}->{stack}{config.contracted}', x * x)
-    h = h.reshape(stack_shape + (-1,))
+    h = _devices.unsharded(h).reshape(stack_shape + (-1,))
     rows = math.prod(sizes[a] for a in kept if a not in config.kernel)
     if config.use_bias:
       h = append_entry(h, rows)
@@ -188,7 +189,7 @@ class EinsumRule(KroneckerRule):
     def output_sums(g):
       g = g.astype(statistics_dtype())
       s = jnp.einsum(f'{config.outputs}->{stack}{config.features}', g * g)
-      return (s.reshape(stack_shape + (-1,)),)
+      return (_devices.unsharded(s).reshape(stack_shape + (-1,)),)
 
     return Application((h,), rows, output_sums, stack_shape)
 

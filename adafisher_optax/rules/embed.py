@@ -14,6 +14,7 @@ from adafisher_optax.rules.base import (
   CurvatureSum,
   KroneckerRule,
   count,
+  reduced,
   statistics_dtype,
   sum_of_squares_over_leading,
 )
@@ -73,7 +74,7 @@ class AttendRule(KroneckerRule):
 
   def statistics(self, config: Attend, inputs, outputs, weight, bias):
     x = inputs.astype(statistics_dtype())
-    h = jnp.sum(x * x, axis=tuple(range(x.ndim - 1)))
+    h = reduced(x * x, range(x.ndim - 1))
     rows = count(x.shape[:-1])
     return Application((h,), rows, sum_of_squares_over_leading(1))
 
