@@ -121,7 +121,8 @@ def _hyperparameter(state, opt_state, name: str, given: Any) -> float | None:
       return float(given)
   # (an injected bfloat16 value equals the given one to 1%)
   if given is not None and (
-    value is None or not np.isclose(float(given), float(value), rtol=1e-2)
+    value is None
+    or not np.isclose(float(given), float(value), rtol=1e-2, atol=0)
   ):
     raise ValueError(
       f'diagnostics: {name}={given!r} was given, but the next update uses '

@@ -573,7 +573,9 @@ def test_sampled_fisher_is_weighted_as_the_loss_weighs_the_cross_entropy(x64):
     grad_fn = afo.value_and_grad_with_curvature(loss, fisher='sampled')
     return grad_fn(params, x, y, fisher_key=key)[2]
 
-  one, quarter = curvature(1.0), curvature(0.25)
+  one, quarter, unused = curvature(1.0), curvature(0.25), curvature(0.0)
+  # A cross-entropy the loss does not use (only registered) counts as the mean.
+  chex.assert_trees_all_equal(unused, one)
   for layer in ('dense0', 'head'):
     np.testing.assert_allclose(
       quarter[layer].output_sums[0],

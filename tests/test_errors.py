@@ -1011,6 +1011,19 @@ def test_rule_failures_and_an_adapter_without_a_configuration_name_the_layer():
     grad_fn(params, x)
 
 
+def test_sampled_fisher_under_a_cached_trace_is_named(setup):
+  model, params, _, _, (x, y) = setup
+
+  cross_entropy = jax.checkpoint(afo.softmax_cross_entropy)
+
+  def loss(p, x, y):
+    return cross_entropy(model.apply({'params': p}, x), y)
+
+  grad_fn = afo.value_and_grad_with_curvature(loss, fisher='sampled')
+  with pytest.raises(afo.CaptureError, match='reused its cached trace'):
+    grad_fn(params, x, y, fisher_key=jax.random.key(0))
+
+
 def test_sampled_fisher_inside_vmap_is_named():
   dense = nn.Dense(3)
   x, y = jnp.ones((4, 2)), jnp.arange(4) % 3
@@ -1158,6 +1171,10 @@ def test_diagnostics_refuses_a_damping_the_state_contradicts(setup):
     afo.diagnostics(state, params, damping=100.0)
   with pytest.raises(ValueError, match=r'relative_damping=0\.1 was given'):
     afo.diagnostics(state, params, relative_damping=0.1)
+  tiny = afo.adafisher(1e-3, damping=1e-9, t_cov=1)
+  _, state = tiny.update(grads, tiny.init(params), params, curvature=curvature)
+  with pytest.raises(ValueError, match='damping=9e-09 was given'):
+    afo.diagnostics(state, params, damping=9e-9)
 
 
 def test_gradients_in_other_containers_than_the_params(setup):
