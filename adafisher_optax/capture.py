@@ -361,15 +361,16 @@ def drive(
     grads, cotangents, weight = backward(
       (jnp.ones_like(loss), jax.tree.map(jnp.zeros_like, logits))
     )
-    if sampled and not logits:  # registered in discovery, not here
-      raise CaptureError(
-        'fisher="sampled": adafisher_optax.softmax_cross_entropy was not '
-        f'called when `{options.name}` was traced again: a jax.checkpoint '
-        '(jax.remat) or jax.jit around it reused its cached trace; call it '
-        f'in `{options.name}` itself.'
-      )
-    if sampled:  # weighted as the loss weighs the cross-entropy; one the
-      # loss does not use (registered only, in aux) counts as a mean
+    if sampled:
+      if not logits:  # registered in discovery, not here
+        raise CaptureError(
+          'fisher="sampled": adafisher_optax.softmax_cross_entropy was not '
+          f'called when `{options.name}` was traced again: a jax.checkpoint '
+          '(jax.remat) or jax.jit around it reused its cached trace; call '
+          f'it in `{options.name}` itself.'
+        )
+      # Weighted as the loss weighs the cross-entropy; one the loss does
+      # not use (registered only, in aux) counts as a mean.
       cotangent = sampled_cotangent(logits[0], options.fisher_key)
       weight = jnp.where(weight == 0, 1, weight).astype(cotangent.dtype)
       cotangent = cotangent * weight

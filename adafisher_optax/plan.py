@@ -48,16 +48,15 @@ def read_call(
     (call.inputs, dict(call.kwargs), call.outputs)
   )
   layer_type = call.layer_type
+  where = f'Layer {_tree.format_path(call.path)!r} ({call.description})'
   try:
     config = layer_type.adapter(call.layer, inputs, kwargs)
   except UnsupportedCall:
     raise
   except Exception as error:
     raise CaptureError(
-      f'Layer {_tree.format_path(call.path)!r} ({call.description}): its '
-      f'adapter raised {type(error).__name__}: {error}'
+      f'{where}: its adapter raised {type(error).__name__}: {error}'
     ) from error
-  where = f'Layer {_tree.format_path(call.path)!r} ({call.description})'
   if config is None:
     raise CaptureError(
       f'{where}: its adapter returned None, not the configuration of the '
@@ -176,11 +175,6 @@ class LayerRecord:
         )
     known = self.contributions.setdefault(contribution.rule, contribution)
     if known != contribution:
-      differ = [
-        field.name.replace('_', ' ')
-        for field in dataclasses.fields(Contribution)
-        if getattr(known, field.name) != getattr(contribution, field.name)
-      ]
       if (known.roles, known.param_shapes) == (
         contribution.roles,
         contribution.param_shapes,
@@ -197,6 +191,11 @@ class LayerRecord:
           "statistics keep (such as the token axis of a norm's reference "
           'statistics)'
         )
+      differ = [
+        field.name.replace('_', ' ')
+        for field in dataclasses.fields(Contribution)
+        if getattr(known, field.name) != getattr(contribution, field.name)
+      ]
       raise UnsupportedCall(
         f'two applications of its {rule.name!r} rule differ in '
         f'{" and ".join(differ)} (one rule reads one set of parameters of '
